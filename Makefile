@@ -1,0 +1,36 @@
+# The two set-up commands of the README are `make demo` and `make test`; both create
+# `.venv` from scratch on a fresh machine.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+DEV_STAMP := $(VENV)/.installed-dev
+EXAMPLES_STAMP := $(VENV)/.installed-examples
+
+.PHONY: demo test lint pytest bench
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+
+$(DEV_STAMP): pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(EXAMPLES_STAMP): pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install --quiet -e ".[examples]"
+	touch $@
+
+demo: $(EXAMPLES_STAMP)
+	$(PYTHON) examples/demo.py
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
+
+pytest: $(DEV_STAMP)
+	$(VENV)/bin/pytest
+
+test: lint pytest
+
+bench: $(DEV_STAMP)
+	@for script in benchmarks/*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
