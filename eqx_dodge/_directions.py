@@ -1,7 +1,6 @@
 """Direction samplers: the random tangents along which DODGE differentiates."""
 
 import math
-from typing import Literal, TypeAlias
 
 import equinox as eqx
 import jax
@@ -10,7 +9,6 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 
-Sampler: TypeAlias = Literal["rademacher", "gaussian"]
 SAMPLERS: tuple[str, ...] = ("rademacher", "gaussian")
 
 _BITS_PER_WORD = 32
@@ -18,9 +16,7 @@ _BITS_PER_WORD = 32
 
 def check_sampler(sampler: str) -> None:
     if sampler not in SAMPLERS:
-        raise ValueError(
-            f"`sampler` must be one of {SAMPLERS}, got {sampler!r}."
-        )
+        raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {sampler!r}.")
 
 
 def trainable(tree: PyTree) -> PyTree:
@@ -64,7 +60,7 @@ def _rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
 
 
 def random_direction(
-    key: PRNGKeyArray, tree: PyTree, *, sampler: Sampler = "rademacher"
+    key: PRNGKeyArray, tree: PyTree, *, sampler: str = "rademacher"
 ) -> PyTree:
     """Draws one random direction shaped like the trainable part of `tree`.
 
@@ -93,7 +89,7 @@ def random_direction(
 
 
 def random_directions(
-    key: PRNGKeyArray, tree: PyTree, num_directions: int, sampler: Sampler
+    key: PRNGKeyArray, tree: PyTree, num_directions: int, sampler: str
 ) -> PyTree:
     """`num_directions` independent directions, stacked along a new leading axis.
 

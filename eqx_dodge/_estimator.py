@@ -5,7 +5,7 @@ on `fun(primal) -> (value, aux)`, a function of those leaves alone.
 """
 
 from collections.abc import Callable
-from typing import Any, Literal, TypeAlias
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +18,9 @@ from ._directions import (
     partition_direction,
     random_direction,
     random_directions,
-    Sampler,
 )
 
 
-Mode: TypeAlias = Literal["average", "partition"]
 MODES: tuple[str, ...] = ("average", "partition")
 
 
@@ -71,15 +69,21 @@ def check_direction(direction: PyTree, primal: PyTree, name: str = "direction") 
 
 
 def _accumulation_dtype(tree: PyTree) -> Any:
-    dtypes = [leaf.dtype for leaf in jax.tree.leaves(tree)]
-    return jnp.result_type(jnp.float32, *dtypes)
+    # Norms of half-precision leaves are accumulated in float32 (float64 when a leaf
+    # is float64); stated explicitly because strict promotion has no common type for
+    # float16 and bfloat16.
+    wide = any(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(tree))
+    return jnp.float64 if wide else jnp.float32
 
 
 def unit_direction(candidate: PyTree) -> PyTree:
     """`candidate / ‖candidate‖`, and zeros (not NaN) for a zero candidate."""
     dtype = _accumulation_dtype(candidate)
     squared_norm = sum(
-        (jnp.sum(jnp.square(leaf.astype(dtype))) for leaf in jax.tree.leaves(candidate)),
+        (
+            jnp.sum(jnp.square(leaf.astype(dtype)))
+            for leaf in jax.tree.leaves(candidate)
+        ),
         start=jnp.zeros((), dtype),
     )
     positive = squared_norm > 0
@@ -100,7 +104,11 @@ def _as_value_and_aux(
         if not isinstance(value, jax.Array | float) or jnp.shape(value) != ():
             raise TypeError(
                 "`fun` must return a scalar (a float or a 0-d floating array)"
-                + (" as the first element of its `(value, aux)` pair" if has_aux else "")
+                + (
+                    " as the first element of its `(value, aux)` pair"
+                    if has_aux
+                    else ""
+                )
                 + f", got {type(value).__name__} of shape {jnp.shape(value)}."
             )
         if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
@@ -150,14 +158,15 @@ def value_and_estimate(
     key: PRNGKeyArray | None,
     direction: PyTree | None,
     num_directions: int,
-    sampler: Sampler,
-    mode: Mode,
+    sampler: str,
+    mode: str,
     has_aux: bool,
 ) -> tuple[Scalar, PyTree, Any]:
     """Evaluates `fun(primal)` and its DODGE gradient estimate in one forward pass.
 
     Returns `(value, estimate, aux)`; the estimate has the structure of `primal`.
     """
+
     def along(tangent):
         value, derivatives, aux = directional_derivatives(
             fun, primal, tangent, has_aux=has_aux, stacked=False

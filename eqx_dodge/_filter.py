@@ -7,8 +7,7 @@ from typing import Any
 import equinox as eqx
 from jaxtyping import PRNGKeyArray, PyTree
 
-from ._directions import Sampler
-from ._estimator import check_random_options, Mode, value_and_estimate
+from ._estimator import check_random_options, value_and_estimate
 
 
 _sentinel: Any = object()
@@ -19,8 +18,8 @@ class _ValueAndDodgeWrapper(eqx.Module):
     _key: PRNGKeyArray | None
     _direction: PyTree | None
     _num_directions: int = eqx.field(static=True)
-    _sampler: Sampler = eqx.field(static=True)
-    _mode: Mode = eqx.field(static=True)
+    _sampler: str = eqx.field(static=True)
+    _mode: str = eqx.field(static=True)
     _has_aux: bool = eqx.field(static=True)
 
     @property
@@ -66,7 +65,7 @@ class _DodgeWrapper(eqx.Module):
 
     @property
     def __wrapped__(self):
-        return self._fun_value_and_dodge.__wrapped__
+        return self._fun_value_and_dodge._fun  # pyright: ignore
 
     def __call__(self, /, *args, **kwargs):
         value, estimate = self._fun_value_and_dodge(*args, **kwargs)
@@ -100,14 +99,32 @@ def _check_source(key: Any, direction: Any, num_directions: int, mode: str) -> N
         )
 
 
+def _value_and_dodge_wrapper(
+    fun: Callable,
+    key: PRNGKeyArray | None,
+    direction: PyTree | None,
+    num_directions: int,
+    sampler: str,
+    mode: str,
+    has_aux: bool,
+) -> _ValueAndDodgeWrapper:
+    check_random_options(num_directions, sampler, mode)
+    _check_source(key, direction, num_directions, mode)
+    if not callable(fun):
+        raise TypeError(f"`fun` must be callable, got {type(fun).__name__}.")
+    return _ValueAndDodgeWrapper(
+        fun, key, direction, num_directions, sampler, mode, has_aux
+    )
+
+
 def filter_value_and_dodge(
     fun: Callable = _sentinel,
     *,
     key: PRNGKeyArray | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
-    sampler: Sampler = "rademacher",
-    mode: Mode = "average",
+    sampler: str = "rademacher",
+    mode: str = "average",
     has_aux: bool = False,
 ) -> Callable:
     r"""Creates a function that evaluates `fun` and a DODGE estimate of its gradient.
@@ -168,14 +185,11 @@ def filter_value_and_dodge(
             mode=mode,
             has_aux=has_aux,
         )
-    check_random_options(num_directions, sampler, mode)
-    _check_source(key, direction, num_directions, mode)
-    if not callable(fun):
-        raise TypeError(f"`fun` must be callable, got {type(fun).__name__}.")
-    wrapper = _ValueAndDodgeWrapper(
-        fun, key, direction, num_directions, sampler, mode, has_aux
+    return eqx.module_update_wrapper(
+        _value_and_dodge_wrapper(
+            fun, key, direction, num_directions, sampler, mode, has_aux
+        )
     )
-    return eqx.module_update_wrapper(wrapper)
 
 
 def filter_dodge(
@@ -184,8 +198,8 @@ def filter_dodge(
     key: PRNGKeyArray | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
-    sampler: Sampler = "rademacher",
-    mode: Mode = "average",
+    sampler: str = "rademacher",
+    mode: str = "average",
     has_aux: bool = False,
 ) -> Callable:
     r"""Creates a function that returns a DODGE estimate of the gradient of `fun`.
@@ -228,14 +242,7 @@ def filter_dodge(
             mode=mode,
             has_aux=has_aux,
         )
-    value_and_dodge = filter_value_and_dodge(
-        fun,
-        key=key,
-        direction=direction,
-        num_directions=num_directions,
-        sampler=sampler,
-        mode=mode,
-        has_aux=has_aux,
+    value_and_dodge = _value_and_dodge_wrapper(
+        fun, key, direction, num_directions, sampler, mode, has_aux
     )
     return eqx.module_update_wrapper(_DodgeWrapper(value_and_dodge, has_aux))
-

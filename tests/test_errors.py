@@ -1,0 +1,105 @@
+"""Bad input raises a `TypeError` or `ValueError` that names the argument."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import eqx_dodge
+
+from .helpers import make_mlp, squared_loss
+
+
+MODEL = make_mlp(jax.random.key(0))
+X = jnp.ones((2, 3))
+KEY = jax.random.key(1)
+
+
+def _direction():
+    return jax.tree.map(jnp.ones_like, eqx.filter(MODEL, eqx.is_inexact_array))
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        ({}, ValueError, "got neither"),
+        ({"key": KEY, "direction": "later"}, ValueError, "got both"),
+        ({"key": KEY, "num_directions": 0}, ValueError, "`num_directions`"),
+        ({"key": KEY, "num_directions": 2.0}, TypeError, "num_directions"),
+        ({"key": KEY, "sampler": "uniform"}, ValueError, "`sampler`"),
+        ({"key": KEY, "mode": "sum"}, ValueError, "`mode`"),
+        ({"direction": "later", "num_directions": 2}, ValueError, "`num_directions`"),
+    ],
+)
+def test_bad_options(options, error, match):
+    options = {
+        name: _direction() if value == "later" else value
+        for name, value in options.items()
+    }
+    for wrap in (eqx_dodge.filter_dodge, eqx_dodge.filter_value_and_dodge):
+        with pytest.raises(error, match=match):
+            wrap(squared_loss, **options)
+
+
+def test_too_many_parts():
+    p = 3 * 4 + 4 + 4 * 2 + 2
+    estimate = eqx_dodge.filter_dodge(
+        squared_loss, key=KEY, num_directions=p, mode="partition"
+    )
+    estimate(MODEL, X)
+    too_many = eqx_dodge.filter_dodge(
+        squared_loss, key=KEY, num_directions=p + 1, mode="partition"
+    )
+    with pytest.raises(ValueError, match="`num_directions=27` exceeds"):
+        too_many(MODEL, X)
+
+
+def test_direction_with_other_structure():
+    direction = _direction()
+    wrong = {"layers": direction.layers}
+    with pytest.raises(ValueError, match="`direction` must have the tree structure"):
+        eqx_dodge.filter_dodge(squared_loss, direction=wrong)(MODEL, X)
+
+
+@pytest.mark.parametrize(
+    "replacement",
+    [jnp.ones((4, 4)), jnp.ones((4, 3), jnp.float16)],
+    ids=["shape", "dtype"],
+)
+def test_direction_with_other_leaf(replacement):
+    direction = eqx.tree_at(lambda d: d.layers[0].weight, _direction(), replacement)
+    with pytest.raises(ValueError, match=r"`direction` leaf at .*layers\[0\]\.weight"):
+        eqx_dodge.filter_dodge(squared_loss, direction=direction)(MODEL, X)
+
+
+def test_differentiated_argument_by_keyword():
+    estimate = eqx_dodge.filter_dodge(squared_loss, key=KEY)
+    with pytest.raises(TypeError, match="first argument by position"):
+        estimate(model=MODEL, x=X)
+
+
+@pytest.mark.parametrize(
+    "bad_loss,match",
+    [
+        (lambda model, x: jax.vmap(model)(x), r"scalar .* shape \(2, 2\)"),
+        (lambda model, x: "loss", "scalar"),
+        (lambda model, x: jnp.sum(x > 0), "floating-point scalar"),
+    ],
+    ids=["vector", "string", "integer"],
+)
+def test_fun_must_return_a_floating_scalar(bad_loss, match):
+    with pytest.raises(TypeError, match=match):
+        eqx_dodge.filter_dodge(bad_loss, key=KEY)(MODEL, X)
+
+
+def test_complex_leaves_are_refused():
+    model = {"w": jnp.ones((2,), jnp.complex64)}
+    with pytest.raises(TypeError, match="real floating-point"):
+        eqx_dodge.filter_dodge(lambda m: jnp.sum(jnp.abs(m["w"])), key=KEY)(model)
+
+
+def test_bad_partition_direction_arguments():
+    with pytest.raises(ValueError, match="`num_parts`"):
+        eqx_dodge.partition_direction({"a": jnp.ones(3)}, 0)
+    with pytest.raises(ValueError, match="exceeds"):
+        eqx_dodge.partition_direction({"a": jnp.ones(3)}, 4)

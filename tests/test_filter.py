@@ -1,0 +1,237 @@
+"""filter_dodge and filter_value_and_dodge: calling convention, exact identities."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import eqx_dodge
+from eqx_dodge._directions import num_coordinates
+
+from .helpers import batch_for, flat, make_models, squared_loss, WithStatics
+
+
+def _tree_allclose(a, b, **tolerances):
+    return all(
+        jnp.allclose(x, y, **tolerances)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+@pytest.fixture(params=["mlp", "statics"])
+def problem(request):
+    model = make_models(jax.random.key(0))[request.param]
+    return model, batch_for(model, jax.random.key(1))
+
+
+def test_structure_matches_filter_grad(problem, getkey):
+    model, x = problem
+    gradient = eqx.filter_grad(squared_loss)(model, x)
+    estimate = eqx_dodge.filter_dodge(squared_loss, key=getkey())(model, x)
+    assert jax.tree.structure(estimate) == jax.tree.structure(gradient)
+    if isinstance(model, WithStatics):
+        assert estimate.activation is None and estimate.depth is None
+
+
+def test_partition_with_one_part_per_coordinate_is_exact(problem, getkey):
+    model, x = problem
+    gradient = eqx.filter_grad(squared_loss)(model, x)
+    p = num_coordinates(model)
+    estimate = eqx_dodge.filter_dodge(
+        squared_loss, key=getkey(), num_directions=p, mode="partition"
+    )(model, x)
+    assert _tree_allclose(estimate, gradient, rtol=1e-5, atol=1e-6)
+
+
+def test_oracle_candidate_is_exact(problem):
+    model, x = problem
+    gradient = eqx.filter_grad(squared_loss)(model, x)
+    estimate = eqx_dodge.filter_dodge(squared_loss, direction=gradient)(model, x)
+    assert _tree_allclose(estimate, gradient, rtol=1e-5, atol=1e-6)
+
+
+def test_candidate_estimate_is_projection(problem, getkey):
+    model, x = problem
+    gradient = flat(eqx.filter_grad(squared_loss)(model, x))
+    candidate = eqx_dodge.random_direction(getkey(), model, sampler="gaussian")
+    estimate = eqx_dodge.filter_dodge(squared_loss, direction=candidate)(model, x)
+    c = flat(candidate)
+    expected = (gradient @ c) / (c @ c) * c
+    assert jnp.allclose(flat(estimate), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_zero_candidate_gives_zero_estimate(problem):
+    model, x = problem
+    zero = jax.tree.map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+    value, estimate = eqx_dodge.filter_value_and_dodge(squared_loss, direction=zero)(
+        model, x
+    )
+    assert jnp.isfinite(value)
+    assert all(jnp.all(leaf == 0) for leaf in jax.tree.leaves(estimate))
+
+
+def test_value_is_the_loss(problem, getkey):
+    model, x = problem
+    value, _ = eqx_dodge.filter_value_and_dodge(
+        squared_loss, key=getkey(), num_directions=3
+    )(model, x)
+    assert jnp.allclose(value, squared_loss(model, x))
+
+
+def test_same_key_same_estimate_different_key_different(problem):
+    model, x = problem
+    key = jax.random.key(42)
+    first = eqx_dodge.filter_dodge(squared_loss, key=key, num_directions=2)(model, x)
+    again = eqx_dodge.filter_dodge(squared_loss, key=key, num_directions=2)(model, x)
+    other = eqx_dodge.filter_dodge(
+        squared_loss, key=jax.random.key(43), num_directions=2
+    )(model, x)
+    assert all(
+        jnp.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again))
+    )
+    assert not jnp.array_equal(flat(first), flat(other))
+
+
+def test_single_direction_is_listing_one(problem, getkey):
+    """k = 1 is the paper's Listing 1 with `random_direction(key, model)`."""
+    model, x = problem
+    key = getkey()
+    diff, static = eqx.partition(model, eqx.is_inexact_array)
+    direction = eqx_dodge.random_direction(key, model)
+    _, derivative = jax.jvp(
+        lambda d: squared_loss(eqx.combine(d, static), x), (diff,), (direction,)
+    )
+    expected = jax.tree.map(lambda u: derivative * u, direction)
+    estimate = eqx_dodge.filter_dodge(squared_loss, key=key)(model, x)
+    assert _tree_allclose(estimate, expected, rtol=1e-6, atol=0)
+
+
+def test_random_direction_entries(getkey):
+    tree = {"a": jnp.zeros((1000,)), "b": jnp.zeros((7, 3), jnp.float16), "c": 3}
+    rademacher = eqx_dodge.random_direction(getkey(), tree)
+    assert rademacher["c"] is None and rademacher["b"].dtype == jnp.float16
+    assert jnp.all(jnp.abs(rademacher["a"]) == 1)
+    assert abs(float(jnp.mean(rademacher["a"]))) < 4 / jnp.sqrt(1000)
+    gaussian = eqx_dodge.random_direction(getkey(), tree, sampler="gaussian")
+    assert gaussian["b"].shape == (7, 3) and gaussian["b"].dtype == jnp.float16
+    assert abs(float(jnp.std(gaussian["a"])) - 1) < 0.1
+
+
+def test_partition_direction_parts_are_disjoint_and_sum_back(getkey):
+    direction = {"a": jnp.arange(1.0, 8.0), "b": jnp.ones((2, 2))}
+    parts = eqx_dodge.partition_direction(direction, 3)
+    assert parts["a"].shape == (3, 7) and parts["b"].shape == (3, 2, 2)
+    summed = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), parts)
+    assert _tree_allclose(summed, direction, rtol=0, atol=0)
+    nonzero = jnp.concatenate([(parts["a"] != 0), (parts["b"] != 0).reshape(3, 4)], 1)
+    nonzero = nonzero.astype(jnp.int32)
+    assert jnp.all(jnp.sum(nonzero, axis=0) == 1)
+    assert set(jnp.sum(nonzero, axis=1).tolist()) <= {3, 4}
+
+
+def test_has_aux(problem, getkey):
+    model, x = problem
+
+    def loss_with_aux(model, x):
+        return squared_loss(model, x), {"batch": x.shape[0], "mean": jnp.mean(x)}
+
+    key = getkey()
+    (value, aux), estimate = eqx_dodge.filter_value_and_dodge(
+        loss_with_aux, key=key, num_directions=4, has_aux=True
+    )(model, x)
+    assert aux["batch"] == 8 and jnp.allclose(aux["mean"], jnp.mean(x))
+    estimate_only, aux_again = eqx_dodge.filter_dodge(
+        loss_with_aux, key=key, num_directions=4, has_aux=True
+    )(model, x)
+    assert aux_again["batch"] == 8
+    assert jnp.array_equal(flat(estimate), flat(estimate_only))
+    assert jnp.allclose(value, squared_loss(model, x))
+
+
+def test_decorator_and_extra_arguments(getkey):
+    model = make_models(jax.random.key(0))["mlp"]
+    x = batch_for(model, jax.random.key(1))
+    key = getkey()
+
+    @eqx_dodge.filter_dodge(key=key)
+    def loss(model, x, *, offset):
+        return squared_loss(model, x) + offset
+
+    decorated = loss(model, x, offset=jnp.array(1.0))
+    plain = eqx_dodge.filter_dodge(squared_loss, key=key)(model, x)
+    assert jnp.allclose(flat(decorated), flat(plain))
+    assert loss.__wrapped__.__name__ == "loss"
+
+
+def test_method_decorator(getkey):
+    key = getkey()
+
+    class Regressor(eqx.Module):
+        weight: jax.Array
+
+        @eqx_dodge.filter_dodge(key=key, num_directions=2)
+        def estimate(self, x):
+            return jnp.sum(jnp.square(x @ self.weight))
+
+    regressor = Regressor(jnp.ones((3,)))
+    x = jnp.ones((2, 3))
+    estimate: Regressor = regressor.estimate(x)  # pyright: ignore[reportAssignmentType]
+    expected = eqx_dodge.filter_dodge(
+        lambda r, x: jnp.sum(jnp.square(x @ r.weight)), key=key, num_directions=2
+    )(regressor, x)
+    assert jnp.allclose(estimate.weight, expected.weight)
+
+
+@pytest.mark.parametrize("jit", [jax.jit, eqx.filter_jit])
+def test_under_jit(problem, getkey, jit):
+    model, x = problem
+    key = getkey()
+    eager = eqx_dodge.filter_dodge(squared_loss, key=key, num_directions=4)(model, x)
+
+    @jit
+    def step(trainable, key):
+        model_ = eqx.combine(
+            trainable, eqx.filter(model, eqx.is_inexact_array, inverse=True)
+        )
+        return eqx_dodge.filter_dodge(squared_loss, key=key, num_directions=4)(
+            model_, x
+        )
+
+    jitted = step(eqx.filter(model, eqx.is_inexact_array), key)
+    assert _tree_allclose(eager, jitted, rtol=1e-5, atol=1e-7)
+
+
+def test_jitted_wrapper_module(problem, getkey):
+    model, x = problem
+    wrapper = eqx_dodge.filter_dodge(
+        squared_loss, key=getkey(), mode="partition", num_directions=3
+    )
+    assert _tree_allclose(
+        wrapper(model, x), eqx.filter_jit(wrapper)(model, x), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_dtypes_are_preserved(getkey):
+    model = {
+        "half": jnp.ones((4,), jnp.float16),
+        "single": jnp.ones((3,), jnp.float32),
+        "bfloat": jnp.ones((2,), jnp.bfloat16),
+    }
+
+    def loss(model):
+        return sum(
+            (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in model.values()),
+            start=jnp.zeros(()),
+        )
+
+    for options in (
+        {"key": getkey()},
+        {"key": getkey(), "num_directions": 3},
+        {"key": getkey(), "num_directions": 3, "mode": "partition"},
+        {"direction": jax.tree.map(jnp.ones_like, model)},
+    ):
+        estimate = eqx_dodge.filter_dodge(loss, **options)(model)
+        for name, leaf in model.items():
+            assert estimate[name].dtype == leaf.dtype
+            assert estimate[name].shape == leaf.shape

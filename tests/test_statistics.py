@@ -1,0 +1,118 @@
+"""The estimator's mean and per-coordinate variance against DODGE.md §1.
+
+Every test draws `NUM_SAMPLES` independent keys and computes all the estimates in one
+vmapped, jitted call. The loss is deterministic (a fixed batch), so the gradient `g`
+is fixed and the formulas of DODGE.md §1 give the exact variance of each coordinate.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import eqx_dodge
+from eqx_dodge._directions import _part_indices
+
+from .helpers import batch_for, flat, flat_batched, make_models, squared_loss
+
+
+NUM_SAMPLES = 2**15
+
+
+def _setup(name):
+    model = make_models(jax.random.key(0))[name]
+    x = batch_for(model, jax.random.key(1))
+    gradient = flat(eqx.filter_grad(squared_loss)(model, x))
+    return model, x, gradient
+
+
+def _estimates(model, x, **options):
+    keys = jax.random.split(jax.random.key(2), NUM_SAMPLES)
+
+    @jax.jit
+    def sample(keys):
+        def one(key):
+            return eqx_dodge.filter_dodge(squared_loss, key=key, **options)(model, x)
+
+        return flat_batched(jax.vmap(one)(keys))
+
+    return sample(keys)
+
+
+def _expected_variance(gradient, part, sampler, mode, num_directions):
+    """Per-coordinate variance of the estimate for a deterministic gradient.
+
+    Rademacher, one direction: ‖g‖² − g(i)² (eq 8); Gaussian adds 2g(i)² because
+    Var(u²) = 2, giving ‖g‖² + g(i)². Averaging k independent estimates divides by k
+    (eq 9); partitioning restricts the sum to the coordinates of i's part (eq 10).
+    """
+    squares = jnp.square(gradient)
+    own = squares if sampler == "gaussian" else -squares
+    if mode == "partition":
+        same_part = part[:, None] == part[None, :]
+        return same_part.astype(squares.dtype) @ squares + own
+    return (jnp.sum(squares) + own) / num_directions
+
+
+CASES = [
+    ("rademacher", "average", 1),
+    ("gaussian", "average", 1),
+    ("rademacher", "average", 4),
+    ("gaussian", "average", 4),
+    ("rademacher", "partition", 4),
+    ("gaussian", "partition", 4),
+]
+
+
+@pytest.mark.parametrize("name", ["mlp", "statics"])
+@pytest.mark.parametrize("sampler,mode,num_directions", CASES)
+def test_mean_and_variance(name, sampler, mode, num_directions):
+    model, x, gradient = _setup(name)
+    samples = _estimates(
+        model, x, sampler=sampler, mode=mode, num_directions=num_directions
+    )
+    mean = jnp.mean(samples, axis=0)
+    variance = jnp.var(samples, axis=0, ddof=1)
+
+    # Unbiasedness: every coordinate within 4 standard errors of the true gradient.
+    standard_error = jnp.sqrt(variance / NUM_SAMPLES)
+    assert jnp.all(jnp.abs(mean - gradient) <= 4 * standard_error + 1e-7)
+
+    # Variance within 10 % of the formula. The relative standard error of a sample
+    # variance is sqrt((κ − 1)/N) for kurtosis κ; the heaviest-tailed case here is
+    # the Gaussian product u(i)·u(l) with κ = 9, giving sqrt(8/2¹⁵) ≈ 1.6 %, so 10 %
+    # is more than 6 standard errors.
+    part = flat(_part_indices(eqx.filter(model, eqx.is_inexact_array), num_directions))
+    expected = _expected_variance(gradient, part, sampler, mode, num_directions)
+    assert jnp.allclose(variance, expected, rtol=0.1, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler,mode,num_directions", CASES)
+def test_every_estimate_is_a_descent_direction(sampler, mode, num_directions):
+    model, x, gradient = _setup("mlp")
+    samples = _estimates(
+        model, x, sampler=sampler, mode=mode, num_directions=num_directions
+    )
+    # g·ĝ is a sum of squares (g·u_j)² ≥ 0; allow only float rounding below zero.
+    inner = samples @ gradient
+    assert jnp.all(inner >= -1e-6 * jnp.sum(jnp.square(gradient)))
+    assert jnp.mean(inner) > 0
+
+
+def test_random_candidates_are_descent_directions():
+    model, x, gradient = _setup("mlp")
+    trainable = eqx.filter(model, eqx.is_inexact_array)
+
+    @jax.jit
+    def inner_products(keys):
+        def one(key):
+            candidate = eqx_dodge.random_direction(key, trainable, sampler="gaussian")
+            estimate = eqx_dodge.filter_dodge(squared_loss, direction=candidate)(
+                model, x
+            )
+            return flat(estimate) @ gradient
+
+        return jax.vmap(one)(keys)
+
+    inner = inner_products(jax.random.split(jax.random.key(3), 1024))
+    assert jnp.all(inner >= -1e-6 * jnp.sum(jnp.square(gradient)))
