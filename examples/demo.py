@@ -108,7 +108,7 @@ def train(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Digits MLP: DODGE vs backprop.")
     parser.add_argument("--num-directions", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -129,17 +129,18 @@ def main() -> None:
             model, x, y
         )
 
-    options = dict(
-        steps=steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        key=jax.random.key(0),
-        data=data,
-    )
     results = {}
     for label, estimate in [("filter_grad", backprop), (f"DODGE k={k}", dodge)]:
         start = time.perf_counter()
-        results[label] = train(estimate, label=label, **options)
+        results[label] = train(
+            estimate,
+            steps=steps,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            key=jax.random.key(0),
+            data=data,
+            label=label,
+        )
         seconds = time.perf_counter() - start
         print(
             f"{label:>12}: test accuracy {results[label]['test_accuracy'][-1]:.3f} "
