@@ -60,6 +60,31 @@ def test_page_code_runs(page):
         exec(code, namespace)
 
 
+def _public_names(package: types.ModuleType) -> set[str]:
+    """The package's public attributes; of modules, only its own public submodules."""
+    names = set()
+    for name in dir(package):
+        value = getattr(package, name)
+        if name.startswith("_"):
+            continue
+        if isinstance(value, types.ModuleType) and not value.__name__.startswith(
+            package.__name__ + "."
+        ):
+            continue  # an import such as `importlib`, not part of the API
+        names.add(name)
+    return names
+
+
+def test_every_public_name_is_in_the_api_reference():
+    import eqx_dodge
+
+    api_pages = "\n".join(path.read_text() for path in (DOCS / "api").glob("*.md"))
+    documented = set(re.findall(r"^::: eqx_dodge\.(\w+)$", api_pages, re.MULTILINE))
+    assert {"filter_dodge", "random_direction"} <= documented
+    missing = _public_names(eqx_dodge) - documented
+    assert not missing, f"public names without a `::: eqx_dodge.name` block: {missing}"
+
+
 def _load_script(relative_path: str) -> types.ModuleType:
     path = DOCS / relative_path
     name = f"docs_{path.stem}"
