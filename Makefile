@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.installed-dev
 EXAMPLES_STAMP := $(VENV)/.installed-examples
 
-.PHONY: demo test lint pytest bench
+.PHONY: demo test lint pytest bench docs docs-serve
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -30,7 +30,13 @@ lint: $(DEV_STAMP)
 pytest: $(DEV_STAMP)
 	$(VENV)/bin/pytest
 
-test: lint pytest
+test: lint pytest docs
 
 bench: $(DEV_STAMP)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+
+docs: $(DEV_STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(DEV_STAMP)
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
