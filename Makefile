@@ -1,6 +1,7 @@
 # The two set-up commands of the README are `make demo` and `make test`; both create
 # `.venv` from scratch on a fresh machine.
 VENV ?= .venv
+export NO_MKDOCS_2_WARNING := 1
 PYTHON := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.installed-dev
 EXAMPLES_STAMP := $(VENV)/.installed-examples
