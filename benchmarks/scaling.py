@@ -30,6 +30,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import math
 import pathlib
@@ -100,9 +101,17 @@ def all_reduce_bytes(hlo_text: str) -> int:
     )
 
 
+def hlo_text(compiled: jax.stages.Compiled) -> str:
+    """The optimised HLO module of a compiled function, as text."""
+    text = compiled.as_text()
+    if text is None:
+        raise RuntimeError("This backend does not expose the compiled HLO.")
+    return text
+
+
 def compiled_text(fun: Callable, *args: Any) -> str:
     """The optimised HLO of `fun(*args)` (args may be `jax.ShapeDtypeStruct`s)."""
-    return jax.jit(fun).lower(*args).compile().as_text()
+    return hlo_text(jax.jit(fun).lower(*args).compile())
 
 
 def width_for(num_parameters: int) -> int:
@@ -238,8 +247,6 @@ def measure(num_parameters: int, timed: bool, repeats: int) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    import jaxlib
-
     return {
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
@@ -247,7 +254,7 @@ def machine_info() -> dict[str, Any]:
         "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
         "python": platform.python_version(),
         "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
+        "jaxlib": importlib.metadata.version("jaxlib"),
         "equinox": eqx.__version__,
         "optax": optax.__version__,
         "backend": jax.default_backend(),
@@ -298,7 +305,9 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Bytes all-reduced per step, DODGE vs gradient."
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke-test run")
     parser.add_argument(
         "--out", type=pathlib.Path, default=RESULTS, help="output directory"

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeAlias
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
 from ._directions import (
@@ -418,21 +418,39 @@ class _ShardedValueAndDodgeWrapper(eqx.Module):
             aux_leaves = [jnp.expand_dims(leaf, 0) for leaf in aux_leaves]
             return value, jax.tree.leaves(estimate), aux_leaves
 
+        inputs = (
+            key_leaves,
+            model_leaves,
+            direction_leaves,
+            batch_leaves,
+            kwargs_leaves,
+        )
+        in_specs = (
+            [PartitionSpec()] * len(key_leaves),
+            jax.tree.leaves(model_specs, is_leaf=_is_spec),
+            estimate_specs if self._direction is not None else [],
+            [data_spec] * len(batch_leaves),
+            [PartitionSpec()] * len(kwargs_leaves),
+        )
+        if all(kind == AxisType.Explicit for kind in self._mesh.axis_types):
+            # With explicit axes, `shard_map` requires every input to be laid out
+            # as its spec says already; with auto axes it moves them itself. Do the
+            # same here (a no-op for inputs that are already in place).
+            inputs = jax.tree.map(
+                lambda leaf, spec: jax.sharding.reshard(
+                    leaf, NamedSharding(self._mesh, spec)
+                ),
+                inputs,
+                in_specs,
+                is_leaf=_is_spec,
+            )
         mapped = jax.shard_map(
             body,
             mesh=self._mesh,
-            in_specs=(
-                [PartitionSpec()] * len(key_leaves),
-                jax.tree.leaves(model_specs, is_leaf=_is_spec),
-                estimate_specs if self._direction is not None else [],
-                [data_spec] * len(batch_leaves),
-                [PartitionSpec()] * len(kwargs_leaves),
-            ),
+            in_specs=in_specs,
             out_specs=(PartitionSpec(), estimate_specs, data_spec),
         )
-        value, estimate_leaves, aux_leaves = mapped(
-            key_leaves, model_leaves, direction_leaves, batch_leaves, kwargs_leaves
-        )
+        value, estimate_leaves, aux_leaves = mapped(*inputs)
         estimate = jax.tree.unflatten(estimate_treedef, estimate_leaves)
         if self._has_aux:
             aux = jax.tree.unflatten(aux_treedef[-1], aux_leaves)
@@ -614,12 +632,12 @@ def sharded_value_and_dodge(
 
 
 class _ShardedDodgeWrapper(eqx.Module):
-    _fun_value_and_dodge: _ShardedValueAndDodgeWrapper
+    _fun_value_and_dodge: Callable
     _has_aux: bool = eqx.field(static=True)
 
     @property
     def __wrapped__(self):
-        return self._fun_value_and_dodge.__wrapped__
+        return getattr(self._fun_value_and_dodge, "__wrapped__")
 
     def __call__(self, /, *args, **kwargs):
         value, estimate = self._fun_value_and_dodge(*args, **kwargs)
