@@ -145,6 +145,24 @@ def test_candidate_direction_sum_reduction_and_aux(problem):
     np.testing.assert_allclose(aux.reshape(-1), expected_aux, rtol=1e-6)
 
 
+def test_two_data_axes(problem):
+    """A batch split over two mesh axes (e.g. hosts × local devices)."""
+    model, x, y = problem
+    mesh = jax.make_mesh((2, 4), ("hosts", "data"))
+    key = jax.random.key(7)
+    x, y = shard_batch(mesh, x, y, axis=("hosts", "data"))
+    value, estimate = eqx.filter_jit(
+        lambda m, x, y: eqx_dodge.sharded_value_and_dodge(
+            mse, mesh=mesh, data_axis=("hosts", "data"), key=key, num_directions=4
+        )(m, x, y)
+    )(model, x, y)
+    expected_value, expected = eqx_dodge.filter_value_and_dodge(
+        mse, key=key, num_directions=4
+    )(model, *problem[1:])
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    assert_trees_close(estimate, expected)
+
+
 def test_sharded_dodge_returns_the_estimate(problem):
     model, x, y = problem
     mesh = data_mesh()
