@@ -400,8 +400,9 @@ def test_digits_training_matches_single_device():
     )(sharded_images, sharded_labels)
     # Training works at all: the loss falls well below its start, log(10) ≈ 2.3.
     assert float(jnp.mean(one_device[-10:])) < 0.8 * float(one_device[0])
-    # Only the order of the float sums differs; it compounds slowly over the steps.
-    np.testing.assert_allclose(eight_devices, one_device, rtol=2e-4)
+    # Only the order of the float sums differs (measured: ≤ 2e-7 relative over the
+    # 100 steps).
+    np.testing.assert_allclose(eight_devices, one_device, rtol=1e-5)
 
 
 # The benchmark's smoke run.
