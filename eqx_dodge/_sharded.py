@@ -294,7 +294,7 @@ class _ShardedValueAndDodgeWrapper(eqx.Module):
     _fun: Callable
     _mesh: Mesh = eqx.field(static=True)
     _data_axes: tuple[str, ...] = eqx.field(static=True)
-    _param_specs: Any = eqx.field(static=True)
+    _param_specs: Any
     _key: PRNGKeyArray | None
     _direction: PyTree | None
     _num_directions: int = eqx.field(static=True)

@@ -128,3 +128,31 @@ def test_errors(setup, getkey):
         eqx_dodge.sharded_value_and_dodge(
             lambda m, x: jax.vmap(m)(x), mesh=mesh, key=key
         )(model, x)
+
+
+def test_model_axis_wrapper_passed_through_filter_jit(getkey):
+    # The model-parallel path on a 1 × 1 mesh, with the wrapper (and its dict of
+    # specs) passed as an argument of `eqx.filter_jit`.
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    params = {"w": jax.random.normal(getkey(), (3, 2)), "b": jnp.zeros(2)}
+    x = jax.random.normal(getkey(), (4, 3))
+
+    def linear_loss(params, x, reduce=lambda z: jax.lax.psum(z, "model")):
+        # Output columns are split over "model": sum the squares across the shards.
+        squares = jnp.sum((x @ params["w"] + params["b"][None]) ** 2)
+        return reduce(squares) / (x.shape[0] * 2)
+
+    value_and_dodge = eqx_dodge.sharded_value_and_dodge(
+        linear_loss,
+        mesh=mesh,
+        param_specs={"w": P(None, "model"), "b": P("model")},
+        key=getkey(),
+        num_directions=2,
+    )
+    value, estimate = eqx.filter_jit(lambda f, p, x: f(p, x))(
+        value_and_dodge, params, x
+    )
+    expected = linear_loss(params, x, reduce=lambda z: z)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    assert jax.tree.structure(estimate) == jax.tree.structure(params)
+    assert float(jnp.sum(jnp.abs(estimate["w"]))) > 0
