@@ -40,7 +40,7 @@ def data_mesh(axis_type=AxisType.Explicit):
     return jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(axis_type,))
 
 
-def shard_batch(mesh, *arrays, axis="data"):
+def shard_batch(mesh, *arrays, axis: str | tuple[str, ...] = "data"):
     return tuple(jax.device_put(a, NamedSharding(mesh, P(axis))) for a in arrays)
 
 
