@@ -10,6 +10,10 @@ from ._filter import (
     filter_dodge as filter_dodge,
     filter_value_and_dodge as filter_value_and_dodge,
 )
+from ._sharded import (
+    sharded_dodge as sharded_dodge,
+    sharded_value_and_dodge as sharded_value_and_dodge,
+)
 
 
 __version__ = importlib.metadata.version("eqx_dodge")
