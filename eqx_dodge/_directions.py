@@ -1,6 +1,7 @@
 """Direction samplers: the random tangents along which DODGE differentiates."""
 
 import math
+from typing import TypeAlias
 
 import equinox as eqx
 import jax
@@ -9,6 +10,9 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 
+# Plain `str` rather than a `Literal`: values are checked at run time so that a bad
+# one raises a `ValueError` naming the argument, not a runtime type-checker's error.
+Sampler: TypeAlias = str  # one of SAMPLERS
 SAMPLERS: tuple[str, ...] = ("rademacher", "gaussian")
 
 _BITS_PER_WORD = 32

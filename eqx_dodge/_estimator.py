@@ -5,7 +5,7 @@ on `fun(primal) -> (value, aux)`, a function of those leaves alone.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from ._directions import (
 )
 
 
+Mode: TypeAlias = str  # one of MODES; see `Sampler` for why not a `Literal`
 MODES: tuple[str, ...] = ("average", "partition")
 
 
