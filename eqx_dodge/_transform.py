@@ -13,6 +13,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from ._directions import (
     check_num_parts,
     check_sampler,
+    num_coordinates,
     partition_direction,
     random_direction,
     random_directions,
@@ -267,6 +268,27 @@ def bias_corrected(moment: PyTree, decay: Any, count: Array) -> PyTree:
     return jax.tree.map(lambda m: m / correction.astype(m.dtype), moment)
 
 
+def baseline_contraction(p: int, num_directions: int, sampler: str, mode: str) -> float:
+    """`q` such that `E‖Σ_j w_j (e·u_j)u_j‖² = q‖e‖²` for the random directions."""
+    extra = 2 if sampler == "gaussian" else 0
+    if mode == "partition":
+        return float(-(-p // num_directions) + extra)
+    return (p + num_directions - 1 + extra) / num_directions
+
+
+def check_baseline_rate(
+    rate: float, primal: PyTree, num_directions: int, sampler: str, mode: str
+) -> None:
+    q = baseline_contraction(num_coordinates(primal), num_directions, sampler, mode)
+    if rate >= 2 / q:
+        raise ValueError(
+            f"`baseline_rate={rate}` makes the baseline diverge for these "
+            f"{num_coordinates(primal)} parameters: its error is multiplied by "
+            f"1 - 2β + β²·{q:g} per step in mean square, so it must be below "
+            f"{2 / q:.3g}; {1 / q:.3g} converges fastest."
+        )
+
+
 # ---------------------------------------------------------------------------------
 
 
@@ -314,8 +336,9 @@ def dodge(
         output of `eqx.filter_grad`).
 
     The output has that shape too: the estimate, with `None` at non-floating-point
-    leaves. Its dot product with the gradient is always $\ge 0$, so following
-    `-learning_rate` times it is a descent step (for a small enough rate).
+    leaves. Without a baseline its dot product with the gradient is always $\ge 0$,
+    so following `-learning_rate` times it is a descent step (for a small enough
+    rate), whatever the candidate.
 
     **Sources of directions.**
 
@@ -363,7 +386,20 @@ def dodge(
         unbiased because $b$ depends on past directions only, and (Rademacher,
         one direction) its variance is $\sum_{k \ne i}(g(k) - b(k))^2$ instead of
         $\sum_{k \ne i} g(k)^2$ (eq 16). No extra forward pass: $b \cdot u$ comes out
-        of the same jvp. Costs one PyTree of state.
+        of the same jvp. Costs one PyTree of state. The estimate is no longer of
+        the form $(g\cdot u)u$, so descent holds in expectation, not at every step.
+
+        **Choosing $\beta$.** For a fixed gradient the baseline's error
+        $e = b - g$ follows $e \leftarrow e - \beta \sum_j w_j (e\cdot u_j) u_j$,
+        so $E\|e\|^2$ is multiplied by $1 - 2\beta + \beta^2 q$ at each step, with
+        $q = (p + k - 1)/k$ for `"average"` ($p + k + 1$ with Gaussian entries)
+        and $q = \lceil p/k \rceil$ for `"partition"` ($+2$ with Gaussian
+        entries), $p$ the number of parameters. The baseline converges to the
+        gradient (and the variance to zero) iff $\beta < 2/q$, fastest at
+        $\beta = 1/q$; larger rates make it diverge, so `init` raises an error
+        for them. Small rates also let $b$ follow a drifting gradient only
+        slowly: the baseline pays off when the gradient changes little over about
+        $q$ steps.
 
     **Returns:**
 
@@ -417,6 +453,8 @@ def dodge(
 
     def init_fn(params):
         primal = trainable(params)
+        if baseline_rate is not None:
+            check_baseline_rate(baseline_rate, primal, num_directions, sampler, mode)
         zeros = optax.tree.zeros_like(primal)
         return DodgeState(
             count=jnp.zeros((), jnp.int32),
