@@ -347,9 +347,7 @@ def test_baseline_rate_too_large_raises():
 CONFIGS = [
     ("updates", {}),
     ("updates", {"num_directions": 2, "key": 0}),
-    ("ema", {"num_directions": 0}),
     ("ema", {"key": 0, "mode": "partition", "num_directions": 3}),
-    ("random", {"key": 0}),
     ("random", {"key": 0, "num_directions": 4, "mode": "partition"}),
 ]
 
