@@ -210,7 +210,8 @@ def projected_estimate(
         weights = jnp.ones((1,), jnp.float32)
     else:
         assert key is not None
-        if mode == "partition":
+        if mode == "partition" or num_directions == 1:
+            # One direction: `random_direction(key, primal)`, as `filter_dodge` draws.
             check_num_parts(primal, num_directions)
             base = random_direction(key, primal, sampler=sampler)
             random = partition_direction(base, num_directions)
