@@ -36,7 +36,7 @@ class ScaleByAdamDodgeState(NamedTuple):
     count: Array
     mu: PyTree
     nu: PyTree
-    key: Array | None
+    key: PyTree
 
 
 def _check_decay(value: Any, name: str) -> None:
@@ -186,7 +186,7 @@ def scale_by_adam_dodge(
         fun, primal = loss_of_trainable(
             "scale_by_adam_dodge", params, value_fn, extra_args
         )
-        count = optax.safe_increment(state.count)
+        count = jnp.asarray(optax.safe_increment(state.count))
         if source == "updates":
             candidate_updates(updates, primal, source)
             mu = optax.tree.update_moment(updates, state.mu, b1, 1)

@@ -49,7 +49,7 @@ class DodgeState(NamedTuple):
     """
 
     count: Array
-    key: Array | None
+    key: PyTree
     average: PyTree
     estimate: PyTree
     baseline: PyTree
@@ -174,7 +174,7 @@ def loss_of_trainable(
         ):
             raise TypeError(
                 "`value_fn` must return the loss as a floating-point scalar, got "
-                f"{type(value).__name__} of shape {jnp.shape(value)}."
+                f"{type(value).__name__} of shape {getattr(value, 'shape', ())}."
             )
         return jnp.asarray(value)
 
@@ -219,7 +219,7 @@ def projected_estimate(
         else:
             random = random_directions(key, primal, num_directions, sampler)
             weight = 1 / num_directions
-        overlaps = jax.vmap(lambda r: optax.tree.vdot(r, unit))(random)
+        overlaps = jax.vmap(lambda r: jnp.asarray(optax.tree.vdot(r, unit)))(random)
 
         def stack(u, r):
             overlap = overlaps.astype(r.dtype).reshape((-1,) + (1,) * u.ndim)
@@ -510,19 +510,19 @@ def dodge(
         else:
             if updates is not None:
                 check_direction(updates, primal, name="updates")
-            if baseline_rate is None:
-                loss = fun
-                baseline = None
-            else:
+            if baseline_rate is not None:
                 baseline = bias_corrected(
                     state.baseline, 1 - baseline_rate, state.count
                 )
 
-                def loss(_primal):
-                    value = fun(_primal)
-                    return value - optax.tree.vdot(baseline, _primal).astype(
-                        value.dtype
-                    )
+            def loss(_primal):
+                # With a baseline, differentiate L(w) − b·w: its directional
+                # derivative is (g − b)·u.
+                value = fun(_primal)
+                if baseline is None:
+                    return value
+                shift = jnp.asarray(optax.tree.vdot(baseline, _primal))
+                return value - shift.astype(value.dtype)
 
             _, estimate, _ = value_and_estimate(
                 loss,
@@ -540,7 +540,7 @@ def dodge(
                     estimate, state.baseline, 1 - baseline_rate, 1
                 )
         new_state = DodgeState(
-            count=optax.safe_increment(state.count),
+            count=jnp.asarray(optax.safe_increment(state.count)),
             key=next_key,
             average=average,
             estimate=previous,

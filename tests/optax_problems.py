@@ -1,6 +1,7 @@
 """Models and losses shared by the tests of the optax transformations."""
 
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -17,7 +18,7 @@ class Model(eqx.Module):
     weight: jax.Array
     bias: jax.Array
     table: jax.Array
-    activation: object = eqx.field(static=True)
+    activation: Callable = eqx.field(static=True)
     flag: bool = eqx.field(static=True)
 
     def __init__(self, key):

@@ -1,5 +1,9 @@
 """Tests of `eqx_dodge.scale_by_adam_dodge` and `eqx_dodge.adam_dodge`."""
 
+# optax types `updates`, `params` and states as array trees; these tests pass `None`
+# updates, Equinox models and NamedTuple states, as users of the transforms do.
+# pyright: reportArgumentType=false, reportAttributeAccessIssue=false
+
 import math
 
 import equinox as eqx
