@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+import jax
+
 
 def test_adam_digits_quick():
     path = pathlib.Path(__file__).parents[1] / "examples" / "adam_digits.py"
@@ -10,7 +12,10 @@ def test_adam_digits_quick():
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    results = module.main(["--quick", "--steps", "30"])
+    # The example compares with `optax.adam`, which computes `decay**count` with an
+    # int32 count: not clean under the strict promotion of the test suite.
+    with jax.numpy_dtype_promotion("standard"):
+        results = module.main(["--quick", "--steps", "30"])
     assert len(results) == 5
     for result in results.values():
         assert 0 <= result["test_accuracy"] <= 1
