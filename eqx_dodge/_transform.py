@@ -393,7 +393,8 @@ def dodge(
         **Choosing $\beta$.** For a fixed gradient the baseline's error
         $e = b - g$ follows $e \leftarrow e - \beta \sum_j w_j (e\cdot u_j) u_j$,
         so $E\|e\|^2$ is multiplied by $1 - 2\beta + \beta^2 q$ at each step, with
-        $q = (p + k - 1)/k$ for `"average"` ($p + k + 1$ with Gaussian entries)
+        $q = (p + k - 1)/k$ for `"average"` ($(p + k + 1)/k$ with Gaussian
+        entries)
         and $q = \lceil p/k \rceil$ for `"partition"` ($+2$ with Gaussian
         entries), $p$ the number of parameters. The baseline converges to the
         gradient (and the variance to zero) iff $\beta < 2/q$, fastest at
@@ -417,10 +418,13 @@ def dodge(
 
     !!! warning
 
-        Only the random source is an unbiased gradient estimate. Candidate-based
-        estimates are descent directions but biased; chained into `optax.adam`,
-        whose per-coordinate scaling breaks the descent guarantee (DODGE appendix A),
-        prefer [`eqx_dodge.adam_dodge`][].
+        Candidate-based estimates (`"updates"`, `"ema"` without exploration) are
+        descent directions but biased. Do not chain them into plain `optax.adam`:
+        its per-coordinate scaling times the rank-one $\hat c \hat c^\top$ is not
+        positive definite, so the descent guarantee is lost (DODGE appendix A).
+        Use [`eqx_dodge.adam_dodge`][], which puts the scaling inside the
+        direction. Unbiased estimates (`"random"`, or candidates with exploration)
+        are safe to feed to `optax.adam` in expectation.
     """
     if source not in SOURCES:
         raise ValueError(f"`source` must be one of {SOURCES}, got {source!r}.")
@@ -445,11 +449,15 @@ def dodge(
                 f"random-direction estimates unbiased; got source {source!r}."
             )
         check_rate(baseline_rate, "baseline_rate")
-    why = (
-        "for random directions"
-        if num_directions > 0
-        else f"with source {source!r} and `num_directions=0`"
-    )
+    if num_directions == 0:
+        why = f"with source {source!r} and `num_directions=0`"
+    elif source == "random":
+        why = "for random directions"
+    else:
+        why = (
+            f"for the {num_directions} random exploration direction(s) of source "
+            f"{source!r} (`num_directions=0` turns exploration off)"
+        )
     data, impl = key_data(key, num_directions > 0, why)
 
     def init_fn(params):
