@@ -338,6 +338,27 @@ def test_chain_with_clip_and_equinox_partition(getkey):
     assert model_loss(model_t, x, y) < model_loss(model, x, y)
 
 
+def test_filter_grad_candidate_on_equinox_model(getkey):
+    """`eqx.filter_grad` output (None at the int leaf) is a valid candidate; as the
+    exact gradient, the estimate is the gradient itself."""
+    model = Model(getkey())
+    x, y = data(getkey())
+    transform = eqx_dodge.dodge("updates")
+
+    @eqx.filter_jit
+    def step(model):
+        grads = eqx.filter_grad(model_loss)(model, x, y)
+        state = transform.init(eqx.filter(model, eqx.is_array))
+        estimate, _ = transform.update(
+            grads, state, model, value_fn=model_loss, x=x, y=y
+        )
+        return estimate, grads
+
+    estimate, grads = step(model)
+    assert estimate.table is None
+    assert eqx.tree_equal(estimate, grads, rtol=1e-5, atol=1e-7)
+
+
 def test_value_fn_receives_matching_extra_args(getkey):
     model = Model(getkey())
     x, y = data(getkey())
