@@ -2,6 +2,11 @@
 
 import importlib.metadata
 
+from ._adam import (
+    adam_dodge as adam_dodge,
+    scale_by_adam_dodge as scale_by_adam_dodge,
+    ScaleByAdamDodgeState as ScaleByAdamDodgeState,
+)
 from ._directions import (
     partition_direction as partition_direction,
     random_direction as random_direction,
@@ -14,6 +19,7 @@ from ._sharded import (
     sharded_dodge as sharded_dodge,
     sharded_value_and_dodge as sharded_value_and_dodge,
 )
+from ._transform import dodge as dodge, DodgeState as DodgeState
 
 
 __version__ = importlib.metadata.version("eqx_dodge")

@@ -1,0 +1,511 @@
+"""Tests of `eqx_dodge.dodge`, the optax transformation."""
+
+# optax types `updates`, `params` and states as array trees; these tests pass `None`
+# updates, Equinox models and NamedTuple states, as users of the transforms do.
+# pyright: reportArgumentType=false, reportAttributeAccessIssue=false
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqx_dodge
+
+from .optax_problems import (
+    along_keys,
+    data,
+    descent_slopes,
+    flat,
+    Model,
+    model_loss,
+    P,
+    quadratic,
+)
+
+
+# -- the three sources ------------------------------------------------------------
+
+
+def test_updates_source_projects_on_candidate(getkey):
+    loss, w0, grad = quadratic()
+    candidate = jax.tree.map(lambda g: g + jax.random.normal(getkey(), g.shape), grad)
+    transform = eqx_dodge.dodge("updates")
+    update = jax.jit(ft_update(transform, loss))
+    estimate, _ = update(candidate, transform.init(w0), w0)
+    c, g = flat(candidate), flat(grad)
+    np.testing.assert_allclose(flat(estimate), (g @ c) / (c @ c) * c, rtol=1e-5)
+    # The exact gradient as candidate is the oracle; a zero candidate gives zero.
+    estimate, _ = update(grad, transform.init(w0), w0)
+    np.testing.assert_allclose(flat(estimate), g, rtol=1e-5)
+    zero = jax.tree.map(jnp.zeros_like, grad)
+    estimate, _ = update(zero, transform.init(w0), w0)
+    assert jnp.all(flat(estimate) == 0)
+
+
+def ft_update(transform, loss):
+    def update(updates, state, params):
+        return transform.update(updates, state, params, value_fn=loss)
+
+    return update
+
+
+def test_random_source_matches_filter_dodge(getkey):
+    model = Model(getkey())
+    x, y = data(getkey())
+    key = getkey()
+    transform = eqx_dodge.dodge("random", key=key, num_directions=3)
+    state = transform.init(eqx.filter(model, eqx.is_inexact_array))
+    estimate, state = eqx.filter_jit(transform.update)(
+        None, state, model, value_fn=model_loss, x=x, y=y
+    )
+    # The state's key is split as `optax.add_noise` does: (next, this step).
+    next_key, step_key = jax.random.split(key)
+    expected = eqx.filter_jit(
+        eqx_dodge.filter_dodge(model_loss, key=step_key, num_directions=3)
+    )(model, x, y)
+    assert eqx.tree_equal(estimate, expected, rtol=1e-6, atol=1e-7)
+    assert estimate.table is None
+    assert jnp.all(state.key == jax.random.key_data(next_key))
+
+
+@pytest.mark.parametrize(
+    "num_directions, sampler, mode",
+    [
+        (1, "rademacher", "average"),
+        (3, "gaussian", "average"),
+        (4, "rademacher", "partition"),
+    ],
+)
+def test_random_source_unbiased(num_directions, sampler, mode):
+    loss, w0, grad = quadratic()
+    transform = eqx_dodge.dodge(
+        "random", key=0, num_directions=num_directions, sampler=sampler, mode=mode
+    )
+    n = 20_000
+    keys = jax.random.split(jax.random.key(1), n)
+    samples = along_keys(transform, transform.init(w0), keys, w0, loss)
+    g = flat(grad)
+    norm2 = jnp.sum(g**2)
+    if mode == "partition":
+        parts = jnp.arange(P) * num_directions // P
+        same = parts[:, None] == parts[None, :]
+        variance = jnp.sum(jnp.where(same, g[None, :] ** 2, 0), axis=1) - g**2
+    elif sampler == "rademacher":
+        variance = (norm2 - g**2) / num_directions
+    else:
+        variance = (norm2 + g**2) / num_directions
+    standard_error = jnp.sqrt(variance / n)
+    assert jnp.all(jnp.abs(jnp.mean(samples, axis=0) - g) < 4 * standard_error)
+
+
+def test_updates_source_with_exploration_unbiased(getkey):
+    """Random directions orthogonal to any candidate complete it: unbiased."""
+    loss, w0, grad = quadratic()
+    candidate = jax.tree.map(lambda g: -g + jax.random.normal(getkey(), g.shape), grad)
+    transform = eqx_dodge.dodge("updates", key=0, num_directions=2)
+    n = 20_000
+    keys = jax.random.split(jax.random.key(2), n)
+    samples = along_keys(transform, transform.init(w0), keys, w0, loss, candidate)
+    mean = jnp.mean(samples, axis=0)
+    standard_error = jnp.std(samples, axis=0) / math.sqrt(n)
+    assert jnp.all(jnp.abs(mean - flat(grad)) < 4 * standard_error)
+    # It is far from the projection on the (bad) candidate alone.
+    c, g = flat(candidate), flat(grad)
+    assert jnp.linalg.norm(mean - g) < 0.1 * jnp.linalg.norm((g @ c) / (c @ c) * c - g)
+
+
+@pytest.mark.parametrize("with_candidates", [False, True])
+def test_ema_source_converges_to_gradient_direction(with_candidates):
+    loss, w0, grad = quadratic()
+    g = flat(grad)
+    if with_candidates:
+        # Noisy candidates (noise as large as the gradient) and no exploration: the
+        # average removes the noise, cos ≈ 1 − α‖noise‖²/(4‖g‖²) ≈ 0.997 for α = 0.01.
+        transform = eqx_dodge.dodge("ema", num_directions=0, ema_rate=0.01)
+        scale = jnp.linalg.norm(g) / math.sqrt(P)
+    else:
+        # No candidate: random exploration orthogonal to ḡ; the exploration's noise
+        # vanishes as ḡ aligns with g, so the cosine tends to 1.
+        transform = eqx_dodge.dodge("ema", key=0, num_directions=1, ema_rate=0.05)
+        scale = jnp.zeros(())
+
+    @jax.jit
+    def run(state):
+        def step(state, key):
+            if with_candidates:
+                noisy = jax.tree.map(
+                    lambda leaf, k: leaf + scale * jax.random.normal(k, leaf.shape),
+                    grad,
+                    {"b": key, "w": jax.random.fold_in(key, 1)},
+                )
+                _, state = transform.update(noisy, state, w0, value_fn=loss)
+            else:
+                _, state = transform.update(None, state, w0, value_fn=loss)
+            average = flat(state.average)
+            cosine = average @ g / (jnp.linalg.norm(average) * jnp.linalg.norm(g))
+            return state, cosine
+
+        keys = jax.random.split(jax.random.key(3), 2000)
+        return jax.lax.scan(step, state, keys)[1]
+
+    cosines = run(transform.init(w0))
+    assert jnp.all(cosines[-100:] > 0.99)
+    # Step 0 of the candidate-free run has ḡ = 0 (cosine NaN); it then improves.
+    assert cosines[10] < cosines[-1]
+
+
+def test_ema_falls_back_on_previous_estimate(getkey):
+    loss, w0, grad = quadratic()
+    transform = eqx_dodge.dodge("ema", key=0, ema_rate=0.5)
+    state = transform.init(w0)
+    update = jax.jit(ft_update(transform, loss))
+    estimate, state = update(grad, state, w0)
+    np.testing.assert_allclose(flat(state.average), 0.5 * flat(grad), rtol=1e-6)
+    # All-zero updates: the guess is the previous estimate.
+    zero = jax.tree.map(jnp.zeros_like, grad)
+    _, new_state = update(zero, state, w0)
+    expected = 0.5 * flat(state.average) + 0.5 * flat(estimate)
+    np.testing.assert_allclose(flat(new_state.average), expected, rtol=1e-6)
+    _, none_state = update(None, state, w0)
+    np.testing.assert_allclose(flat(none_state.average), expected, rtol=1e-6)
+
+
+# -- baseline ---------------------------------------------------------------------
+
+
+def test_baseline_unbiased_with_eq16_variance(getkey):
+    loss, w0, grad = quadratic()
+    g = flat(grad)
+    n = 20_000
+    keys = jax.random.split(jax.random.key(4), n)
+    plain = eqx_dodge.dodge("random", key=0)
+    with_baseline = eqx_dodge.dodge("random", key=0, baseline_rate=0.1)
+    # A baseline close to g (independent of the directions). A large count makes the
+    # bias correction exactly 1 in float32.
+    noise = jax.tree.map(
+        lambda leaf: 0.1 * jax.random.normal(getkey(), leaf.shape), grad
+    )
+    baseline = jax.tree.map(jnp.add, grad, noise)
+    state = with_baseline.init(w0)._replace(
+        baseline=baseline, count=jnp.array(10_000, jnp.int32)
+    )
+    samples = along_keys(with_baseline, state, keys, w0, loss)
+    plain_samples = along_keys(plain, plain.init(w0), keys, w0, loss)
+    difference = g - flat(baseline)
+    variance = jnp.sum(difference**2) - difference**2  # eq 16, deterministic g
+    mean = jnp.mean(samples, axis=0)
+    assert jnp.all(jnp.abs(mean - g) < 4 * jnp.sqrt(variance / n))
+    # Each coordinate is a weighted Rademacher sum, whose kurtosis is at most 3, so
+    # the sample variance has relative standard deviation at most sqrt(2/n).
+    tolerance = 5 * math.sqrt(2 / n)
+    np.testing.assert_allclose(jnp.var(samples, axis=0), variance, rtol=tolerance)
+    plain_variance = jnp.sum(g**2) - g**2
+    np.testing.assert_allclose(
+        jnp.var(plain_samples, axis=0), plain_variance, rtol=tolerance
+    )
+    assert jnp.all(variance < 0.1 * plain_variance)
+
+
+def test_baseline_is_moving_average_of_estimates():
+    loss, w0, _ = quadratic()
+    transform = eqx_dodge.dodge("random", key=0, baseline_rate=0.1)
+    update = jax.jit(ft_update(transform, loss))
+    state = transform.init(w0)
+    estimate, state = update(None, state, w0)
+    # Step 0: the baseline is zero, so the estimate is the plain one.
+    plain, _ = eqx_dodge.dodge("random", key=0).update(
+        None, eqx_dodge.dodge("random", key=0).init(w0), w0, value_fn=loss
+    )
+    np.testing.assert_allclose(flat(estimate), flat(plain), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(flat(state.baseline), 0.1 * flat(estimate), rtol=1e-6)
+    # Step 1 uses the bias-corrected baseline b / (1 − 0.9) = the first estimate.
+    second, state2 = update(None, state, w0)
+    b = flat(estimate)
+    sample_key = jax.random.split(jax.random.wrap_key_data(state.key))[1]
+    u = flat(eqx_dodge.random_direction(sample_key, w0))
+    d = flat(jax.grad(loss)(w0)) @ u
+    np.testing.assert_allclose(flat(second), (d - b @ u) * u + b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_directions, mode", [(1, "average"), (3, "partition")])
+def test_baseline_converges_to_gradient(num_directions, mode):
+    """At `β = 1/q` the baseline error contracts by `1 − 1/q` per step in mean
+    square, so at fixed parameters `b → g` and the estimates become exact."""
+    loss, w0, grad = quadratic()
+    q = P if mode == "average" and num_directions == 1 else math.ceil(P / 3)
+    transform = eqx_dodge.dodge(
+        "random", key=0, num_directions=num_directions, mode=mode, baseline_rate=1 / q
+    )
+
+    @jax.jit
+    def run(state):
+        def step(state, _):
+            estimate, state = transform.update(None, state, w0, value_fn=loss)
+            return state, flat(estimate)
+
+        return jax.lax.scan(step, state, length=40 * q)
+
+    state, estimates = run(transform.init(w0))
+    g = flat(grad)
+    np.testing.assert_allclose(flat(state.baseline), g, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(estimates[-1], g, rtol=1e-3, atol=1e-3)
+    assert jnp.linalg.norm(estimates[0] - g) > 0.1 * jnp.linalg.norm(g)
+
+
+def test_baseline_rate_too_large_raises():
+    _, w0, _ = quadratic()
+    # p = 12 coordinates, one Rademacher direction: q = 12, rates must be < 1/6.
+    with pytest.raises(ValueError, match="baseline_rate"):
+        eqx_dodge.dodge("random", key=0, baseline_rate=0.2).init(w0)
+    eqx_dodge.dodge("random", key=0, baseline_rate=0.16).init(w0)
+
+
+# -- descent ----------------------------------------------------------------------
+
+
+CONFIGS = [
+    ("updates", {}),
+    ("ema", {"key": 0, "mode": "partition", "num_directions": 3}),
+    ("random", {"key": 0, "num_directions": 4, "mode": "partition"}),
+]
+
+
+@pytest.mark.parametrize("source, options", CONFIGS)
+def test_descent_with_any_candidate(source, options):
+    """`g·update ≤ 0` at every step, for exact, adversarial, noisy and zero
+    candidates, on random non-convex losses. (Not with a baseline: that estimate is
+    unbiased but not of the form `(g·u)u`.)"""
+    # Clipping keeps the steps bounded on the quartic; it is a positive scaling, so
+    # it preserves the sign of `g·update`.
+    optim = optax.chain(
+        eqx_dodge.dodge(source, **options),
+        optax.clip_by_global_norm(1.0),
+        optax.sgd(0.05),
+    )
+
+    slopes, scales = descent_slopes(optim)
+    assert jnp.all(slopes <= 1e-6 * scales)
+    # Not vacuous: most steps move.
+    assert jnp.mean(slopes < -1e-6 * scales) > 0.5
+
+
+# -- optax integration ------------------------------------------------------------
+
+
+def test_chain_with_clip_and_equinox_partition(getkey):
+    model = Model(getkey())
+    x, y = data(getkey())
+    dodge = eqx_dodge.dodge("random", key=7, num_directions=2)
+    optim = optax.chain(dodge, optax.clip_by_global_norm(0.1), optax.sgd(0.5))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    state = optim.init(params)
+
+    @eqx.filter_jit
+    def step(model, state):
+        updates, state = optim.update(
+            None, state, model, value_fn=lambda m: model_loss(m, x, y)
+        )
+        return eqx.apply_updates(model, updates), state, updates
+
+    new_model, new_state, updates = step(model, state)
+    estimate, _ = dodge.update(
+        None, dodge.init(params), model, value_fn=lambda m: model_loss(m, x, y)
+    )
+    norm = optax.tree.norm(estimate)
+    expected = jax.tree.map(lambda e: -0.5 * e * jnp.minimum(1, 0.1 / norm), estimate)
+    assert eqx.tree_equal(updates, expected, rtol=1e-5, atol=1e-7)
+    assert jnp.array_equal(new_model.table, model.table)
+    assert new_model.activation is jnp.tanh
+
+    # The same estimate from the partitioned parameters: `value_fn` recombines.
+    partitioned, _ = jax.jit(
+        lambda p: dodge.update(
+            None,
+            dodge.init(params),
+            p,
+            value_fn=lambda p: model_loss(eqx.combine(p, static), x, y),
+        )
+    )(params)
+    assert eqx.tree_equal(partitioned, estimate, rtol=1e-6, atol=1e-7)
+    # Training decreases the loss.
+    model_t, state_t = model, state
+    for _ in range(30):
+        model_t, state_t, _ = step(model_t, state_t)
+    assert model_loss(model_t, x, y) < model_loss(model, x, y)
+
+
+def test_filter_grad_candidate_on_equinox_model(getkey):
+    """`eqx.filter_grad` output (None at the int leaf) is a valid candidate; as the
+    exact gradient, the estimate is the gradient itself."""
+    model = Model(getkey())
+    x, y = data(getkey())
+    transform = eqx_dodge.dodge("updates")
+
+    @eqx.filter_jit
+    def step(model):
+        grads = eqx.filter_grad(model_loss)(model, x, y)
+        state = transform.init(eqx.filter(model, eqx.is_array))
+        estimate, _ = transform.update(
+            grads, state, model, value_fn=model_loss, x=x, y=y
+        )
+        return estimate, grads
+
+    estimate, grads = step(model)
+    assert estimate.table is None
+    assert eqx.tree_equal(estimate, grads, rtol=1e-5, atol=1e-7)
+
+
+def test_value_fn_receives_matching_extra_args(getkey):
+    model = Model(getkey())
+    x, y = data(getkey())
+    transform = eqx_dodge.dodge("random", key=3)
+    state = transform.init(eqx.filter(model, eqx.is_inexact_array))
+    by_name, _ = eqx.filter_jit(transform.update)(
+        None, state, model, value_fn=model_loss, x=x, y=y, unrelated=jnp.ones(2)
+    )
+    closure, _ = eqx.filter_jit(transform.update)(
+        None, state, model, value_fn=lambda m: model_loss(m, x, y)
+    )
+    assert eqx.tree_equal(by_name, closure, rtol=1e-6, atol=1e-7)
+
+
+def test_multisteps(getkey):
+    loss, w0, _ = quadratic()
+    dodge = eqx_dodge.dodge("random", key=11)
+    # Accumulate DODGE estimates: MultiSteps after the estimator.
+    accumulate = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=3)
+    optim = optax.chain(dodge, accumulate.gradient_transformation())
+
+    @jax.jit
+    def run(params):
+        def step(carry, _):
+            state, dodge_state = carry
+            updates, state = optim.update(None, state, params, value_fn=loss)
+            estimate, dodge_state = dodge.update(
+                None, dodge_state, params, value_fn=loss
+            )
+            return (state, dodge_state), (flat(updates), flat(estimate))
+
+        init = (optim.init(params), dodge.init(params))
+        return jax.lax.scan(step, init, length=3)[1]
+
+    # optax's MultiSteps mixes int32 and float32 arrays: not strict-promotion clean.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, estimates = run(w0)
+    assert jnp.all(updates[:2] == 0)
+    np.testing.assert_allclose(
+        updates[2], -0.1 * jnp.mean(estimates, axis=0), rtol=1e-5, atol=1e-7
+    )
+    # DODGE inside MultiSteps: runs with the value function passed through.
+    wrapped = optax.MultiSteps(
+        optax.chain(eqx_dodge.dodge("updates"), optax.sgd(0.1)), every_k_schedule=2
+    )
+    grad = jax.grad(loss)(w0)
+    state = wrapped.init(w0)
+    step = jax.jit(lambda s: wrapped.update(grad, s, w0, value_fn=loss))
+    with jax.numpy_dtype_promotion("standard"):
+        first, state = step(state)
+        second, state = step(state)
+    assert jnp.all(flat(first) == 0)
+    np.testing.assert_allclose(flat(second), -0.1 * flat(grad), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "source, options",
+    [
+        ("random", {"key": 0, "baseline_rate": 0.2, "num_directions": 2}),
+        ("ema", {"key": 0}),
+        ("updates", {"key": 0, "num_directions": 1}),
+    ],
+)
+def test_state_round_trip(tmp_path, source, options):
+    loss, w0, grad = quadratic()
+    optim = optax.chain(eqx_dodge.dodge(source, **options), optax.sgd(0.01))
+
+    @jax.jit
+    def steps(params, state):
+        def step(carry, _):
+            params, state = carry
+            candidate = jax.grad(loss)(params)
+            updates, state = optim.update(candidate, state, params, value_fn=loss)
+            return (optax.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(step, (params, state), length=5)[0]
+
+    params, state = steps(w0, optim.init(w0))
+    path = tmp_path / "state.eqx"
+    eqx.tree_serialise_leaves(path, (params, state))
+    template = (w0, optim.init(w0))
+    loaded = eqx.tree_deserialise_leaves(path, template)
+    assert eqx.tree_equal(loaded, (params, state))
+    resumed = steps(*loaded)
+    straight = steps(params, state)
+    assert eqx.tree_equal(resumed, straight)
+
+
+# -- errors -----------------------------------------------------------------------
+
+
+def test_update_errors(getkey):
+    loss, w0, grad = quadratic()
+    transform = eqx_dodge.dodge("random", key=0)
+    state = transform.init(w0)
+    with pytest.raises(ValueError, match="params"):
+        transform.update(None, state, None, value_fn=loss)
+    with pytest.raises(ValueError, match="value_fn"):
+        transform.update(None, state, w0)
+    with pytest.raises(TypeError, match="value_fn"):
+        transform.update(None, state, w0, value_fn=3)
+    with pytest.raises(TypeError, match="value_fn"):
+        transform.update(None, state, w0, value_fn=lambda p: flat(p))
+    with pytest.raises(ValueError, match="updates"):
+        transform.update({"w": grad["w"]}, state, w0, value_fn=loss)
+    candidate = eqx_dodge.dodge("updates")
+    with pytest.raises(ValueError, match="updates"):
+        candidate.update(None, candidate.init(w0), w0, value_fn=loss)
+    bad = {"w": grad["w"], "b": grad["b"][:2]}
+    with pytest.raises(ValueError, match="updates"):
+        candidate.update(bad, candidate.init(w0), w0, value_fn=loss)
+
+
+@pytest.mark.parametrize(
+    "args, options, error, name",
+    [
+        (("forward",), {}, (ValueError, TypeError), "source"),
+        (("random",), {}, ValueError, "key"),
+        (("ema",), {}, ValueError, "key"),
+        (("updates",), {"key": 0}, ValueError, "key"),
+        (("random",), {"key": "seed"}, TypeError, "key"),
+        (
+            ("random",),
+            {"key": jax.random.split(jax.random.key(0), 2)},
+            (ValueError, TypeError),
+            "key",
+        ),
+        (("random",), {"key": 0, "num_directions": 0}, ValueError, "num_directions"),
+        (("random",), {"key": 0, "num_directions": 1.5}, TypeError, "num_directions"),
+        (("updates",), {"num_directions": -1}, ValueError, "num_directions"),
+        (("random",), {"key": 0, "mode": "sum"}, (ValueError, TypeError), "mode"),
+        (("random",), {"key": 0, "sampler": "u"}, (ValueError, TypeError), "sampler"),
+        (("updates",), {"mode": "partition"}, ValueError, "mode"),
+        (("ema",), {"key": 0, "ema_rate": 0.0}, ValueError, "ema_rate"),
+        (("ema",), {"key": 0, "ema_rate": 1.5}, ValueError, "ema_rate"),
+        (("random",), {"key": 0, "ema_rate": 0.1}, ValueError, "ema_rate"),
+        (("ema",), {"key": 0, "baseline_rate": 0.1}, ValueError, "baseline_rate"),
+        (("random",), {"key": 0, "baseline_rate": 0.0}, ValueError, "baseline_rate"),
+    ],
+)
+def test_constructor_errors(args, options, error, name):
+    with pytest.raises(error, match=name):
+        eqx_dodge.dodge(*args, **options)
+
+
+def test_partition_needs_enough_coordinates():
+    loss, w0, _ = quadratic()
+    transform = eqx_dodge.dodge("random", key=0, num_directions=P + 1, mode="partition")
+    with pytest.raises(ValueError, match="num_directions"):
+        transform.update(None, transform.init(w0), w0, value_fn=loss)
