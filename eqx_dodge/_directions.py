@@ -163,10 +163,16 @@ def partition_direction(direction: PyTree, num_parts: int) -> PyTree:
     if num_parts < 1:
         raise ValueError(f"`num_parts` must be at least 1, got {num_parts}.")
     check_num_parts(direction, num_parts)
+    return split_into_parts(direction, _part_indices(direction, num_parts), num_parts)
+
+
+def split_into_parts(direction: PyTree, part_indices: PyTree, num_parts: int) -> PyTree:
+    """Stacks the `num_parts` zero-padded parts of `direction`, given the part index
+    of each coordinate (`_part_indices`, or a sharded layout's equivalent)."""
     parts = jnp.arange(num_parts, dtype=jnp.int32)
 
     def split_leaf(leaf: Array, part: Array) -> Array:
         mask = part[None] == parts.reshape((num_parts,) + (1,) * leaf.ndim)
         return jnp.where(mask, leaf[None], jnp.zeros((), leaf.dtype))
 
-    return jax.tree.map(split_leaf, direction, _part_indices(direction, num_parts))
+    return jax.tree.map(split_leaf, direction, part_indices)

@@ -7,6 +7,7 @@ on `fun(primal) -> (value, aux)`, a function of those leaves alone.
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
@@ -15,9 +16,9 @@ from ._directions import (
     _part_indices,
     check_num_parts,
     check_sampler,
-    partition_direction,
     random_direction,
     random_directions,
+    split_into_parts,
 )
 
 
@@ -77,22 +78,52 @@ def _accumulation_dtype(tree: PyTree) -> Any:
     return jnp.float64 if wide else jnp.float32
 
 
-def unit_direction(candidate: PyTree) -> PyTree:
+class Layout(eqx.Module):
+    """Where the trainable leaves live: how directions are drawn, norms summed and
+    partition blocks assigned. This one is for leaves held whole on one device;
+    `_sharded.py` has one for leaves split over the devices of a mesh."""
+
+    def directions(
+        self,
+        key: PRNGKeyArray,
+        primal: PyTree,
+        num_directions: int | None,
+        sampler: str,
+    ) -> PyTree:
+        """One direction (`num_directions=None`) or a stack of them."""
+        if num_directions is None:
+            return random_direction(key, primal, sampler=sampler)
+        return random_directions(key, primal, num_directions, sampler)
+
+    def squared_norm(self, tree: PyTree) -> Scalar:
+        dtype = _accumulation_dtype(tree)
+        return sum(
+            (jnp.sum(jnp.square(leaf.astype(dtype))) for leaf in jax.tree.leaves(tree)),
+            start=jnp.zeros((), dtype),
+        )
+
+    def part_indices(self, primal: PyTree, num_parts: int) -> PyTree:
+        return _part_indices(primal, num_parts)
+
+    def check_num_parts(self, primal: PyTree, num_parts: int) -> None:
+        check_num_parts(primal, num_parts)
+
+
+SINGLE_DEVICE = Layout()
+
+
+def unit_direction(candidate: PyTree, layout: Layout = SINGLE_DEVICE) -> PyTree:
     """`candidate / ‖candidate‖`, and zeros (not NaN) for a zero candidate."""
-    dtype = _accumulation_dtype(candidate)
-    squared_norm = sum(
-        (
-            jnp.sum(jnp.square(leaf.astype(dtype)))
-            for leaf in jax.tree.leaves(candidate)
-        ),
-        start=jnp.zeros((), dtype),
-    )
+    squared_norm = layout.squared_norm(candidate)
     positive = squared_norm > 0
     inverse_norm = jnp.where(
         positive, jax.lax.rsqrt(jnp.where(positive, squared_norm, 1)), 0
     )
     return jax.tree.map(
-        lambda leaf: (leaf.astype(dtype) * inverse_norm).astype(leaf.dtype), candidate
+        lambda leaf: (leaf.astype(squared_norm.dtype) * inverse_norm).astype(
+            leaf.dtype
+        ),
+        candidate,
     )
 
 
@@ -162,6 +193,7 @@ def value_and_estimate(
     sampler: str,
     mode: str,
     has_aux: bool,
+    layout: Layout = SINGLE_DEVICE,
 ) -> tuple[Scalar, PyTree, Any]:
     """Evaluates `fun(primal)` and its DODGE gradient estimate in one forward pass.
 
@@ -176,35 +208,34 @@ def value_and_estimate(
 
     if direction is not None:
         check_direction(direction, primal)
-        return along(unit_direction(direction))
+        return along(unit_direction(direction, layout))
 
     assert key is not None
     if mode == "partition":
-        check_num_parts(primal, num_directions)
+        layout.check_num_parts(primal, num_directions)
     if num_directions == 1:
         # Both modes coincide; the direction is `random_direction(key, primal)`, the
         # one the paper's Listing 1 would draw from the same key.
-        return along(random_direction(key, primal, sampler=sampler))
+        return along(layout.directions(key, primal, None, sampler))
 
     if mode == "partition":
-        base = random_direction(key, primal, sampler=sampler)
+        base = layout.directions(key, primal, None, sampler)
+        part_indices = layout.part_indices(primal, num_directions)
         value, derivatives, aux = directional_derivatives(
             fun,
             primal,
-            partition_direction(base, num_directions),
+            split_into_parts(base, part_indices, num_directions),
             has_aux=has_aux,
             stacked=True,
         )
         # Coordinate i lies in exactly one part j, so Σ_j d_j u_j(i) = d_{j(i)} u(i):
         # a gather instead of a k-fold sum over mostly-zero parts.
         estimate = jax.tree.map(
-            lambda u, part: _scale(u, derivatives[part]),
-            base,
-            _part_indices(primal, num_directions),
+            lambda u, part: _scale(u, derivatives[part]), base, part_indices
         )
         return value, estimate, aux
 
-    tangents = random_directions(key, primal, num_directions, sampler)
+    tangents = layout.directions(key, primal, num_directions, sampler)
     value, derivatives, aux = directional_derivatives(
         fun, primal, tangents, has_aux=has_aux, stacked=True
     )

@@ -13,6 +13,16 @@ from ._estimator import check_random_options, value_and_estimate
 _sentinel: Any = object()
 
 
+def check_first_argument_by_position(args: tuple, kwargs: dict, names: str) -> None:
+    if len(args) == 0:
+        raise TypeError(
+            f"Functions wrapped with `eqx_dodge.{names}` must be given their first "
+            "argument by position, not by keyword "
+            + (f"(got only keywords {sorted(kwargs)}). " if kwargs else ". ")
+            + "This first argument is the one that is differentiated."
+        )
+
+
 class _ValueAndDodgeWrapper(eqx.Module):
     _fun: Callable
     _key: PRNGKeyArray | None
@@ -27,13 +37,9 @@ class _ValueAndDodgeWrapper(eqx.Module):
         return self._fun
 
     def __call__(self, *args, **kwargs):
-        if len(args) == 0:
-            raise TypeError(
-                "Functions wrapped with `eqx_dodge.filter_{dodge, value_and_dodge}` "
-                "must be given their first argument by position, not by keyword "
-                + (f"(got only keywords {sorted(kwargs)}). " if kwargs else ". ")
-                + "This first argument is the one that is differentiated."
-            )
+        check_first_argument_by_position(
+            args, kwargs, "filter_{dodge, value_and_dodge}"
+        )
         x, *args = args
         diff_x, nondiff_x = eqx.partition(x, eqx.is_inexact_array)
 
@@ -60,12 +66,12 @@ class _ValueAndDodgeWrapper(eqx.Module):
 
 
 class _DodgeWrapper(eqx.Module):
-    _fun_value_and_dodge: _ValueAndDodgeWrapper
+    _fun_value_and_dodge: Callable  # returns `(value, estimate)`
     _has_aux: bool = eqx.field(static=True)
 
     @property
     def __wrapped__(self):
-        return self._fun_value_and_dodge._fun  # pyright: ignore
+        return getattr(self._fun_value_and_dodge, "__wrapped__")
 
     def __call__(self, /, *args, **kwargs):
         value, estimate = self._fun_value_and_dodge(*args, **kwargs)

@@ -27,14 +27,14 @@ from ._directions import (
 from ._estimator import (
     _accumulation_dtype,
     _as_value_and_aux,
-    _scale,
     check_direction,
     check_random_options,
-    directional_derivatives,
+    Layout,
     Mode,
+    SINGLE_DEVICE,
     value_and_estimate,
 )
-from ._filter import _check_source
+from ._filter import _check_source, _DodgeWrapper, check_first_argument_by_position
 
 
 BatchReduction: TypeAlias = Literal["mean", "sum"]
@@ -100,7 +100,7 @@ def _leaf_group(spec: PartitionSpec, mesh_axes: tuple[Hashable, ...]) -> tuple:
     return tuple(axis for axis in mesh_axes if axis in named)
 
 
-class _ShardedLayout(eqx.Module):
+class _ShardedLayout(Layout):
     """How the trainable leaves are laid out over the model axes of the mesh.
 
     Leaves sharded over the same set of mesh axes form a *group*. A group draws its
@@ -165,6 +165,9 @@ class _ShardedLayout(eqx.Module):
             total = total + (jax.lax.psum(local, axes) if axes else local)
         return total
 
+    def check_num_parts(self, primal: PyTree, num_parts: int) -> None:
+        del primal, num_parts  # checked on the global tree, before `shard_map`
+
     def part_indices(self, primal: PyTree, num_parts: int) -> PyTree:
         """Like `_directions._part_indices`, but for the local shard of each leaf: the
         blocks are contiguous slices of the *global* coordinates in leaf order."""
@@ -225,71 +228,6 @@ def _make_layout(
     )
 
 
-def _local_value_and_estimate(
-    fun: Callable[[PyTree], tuple[Array, Any]],
-    primal: PyTree,
-    layout: _ShardedLayout,
-    *,
-    key: PRNGKeyArray | None,
-    direction: PyTree | None,
-    num_directions: int,
-    sampler: Sampler,
-    mode: Mode,
-) -> tuple[Scalar, PyTree, Any]:
-    """`value_and_estimate` for parameters sharded over model axes: the directions
-    are drawn shard by shard (`_ShardedLayout.directions`) and never gathered."""
-    if direction is not None:
-        squared_norm = layout.squared_norm(direction)
-        positive = squared_norm > 0
-        inverse_norm = jnp.where(
-            positive, jax.lax.rsqrt(jnp.where(positive, squared_norm, 1)), 0
-        )
-        tangent = jax.tree.map(
-            lambda leaf: (leaf.astype(squared_norm.dtype) * inverse_norm).astype(
-                leaf.dtype
-            ),
-            direction,
-        )
-        value, derivatives, aux = directional_derivatives(
-            fun, primal, tangent, has_aux=True, stacked=False
-        )
-        return value, jax.tree.map(lambda u: _scale(u, derivatives[0]), tangent), aux
-
-    assert key is not None
-    if num_directions == 1 or mode == "partition":
-        base = layout.directions(key, primal, None, sampler)
-        if num_directions == 1:
-            value, derivatives, aux = directional_derivatives(
-                fun, primal, base, has_aux=True, stacked=False
-            )
-            return value, jax.tree.map(lambda u: _scale(u, derivatives[0]), base), aux
-        parts = layout.part_indices(primal, num_directions)
-        labels = jnp.arange(num_directions, dtype=jnp.int32)
-
-        def split_leaf(leaf: Array, part: Array) -> Array:
-            mask = part[None] == labels.reshape((num_directions,) + (1,) * leaf.ndim)
-            return jnp.where(mask, leaf[None], jnp.zeros((), leaf.dtype))
-
-        tangents = jax.tree.map(split_leaf, base, parts)
-        value, derivatives, aux = directional_derivatives(
-            fun, primal, tangents, has_aux=True, stacked=True
-        )
-        estimate = jax.tree.map(
-            lambda u, part: _scale(u, derivatives[part]), base, parts
-        )
-        return value, estimate, aux
-
-    tangents = layout.directions(key, primal, num_directions, sampler)
-    value, derivatives, aux = directional_derivatives(
-        fun, primal, tangents, has_aux=True, stacked=True
-    )
-    weights = derivatives / num_directions
-    estimate = jax.tree.map(
-        lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1), tangents
-    )
-    return value, estimate, aux
-
-
 class _ShardedValueAndDodgeWrapper(eqx.Module):
     _fun: Callable
     _mesh: Mesh = eqx.field(static=True)
@@ -313,13 +251,9 @@ class _ShardedValueAndDodgeWrapper(eqx.Module):
         return jax.lax.psum(value, self._data_axes)
 
     def __call__(self, *args, **kwargs):
-        if len(args) == 0:
-            raise TypeError(
-                "Functions wrapped with `eqx_dodge.sharded_{dodge, value_and_dodge}` "
-                "must be given their first argument by position, not by keyword "
-                + (f"(got only keywords {sorted(kwargs)}). " if kwargs else ". ")
-                + "This first argument is the one that is differentiated."
-            )
+        check_first_argument_by_position(
+            args, kwargs, "sharded_{dodge, value_and_dodge}"
+        )
         model, *batch = args
         num_shards = math.prod(self._mesh.shape[axis] for axis in self._data_axes)
         dynamic_model, static_model = eqx.partition(model, eqx.is_array)
@@ -390,28 +324,18 @@ class _ShardedValueAndDodgeWrapper(eqx.Module):
                 value, aux = local_value_and_aux(_diff)
                 return self._reduce(value), aux
 
-            if layout.is_sharded:
-                value, estimate, aux = _local_value_and_estimate(
-                    global_value_and_aux,
-                    diff_model,
-                    layout,
-                    key=key,
-                    direction=direction,
-                    num_directions=self._num_directions,
-                    sampler=self._sampler,
-                    mode=self._mode,
-                )
-            else:
-                value, estimate, aux = value_and_estimate(
-                    global_value_and_aux,
-                    diff_model,
-                    key=key,
-                    direction=direction,
-                    num_directions=self._num_directions,
-                    sampler=self._sampler,
-                    mode=self._mode,
-                    has_aux=True,
-                )
+            value, estimate, aux = value_and_estimate(
+                global_value_and_aux,
+                diff_model,
+                key=key,
+                direction=direction,
+                num_directions=self._num_directions,
+                sampler=self._sampler,
+                mode=self._mode,
+                has_aux=True,
+                # Unsharded leaves draw exactly the single-device directions.
+                layout=layout if layout.is_sharded else SINGLE_DEVICE,
+            )
             aux_leaves, treedef = jax.tree.flatten(aux)
             aux_treedef.append(treedef)
             # Each data shard has its own `aux`: stack them along a new leading axis.
@@ -631,28 +555,6 @@ def sharded_value_and_dodge(
     return eqx.module_update_wrapper(wrapper)
 
 
-class _ShardedDodgeWrapper(eqx.Module):
-    _fun_value_and_dodge: Callable
-    _has_aux: bool = eqx.field(static=True)
-
-    @property
-    def __wrapped__(self):
-        return getattr(self._fun_value_and_dodge, "__wrapped__")
-
-    def __call__(self, /, *args, **kwargs):
-        value, estimate = self._fun_value_and_dodge(*args, **kwargs)
-        if self._has_aux:
-            _, aux = value
-            return estimate, aux
-        return estimate
-
-    def __get__(self, instance, owner):
-        del owner
-        if instance is None:
-            return self
-        return eqx.Partial(self, instance)
-
-
 def sharded_dodge(
     fun: Callable = _sentinel,
     *,
@@ -714,4 +616,4 @@ def sharded_dodge(
         has_aux=has_aux,
         batch_reduction=batch_reduction,
     )
-    return eqx.module_update_wrapper(_ShardedDodgeWrapper(value_and_dodge, has_aux))
+    return eqx.module_update_wrapper(_DodgeWrapper(value_and_dodge, has_aux))
