@@ -10,6 +10,11 @@ from ._filter import (
     filter_dodge as filter_dodge,
     filter_value_and_dodge as filter_value_and_dodge,
 )
+from ._online import (
+    OnlineDodge as OnlineDodge,
+    OnlineDodgeState as OnlineDodgeState,
+    tbptt_candidate as tbptt_candidate,
+)
 
 
 __version__ = importlib.metadata.version("eqx_dodge")
