@@ -17,9 +17,9 @@ class RNN(eqx.Module):
     cell: eqx.Module
     readout: eqx.nn.Linear
 
-    def __init__(self, key, cell_type=eqx.nn.GRUCell):
+    def __init__(self, key, cell_type: type[eqx.Module] = eqx.nn.GRUCell):
         cell_key, readout_key = jax.random.split(key)
-        self.cell = cell_type(INPUT, HIDDEN, key=cell_key)
+        self.cell = cell_type(INPUT, HIDDEN, key=cell_key)  # pyright: ignore
         self.readout = eqx.nn.Linear(HIDDEN, "scalar", key=readout_key)
 
 
@@ -206,7 +206,7 @@ def reference_tbptt(model, state0, window, truncation):
     states = [state0]
     for t in range(LENGTH):
         states.append(gru_step(model, states[-1], (xs[t], ys[t]))[0])
-    total = None
+    total = jnp.zeros(num_coordinates(model))
     for t in range(LENGTH):
         start = (t // truncation) * truncation
 
@@ -216,8 +216,7 @@ def reference_tbptt(model, state0, window, truncation):
                 state, value = gru_step(_model, state, (xs[s], ys[s]))
             return value
 
-        grad = flat(eqx.filter_grad(loss)(model))
-        total = grad if total is None else total + grad
+        total = total + flat(eqx.filter_grad(loss)(model))
     return total
 
 
