@@ -2,6 +2,13 @@
 
 import importlib.metadata
 
+from ._candidates import (
+    critic_loss as critic_loss,
+    LinearCritic as LinearCritic,
+    QuadraticCritic as QuadraticCritic,
+    synthetic_gradient_candidate as synthetic_gradient_candidate,
+    tbptt_candidate as tbptt_candidate,
+)
 from ._directions import (
     partition_direction as partition_direction,
     random_direction as random_direction,
@@ -13,7 +20,6 @@ from ._filter import (
 from ._online import (
     OnlineDodge as OnlineDodge,
     OnlineDodgeState as OnlineDodgeState,
-    tbptt_candidate as tbptt_candidate,
 )
 
 

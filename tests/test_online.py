@@ -310,3 +310,88 @@ def test_errors(getkey):
     window = jax.tree.map(lambda x: x[0], make_stream(getkey()))
     with pytest.raises(TypeError, match="pair"):
         eqx_dodge.OnlineDodge(bad_step)(model, carry, window)
+
+
+def reference_synthetic(model, critic, state0, window, truncation, scale):
+    """Chunk by chunk by hand: each chunk's summed loss plus the scaled critic at
+    its end, differentiated with the chunk's start state held constant."""
+    xs, ys = window
+    total = jnp.zeros(num_coordinates(model))
+    state = state0
+    for start in range(0, LENGTH, truncation):
+
+        def chunk(_model, _state):
+            value = jnp.zeros(())
+            for s in range(start, min(start + truncation, LENGTH)):
+                _state, loss = gru_step(_model, _state, (xs[s], ys[s]))
+                value = value + loss
+            return value + scale * critic(_state), _state
+
+        grad, state = eqx.filter_grad(chunk, has_aux=True)(model, state)
+        total = total + flat(grad)
+    return total
+
+
+def test_synthetic_gradient_candidate(getkey):
+    model = RNN(getkey())
+    xs, ys = make_stream(getkey())
+    window = (xs[0], ys[0])
+    state0 = jax.random.normal(getkey(), (HIDDEN,))
+    critic = eqx_dodge.QuadraticCritic(HIDDEN)
+    # A zero critic: TBPTT with a fixed truncation.
+    candidate = eqx_dodge.synthetic_gradient_candidate(
+        gru_step, model, critic, state0, window, truncation=2
+    )
+    np.testing.assert_allclose(
+        flat(candidate), reference_tbptt(model, state0, window, 2), rtol=1e-4, atol=1e-6
+    )
+    critic = eqx.tree_at(
+        lambda c: (c.weight, c.curvature),
+        critic,
+        (
+            jax.random.normal(getkey(), (HIDDEN,)),
+            jax.random.normal(getkey(), (HIDDEN, HIDDEN)),
+        ),
+    )
+    candidate = eqx_dodge.synthetic_gradient_candidate(
+        gru_step, model, critic, state0, window, truncation=2, scale=0.5
+    )
+    expected = reference_synthetic(model, critic, state0, window, 2, 0.5)
+    np.testing.assert_allclose(flat(candidate), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_critic_learns_the_loss_to_go():
+    # The state counts time (s_t = t / T) and every step costs 1, so the loss still
+    # to come from s_t is T - t = T (1 - s_t): linear, which a linear critic can fit.
+    length, truncation = 12, 3
+
+    def counting_step(model, state, x):
+        del model
+        return state + x, jnp.ones(())
+
+    inputs = jnp.full((length, 1), 1 / length)
+    state0 = jnp.zeros(1)
+    optimizer_lr = 0.05
+
+    @jax.jit
+    def train(critic):
+        def body(critic, _):
+            grads = eqx.filter_grad(eqx_dodge.critic_loss)(
+                critic,
+                counting_step,
+                None,
+                state0,
+                inputs,
+                truncation=truncation,
+                bootstrap_end=False,
+            )
+            return jax.tree.map(lambda c, g: c - optimizer_lr * g, critic, grads), None
+
+        critic, _ = jax.lax.scan(body, critic, None, length=3000)
+        return critic
+
+    critic = train(eqx_dodge.LinearCritic(1))
+    for k in range(0, length, truncation):
+        np.testing.assert_allclose(
+            critic(jnp.full((1,), k / length)), length - k, rtol=1e-3
+        )
