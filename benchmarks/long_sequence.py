@@ -156,18 +156,41 @@ def run_point(method: str, length: int, repeats: int, max_run_bytes: int):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ratio(records, metric, method, baseline="forward"):
-    def value(record):
-        if metric == "xla_peak_bytes":
-            return (record.get("xla_memory") or {}).get("peak_bytes")
-        if metric == "seconds":
-            return (record.get("seconds") or {}).get("median")
-        return record.get(metric)
+def _metric(record: dict[str, Any], metric: str) -> float | None:
+    if metric == "xla_peak_bytes":
+        return (record.get("xla_memory") or {}).get("peak_bytes")
+    if "skipped_run" in record:
+        return None  # compiled only: its RSS and time say nothing about running it
+    if metric == "seconds":
+        return (record.get("seconds") or {}).get("median")
+    return record.get(metric)
 
-    top, bottom = value(records[method]), value(records[baseline])
+
+def ratio(records, metric, method, baseline="forward"):
+    top, bottom = _metric(records[method], metric), _metric(records[baseline], metric)
     if top is None or bottom is None:
         return None
     return top / bottom
+
+
+def summarize_ratios(points: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Each method against `forward` at each T: peak-memory and time ratios, and the
+    XLA peak bytes it needs beyond the forward pass."""
+    summary = {}
+    for length, records in points.items():
+        summary[str(length)] = {}
+        for method in METHODS[1:]:
+            entry: dict[str, Any] = {
+                metric: ratio(records, metric, method)
+                for metric in ("xla_peak_bytes", "peak_rss_bytes", "seconds")
+            }
+            top = _metric(records[method], "xla_peak_bytes")
+            bottom = _metric(records["forward"], "xla_peak_bytes")
+            entry["xla_extra_mib"] = (
+                None if top is None or bottom is None else (top - bottom) / 2**20
+            )
+            summary[str(length)][f"{method}_over_forward"] = entry
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -203,16 +226,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 file=sys.stderr,
             )
 
-    ratios = {
-        str(length): {
-            f"{method}_over_forward": {
-                metric: ratio(records, metric, method)
-                for metric in ("xla_peak_bytes", "peak_rss_bytes", "seconds")
-            }
-            for method in METHODS[1:]
-        }
-        for length, records in points.items()
-    }
+    ratios = summarize_ratios(points)
     payload = {
         "config": {
             "hidden": HIDDEN,
