@@ -13,7 +13,11 @@ state. Methods:
 - `tbptt`: the truncated gradient, truncation uniform in `1..max_trunc_len`
     (`eqx_dodge.tbptt_candidate`);
 - `dodge_k1`, `dodge_k8`, `dodge_k64`: `eqx_dodge.OnlineDodge` with random directions;
-- `dodge_tbptt`: `OnlineDodge` along the TBPTT candidate, `(g·ĉ)ĉ`.
+- `dodge_tbptt`: `OnlineDodge` along the TBPTT candidate, `(g·ĉ)ĉ`;
+- `synthetic`: synthetic gradients (`eqx_dodge.synthetic_gradient_candidate`, a
+    quadratic critic per example, truncation 5, scale 0.5; the critic trained with
+    `eqx_dodge.critic_loss` and Adam alongside the model);
+- `dodge_synthetic`: `OnlineDodge` along that candidate.
 
 The default configuration is sized for a 2-core CPU (about 20 minutes); `--full` is the
 paper's scale (LSTM-128, sequences up to length 12, 5 seeds, its learning-rate grid),
@@ -40,7 +44,17 @@ from eqx_dodge._online import scan_window
 
 
 BITS = 8
-METHODS = ("bptt", "tbptt", "dodge_k1", "dodge_k8", "dodge_k64", "dodge_tbptt")
+METHODS = (
+    "bptt",
+    "tbptt",
+    "dodge_k1",
+    "dodge_k8",
+    "dodge_k64",
+    "dodge_tbptt",
+    "synthetic",
+    "dodge_synthetic",
+)
+CRITIC_METHODS = ("synthetic", "dodge_synthetic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +62,26 @@ class Config:
     hidden: int = 64
     max_length: int = 5
     batch: int = 32
-    steps: int = 1500
+    steps: int = 3000
     learning_rates: tuple[float, ...] = (1e-3,)
     seeds: tuple[int, ...] = (0,)
     max_trunc_len: int = 3
+    critic_truncation: int = 5
+    critic_scale: float = 0.5
+    critic_learning_rate: float = 1e-3
     eval_every: int = 50
     eval_batch: int = 256
 
 
 DEFAULT = Config()
-QUICK = Config(hidden=16, max_length=3, steps=40, eval_every=20, eval_batch=64)
+QUICK = Config(
+    hidden=16,
+    max_length=3,
+    steps=40,
+    eval_every=20,
+    eval_batch=64,
+    critic_truncation=2,
+)
 FULL = Config(
     hidden=128,
     max_length=12,
@@ -135,9 +159,28 @@ def evaluate(model, key, config: Config):
     return value, jnp.sum(errors) / config.eval_batch
 
 
-def gradient_estimate(method: str, model, key, inputs, config: Config):
+def gradient_estimate(method: str, model, critic, key, inputs, config: Config):
     state = zero_state(model.cell.hidden_size, config.batch)
     candidate_key, direction_key = jax.random.split(key)
+    if method in CRITIC_METHODS:
+        candidate = eqx_dodge.synthetic_gradient_candidate(
+            step,
+            model,
+            critic,
+            state,
+            inputs,
+            truncation=config.critic_truncation,
+            scale=config.critic_scale,
+            bootstrap_end=False,  # a sequence is a whole episode
+            batched=True,
+            has_aux=True,
+        )
+        if method == "synthetic":
+            return candidate
+        online = eqx_dodge.OnlineDodge(step, reduction="sum", has_aux=True)
+        carry = online.init(model, state, direction=candidate)
+        _, estimate, _ = online(model, carry, inputs)
+        return estimate
     if method == "bptt":
 
         def loss(_model):
@@ -179,15 +222,36 @@ def train(method: str, learning_rate: float, seed: int, config: Config):
     optimizer = optax.adam(learning_rate)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     opt_state = optimizer.init(params)
+    # One quadratic critic applied to each example's (h, c).
+    critic = eqx_dodge.QuadraticCritic(2 * config.hidden)
+    critic_optimizer = optax.adam(config.critic_learning_rate)
+    critic_opt_state = critic_optimizer.init(critic)
 
     def train_step(carry, key):
-        params, opt_state = carry
+        params, opt_state, critic, critic_opt_state = carry
         model = eqx.combine(params, static)
         batch_key, estimate_key = jax.random.split(key)
         inputs = copy_batch(batch_key, config.batch, config.max_length)
-        grads = gradient_estimate(method, model, estimate_key, inputs, config)
+        grads = gradient_estimate(method, model, critic, estimate_key, inputs, config)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), None
+        if method in CRITIC_METHODS:
+            critic_grads = eqx.filter_grad(eqx_dodge.critic_loss)(
+                critic,
+                step,
+                model,
+                zero_state(config.hidden, config.batch),
+                inputs,
+                truncation=config.critic_truncation,
+                bootstrap_end=False,
+                batched=True,
+                has_aux=True,
+            )
+            critic_updates, critic_opt_state = critic_optimizer.update(
+                critic_grads, critic_opt_state
+            )
+            critic = eqx.apply_updates(critic, critic_updates)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state, critic, critic_opt_state), None
 
     def block(carry, keys):
         carry, _ = jax.lax.scan(train_step, carry, keys)
@@ -200,12 +264,13 @@ def train(method: str, learning_rate: float, seed: int, config: Config):
     )
 
     @jax.jit
-    def run(params, opt_state):
+    def run(params, opt_state, critic, critic_opt_state):
         _, initial = evaluate(eqx.combine(params, static), eval_key, config)
-        _, errors = jax.lax.scan(block, (params, opt_state), keys)
+        carry = (params, opt_state, critic, critic_opt_state)
+        _, errors = jax.lax.scan(block, carry, keys)
         return jnp.concatenate([initial[None], errors])
 
-    errors = run(params, opt_state)
+    errors = run(params, opt_state, critic, critic_opt_state)
     steps = np.arange(num_blocks + 1) * config.eval_every
     return steps, np.asarray(errors)
 

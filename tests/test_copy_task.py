@@ -32,7 +32,7 @@ def test_copy_batch():
 
 
 def test_quick_run(tmp_path):
-    methods = ["bptt", "dodge_k8", "dodge_tbptt"]
+    methods = ["bptt", "dodge_k8", "dodge_tbptt", "dodge_synthetic"]
     # `optax.adam`'s bias correction raises `decay ** count` (a float to an int32
     # count), which the suite's strict promotion rejects.
     with jax.numpy_dtype_promotion("standard"):
