@@ -7,6 +7,7 @@ stream either.
 """
 
 from collections.abc import Callable
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -230,6 +231,43 @@ def synthetic_gradient_candidate(
     return eqx.filter_grad(surrogate)(model)
 
 
+def _chunk_gradient_targets(
+    critic: Callable,
+    step: Callable,
+    model: PyTree,
+    entering: PyTree,
+    inputs: PyTree,
+    starts: list[int],
+    length: int,
+    truncation: int,
+    bootstrap_end: bool,
+    batched: bool,
+    has_aux: bool,
+) -> list[PyTree]:
+    """For each chunk, `∂/∂s_k [chunk loss + V(s_{k+1})]` at its start state `s_k`:
+    the bootstrapped target of the synthetic gradient (Jaderberg et al. 2017)."""
+    state_and_loss = _as_state_and_loss(step, has_aux)
+    targets = []
+    for start in starts:
+        stop = min(start + truncation, length)
+        chunk_inputs = jax.tree.map(lambda x: x[start:stop], inputs)
+
+        def chunk_value(s, _chunk_inputs=chunk_inputs, _stop=stop):
+            def body(s, inputs_t):
+                s, (loss, _) = state_and_loss(model, s, inputs_t)
+                return s, loss
+
+            s, losses = jax.lax.scan(body, s, _chunk_inputs)
+            value = jnp.sum(losses)
+            if _stop < length or bootstrap_end:
+                value = value + _critic_value(critic, s, batched)
+            return value
+
+        start_state = jax.tree.map(lambda x: x[start], entering)
+        targets.append(jax.grad(chunk_value)(start_state))
+    return targets
+
+
 def critic_loss(
     critic: Callable[[PyTree], Scalar],
     step: Callable,
@@ -238,34 +276,68 @@ def critic_loss(
     inputs: PyTree,
     *,
     truncation: int = 5,
+    match: Literal["gradient", "value"] = "gradient",
     bootstrap_end: bool = True,
     batched: bool = False,
     has_aux: bool = False,
 ) -> Scalar:
-    r"""The temporal-difference loss that trains a critic for
-    [`eqx_dodge.synthetic_gradient_candidate`][].
+    r"""The loss that trains a critic for [`eqx_dodge.synthetic_gradient_candidate`][].
 
     The window is cut into chunks of `truncation` steps starting at states
-    $s_0, s_\tau, s_{2\tau}, \ldots$; the critic regresses onto the chunk's summed
-    loss plus its own (stopped) value at the next chunk's start,
-    $\tfrac12 \sum_k \big(V(s_{k\tau}) - [\ell_{k} + V(s_{(k+1)\tau})]\big)^2$, where
-    the value after the window is $V(s_{\text{end}})$ with `bootstrap_end=True` and
-    zero otherwise. Differentiate it with respect to `critic`
-    (`eqx.filter_grad(critic_loss)(critic, ...)`); the model is not differentiated.
+    $s_0, s_\tau, s_{2\tau}, \ldots$. With `match="gradient"` (synthetic gradients,
+    Jaderberg et al. 2017, as in the paper) the critic's gradient regresses onto the
+    gradient of the chunk's summed loss plus the critic's own (stopped) value at the
+    next chunk's start,
+    $\tfrac12 \sum_k \big\|\nabla V(s_k) - \nabla_{s_k}[\ell_k + V(s_{k+1})]\big\|^2$;
+    with `match="value"` the critic's value regresses onto the temporal-difference
+    target, $\tfrac12 \sum_k \big(V(s_k) - [\ell_k + V(s_{k+1})]\big)^2$. After the
+    window, $V(s_{\text{end}})$ stands for the rest of the stream when
+    `bootstrap_end=True`, and zero otherwise. Differentiate it with respect to
+    `critic` (`eqx.filter_grad(critic_loss)(critic, ...)`); the model is not trained
+    by it.
 
     **Arguments:** as for [`eqx_dodge.synthetic_gradient_candidate`][], with `critic`
-    first.
+    first, and `match`, `"gradient"` or `"value"`.
 
     **Returns:**
 
     A scalar.
     """
     _check_positive_int(truncation, "truncation")
+    if match not in ("gradient", "value"):
+        raise ValueError(f"`match` must be 'gradient' or 'value', got {match!r}.")
     losses, entering, final_state = jax.lax.stop_gradient(
         _chunked_window(step, model, state, inputs, truncation, has_aux)
     )
     length = losses.shape[0]
     starts = list(range(0, length, truncation))
+    if match == "gradient":
+        arrays, others = eqx.partition(critic, eqx.is_array)
+        frozen = eqx.combine(jax.lax.stop_gradient(arrays), others)
+        targets = _chunk_gradient_targets(
+            frozen,
+            step,
+            model,
+            entering,
+            inputs,
+            starts,
+            length,
+            truncation,
+            bootstrap_end,
+            batched,
+            has_aux,
+        )
+        total = jnp.zeros(())
+        for start, target in zip(starts, targets):
+            start_state = jax.tree.map(lambda x: x[start], entering)
+            prediction = jax.grad(lambda s: _critic_value(critic, s, batched))(
+                start_state
+            )
+            total = total + 0.5 * sum(
+                jnp.sum(jnp.square(p - t))
+                for p, t in zip(jax.tree.leaves(prediction), jax.tree.leaves(target))
+            )
+        return total
     values = jnp.stack(
         [
             _critic_value(critic, jax.tree.map(lambda x: x[k], entering), batched)

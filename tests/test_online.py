@@ -360,7 +360,7 @@ def test_synthetic_gradient_candidate(getkey):
     np.testing.assert_allclose(flat(candidate), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_critic_learns_the_loss_to_go():
+def test_value_critic_learns_the_loss_to_go():
     # The state counts time (s_t = t / T) and every step costs 1, so the loss still
     # to come from s_t is T - t = T (1 - s_t): linear, which a linear critic can fit.
     length, truncation = 12, 3
@@ -383,6 +383,7 @@ def test_critic_learns_the_loss_to_go():
                 state0,
                 inputs,
                 truncation=truncation,
+                match="value",
                 bootstrap_end=False,
             )
             return jax.tree.map(lambda c, g: c - optimizer_lr * g, critic, grads), None
@@ -395,3 +396,38 @@ def test_critic_learns_the_loss_to_go():
         np.testing.assert_allclose(
             critic(jnp.full((1,), k / length)), length - k, rtol=1e-3
         )
+
+
+def test_synthetic_gradient_critic_learns_the_future_gradient(getkey):
+    # s' = a·s with loss ½‖s'‖² per step: the loss still to come from s is
+    # ½ s² a²/(1 − a²), whose gradient m·s, m = a²/(1 − a²), a quadratic critic holds.
+    a, batch, length, truncation = 0.8, 64, 6, 2
+
+    def decaying_step(model, state, x):
+        del model, x
+        state = a * state
+        return state, 0.5 * jnp.sum(jnp.square(state))
+
+    inputs = jnp.zeros(length)
+
+    @jax.jit
+    def train(critic, key):
+        def body(critic, key):
+            state0 = jax.random.normal(key, (batch, 1))
+            grads = eqx.filter_grad(eqx_dodge.critic_loss)(
+                critic,
+                decaying_step,
+                None,
+                state0,
+                inputs,
+                truncation=truncation,
+                batched=True,
+            )
+            return jax.tree.map(lambda c, g: c - 0.005 * g, critic, grads), None
+
+        critic, _ = jax.lax.scan(body, critic, jax.random.split(key, 1000))
+        return critic
+
+    critic = train(eqx_dodge.QuadraticCritic(1), getkey())
+    np.testing.assert_allclose(critic.curvature[0, 0], a**2 / (1 - a**2), rtol=1e-3)
+    np.testing.assert_allclose(critic.weight[0], 0.0, atol=1e-4)
