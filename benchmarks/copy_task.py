@@ -225,7 +225,7 @@ def train(method: str, learning_rate: float, seed: int, config: Config):
     # One quadratic critic applied to each example's (h, c).
     critic = eqx_dodge.QuadraticCritic(2 * config.hidden)
     critic_optimizer = optax.adam(config.critic_learning_rate)
-    critic_opt_state = critic_optimizer.init(critic)
+    critic_opt_state = critic_optimizer.init(eqx.filter(critic, eqx.is_array))
 
     def train_step(carry, key):
         params, opt_state, critic, critic_opt_state = carry

@@ -431,3 +431,41 @@ def test_synthetic_gradient_critic_learns_the_future_gradient(getkey):
     critic = train(eqx_dodge.QuadraticCritic(1), getkey())
     np.testing.assert_allclose(critic.curvature[0, 0], a**2 / (1 - a**2), rtol=1e-3)
     np.testing.assert_allclose(critic.weight[0], 0.0, atol=1e-4)
+
+
+def test_memory_does_not_grow_with_the_stream(getkey):
+    model = RNN(getkey())
+    state0 = jnp.zeros(HIDDEN)
+    online = eqx_dodge.OnlineDodge(gru_step, num_directions=4)
+    window = 10
+
+    def dodge(model, stream):
+        carry = online.init(model, state0, key=jax.random.key(0))
+        windows = jax.tree.map(lambda x: x.reshape((-1, window) + x.shape[1:]), stream)
+        total = jax.tree.map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+
+        def body(carry_and_total, window):
+            carry, total = carry_and_total
+            _, estimate, carry = online(model, carry, window)
+            return (carry, jax.tree.map(jnp.add, total, estimate)), None
+
+        (_, total), _ = jax.lax.scan(body, (carry, total), windows)
+        return total
+
+    def bptt(model, stream):
+        def loss(_model):
+            value, _ = scan_window(gru_step, _model, state0, stream)
+            return value
+
+        return eqx.filter_grad(loss)(model)
+
+    def temporary_bytes(fun, length):
+        stream = (jnp.zeros((length, INPUT)), jnp.zeros(length))
+        compiled = eqx.filter_jit(fun).lower(model, stream).compile()
+        analysis = compiled.compiled.memory_analysis()
+        return analysis.temp_size_in_bytes
+
+    short, long = 100, 2000
+    # Backprop stores every step (the check can fail); online DODGE does not.
+    assert temporary_bytes(bptt, long) > 5 * temporary_bytes(bptt, short)
+    assert temporary_bytes(dodge, long) <= temporary_bytes(dodge, short) + 1024
