@@ -187,7 +187,7 @@ class OnlineDodge(eqx.Module):
     carry = online.init(model, state0, key=key)
     for window in windows:                 # or inside jax.lax.scan
         loss, estimate, carry = online(model, carry, window)
-        updates, opt_state = optimizer.update(estimate, opt_state, model)
+        updates, opt_state = optimizer.update(estimate, opt_state)
         model = eqx.apply_updates(model, updates)
     ```
     """
