@@ -7,6 +7,13 @@ from ._adam import (
     scale_by_adam_dodge as scale_by_adam_dodge,
     ScaleByAdamDodgeState as ScaleByAdamDodgeState,
 )
+from ._candidates import (
+    critic_loss as critic_loss,
+    LinearCritic as LinearCritic,
+    QuadraticCritic as QuadraticCritic,
+    synthetic_gradient_candidate as synthetic_gradient_candidate,
+    tbptt_candidate as tbptt_candidate,
+)
 from ._directions import (
     partition_direction as partition_direction,
     random_direction as random_direction,
@@ -14,6 +21,10 @@ from ._directions import (
 from ._filter import (
     filter_dodge as filter_dodge,
     filter_value_and_dodge as filter_value_and_dodge,
+)
+from ._online import (
+    OnlineDodge as OnlineDodge,
+    OnlineDodgeState as OnlineDodgeState,
 )
 from ._sharded import (
     sharded_dodge as sharded_dodge,

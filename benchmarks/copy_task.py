@@ -1,0 +1,346 @@
+"""The copy task (Graves et al. 2014; DODGE paper §5.3–5.4, Figures 2 and 4).
+
+Each sequence shows `l` random 8-bit vectors (`l` uniform in `1..L`), then a delimiter
+(a ninth input channel), then `l` blank steps during which the network must output the
+vectors again. Outputs are sigmoids trained with binary cross-entropy on the recall
+steps; the metric is bit errors per sequence (thresholded outputs against targets,
+summed over the recall steps).
+
+An LSTM, a linear readout, Adam, one batch of fresh sequences per step, from a zero
+state. Methods:
+
+- `bptt`: the exact gradient (`eqx.filter_value_and_grad` through the sequence);
+- `tbptt`: the truncated gradient, truncation uniform in `1..max_trunc_len`
+    (`eqx_dodge.tbptt_candidate`);
+- `dodge_k1`, `dodge_k8`, `dodge_k64`: `eqx_dodge.OnlineDodge` with random directions;
+- `dodge_tbptt`: `OnlineDodge` along the TBPTT candidate, `(g·ĉ)ĉ`;
+- `synthetic`: synthetic gradients (`eqx_dodge.synthetic_gradient_candidate`, a
+    quadratic critic per example, truncation 5, scale 0.5; the critic trained with
+    `eqx_dodge.critic_loss` and Adam alongside the model);
+- `dodge_synthetic`: `OnlineDodge` along that candidate.
+
+The default configuration is sized for a 2-core CPU (about 20 minutes); `--full` is the
+paper's scale (LSTM-128, sequences up to length 12, 5 seeds, its learning-rate grid),
+`--quick` a smoke test.
+"""
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import _common
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import eqx_dodge
+from eqx_dodge._online import scan_window
+
+
+BITS = 8
+METHODS = (
+    "bptt",
+    "tbptt",
+    "dodge_k1",
+    "dodge_k8",
+    "dodge_k64",
+    "dodge_tbptt",
+    "synthetic",
+    "dodge_synthetic",
+)
+CRITIC_METHODS = ("synthetic", "dodge_synthetic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    hidden: int = 64
+    max_length: int = 5
+    batch: int = 32
+    steps: int = 3000
+    learning_rates: tuple[float, ...] = (1e-3,)
+    seeds: tuple[int, ...] = (0,)
+    max_trunc_len: int = 3
+    critic_truncation: int = 5
+    critic_scale: float = 0.5
+    critic_learning_rate: float = 1e-3
+    eval_every: int = 50
+    eval_batch: int = 256
+
+
+DEFAULT = Config()
+QUICK = Config(
+    hidden=16,
+    max_length=3,
+    steps=40,
+    eval_every=20,
+    eval_batch=64,
+    critic_truncation=2,
+)
+FULL = Config(
+    hidden=128,
+    max_length=12,
+    steps=20_000,
+    learning_rates=(3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5),
+    seeds=(0, 1, 2, 3, 4),
+    eval_every=500,
+)
+
+
+def copy_batch(key, batch: int, max_length: int):
+    """A batch of copy-task sequences, time-major, all padded to `2·L + 1` steps.
+
+    Returns `(inputs, targets, mask)` of shapes `(T, batch, 9)`, `(T, batch, 8)`,
+    `(T, batch)`; `mask` marks the recall steps.
+    """
+    length_key, bits_key = jax.random.split(key)
+    total = 2 * max_length + 1
+    lengths = jax.random.randint(length_key, (batch,), 1, max_length + 1)
+    bits = jax.random.bernoulli(bits_key, 0.5, (batch, max_length, BITS))
+    bits = bits.astype(jnp.float32)
+    t = jnp.arange(total)[:, None]
+    length = lengths[None, :]
+    show = t < length
+    recall = (t > length) & (t <= 2 * length)
+    shown_index = jnp.minimum(jnp.arange(total), max_length - 1)
+    shown = jnp.where(show[..., None], bits[:, shown_index].transpose(1, 0, 2), 0.0)
+    recall_index = jnp.clip(t - length - 1, 0, max_length - 1)
+    recalled = jnp.take_along_axis(
+        bits.transpose(1, 0, 2), recall_index[..., None], axis=0
+    )
+    delimiter = (t == length).astype(jnp.float32)[..., None]
+    inputs = jnp.concatenate([shown, delimiter], axis=-1)
+    targets = jnp.where(recall[..., None], recalled, 0.0)
+    return inputs, targets, recall.astype(jnp.float32)
+
+
+class Model(eqx.Module):
+    cell: eqx.nn.LSTMCell
+    readout: eqx.nn.Linear
+
+    def __init__(self, hidden: int, key):
+        cell_key, readout_key = jax.random.split(key)
+        self.cell = eqx.nn.LSTMCell(BITS + 1, hidden, key=cell_key)
+        self.readout = eqx.nn.Linear(hidden, BITS, key=readout_key)
+
+
+def step(model, state, inputs_t):
+    """One time step on the batch; the loss is the step's share of the mean
+    per-sequence cross-entropy (so the window loss is a `"sum"` over steps)."""
+    x, y, mask = inputs_t
+    state = jax.vmap(model.cell)(x, state)
+    logits = jax.vmap(model.readout)(state[0])
+    cross_entropy = optax.sigmoid_binary_cross_entropy(logits, y)
+    loss = jnp.sum(mask[:, None] * cross_entropy) / x.shape[0]
+    wrong = ((logits > 0) != (y > 0.5)).astype(mask.dtype)
+    errors = jnp.sum(mask[:, None] * wrong)
+    return state, (loss, errors)
+
+
+def zero_state(hidden: int, batch: int):
+    return (jnp.zeros((batch, hidden)), jnp.zeros((batch, hidden)))
+
+
+def evaluate(model, key, config: Config):
+    inputs = copy_batch(key, config.eval_batch, config.max_length)
+    value, (_, errors) = scan_window(
+        step,
+        model,
+        zero_state(model.cell.hidden_size, config.eval_batch),
+        inputs,
+        reduction="sum",
+        has_aux=True,
+    )
+    return value, jnp.sum(errors) / config.eval_batch
+
+
+def gradient_estimate(method: str, model, critic, key, inputs, config: Config):
+    state = zero_state(model.cell.hidden_size, config.batch)
+    candidate_key, direction_key = jax.random.split(key)
+    if method in CRITIC_METHODS:
+        candidate = eqx_dodge.synthetic_gradient_candidate(
+            step,
+            model,
+            critic,
+            state,
+            inputs,
+            truncation=config.critic_truncation,
+            scale=config.critic_scale,
+            bootstrap_end=False,  # a sequence is a whole episode
+            batched=True,
+            has_aux=True,
+        )
+        if method == "synthetic":
+            return candidate
+        online = eqx_dodge.OnlineDodge(step, reduction="sum", has_aux=True)
+        carry = online.init(model, state, direction=candidate)
+        _, estimate, _ = online(model, carry, inputs)
+        return estimate
+    if method == "bptt":
+
+        def loss(_model):
+            value, _ = scan_window(
+                step, _model, state, inputs, reduction="sum", has_aux=True
+            )
+            return value
+
+        return eqx.filter_grad(loss)(model)
+    if method in ("tbptt", "dodge_tbptt"):
+        candidate = eqx_dodge.tbptt_candidate(
+            step,
+            model,
+            state,
+            inputs,
+            key=candidate_key,
+            max_trunc_len=config.max_trunc_len,
+            reduction="sum",
+            has_aux=True,
+        )
+        if method == "tbptt":
+            return candidate
+        online = eqx_dodge.OnlineDodge(step, reduction="sum", has_aux=True)
+        carry = online.init(model, state, direction=candidate)
+    else:
+        num_directions = int(method.removeprefix("dodge_k"))
+        online = eqx_dodge.OnlineDodge(
+            step, num_directions=num_directions, reduction="sum", has_aux=True
+        )
+        carry = online.init(model, state, key=direction_key)
+    _, estimate, _ = online(model, carry, inputs)
+    return estimate
+
+
+def train(method: str, learning_rate: float, seed: int, config: Config):
+    """One run; returns the evaluation steps and the bit errors per sequence there."""
+    model_key, data_key, eval_key = jax.random.split(jax.random.key(seed), 3)
+    model = Model(config.hidden, model_key)
+    optimizer = optax.adam(learning_rate)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    opt_state = optimizer.init(params)
+    # One quadratic critic applied to each example's (h, c).
+    critic = eqx_dodge.QuadraticCritic(2 * config.hidden)
+    critic_optimizer = optax.adam(config.critic_learning_rate)
+    critic_opt_state = critic_optimizer.init(eqx.filter(critic, eqx.is_array))
+
+    def train_step(carry, key):
+        params, opt_state, critic, critic_opt_state = carry
+        model = eqx.combine(params, static)
+        batch_key, estimate_key = jax.random.split(key)
+        inputs = copy_batch(batch_key, config.batch, config.max_length)
+        grads = gradient_estimate(method, model, critic, estimate_key, inputs, config)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        if method in CRITIC_METHODS:
+            critic_grads = eqx.filter_grad(eqx_dodge.critic_loss)(
+                critic,
+                step,
+                model,
+                zero_state(config.hidden, config.batch),
+                inputs,
+                truncation=config.critic_truncation,
+                bootstrap_end=False,
+                batched=True,
+                has_aux=True,
+            )
+            critic_updates, critic_opt_state = critic_optimizer.update(
+                critic_grads, critic_opt_state
+            )
+            critic = eqx.apply_updates(critic, critic_updates)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state, critic, critic_opt_state), None
+
+    def block(carry, keys):
+        carry, _ = jax.lax.scan(train_step, carry, keys)
+        _, errors = evaluate(eqx.combine(carry[0], static), eval_key, config)
+        return carry, errors
+
+    num_blocks = config.steps // config.eval_every
+    keys = jax.random.split(data_key, num_blocks * config.eval_every).reshape(
+        num_blocks, config.eval_every
+    )
+
+    @jax.jit
+    def run(params, opt_state, critic, critic_opt_state):
+        _, initial = evaluate(eqx.combine(params, static), eval_key, config)
+        carry = (params, opt_state, critic, critic_opt_state)
+        _, errors = jax.lax.scan(block, carry, keys)
+        return jnp.concatenate([initial[None], errors])
+
+    errors = run(params, opt_state, critic, critic_opt_state)
+    steps = np.arange(num_blocks + 1) * config.eval_every
+    return steps, np.asarray(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="Copy task.")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--quick", action="store_true", help="a smoke test")
+    scale.add_argument("--full", action="store_true", help="the paper's scale")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=_common.RESULTS, help="output directory"
+    )
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else FULL if args.full else DEFAULT
+
+    results: dict[str, Any] = {}
+    for method in args.methods:
+        runs = {}
+        for learning_rate in config.learning_rates:
+            curves = []
+            start = time.perf_counter()
+            for seed in config.seeds:
+                steps, errors = train(method, learning_rate, seed, config)
+                curves.append(errors)
+            curves = np.stack(curves)
+            runs[learning_rate] = {
+                "median_curve": np.median(curves, axis=0).tolist(),
+                "final_per_seed": curves[:, -1].tolist(),
+                "seconds": time.perf_counter() - start,
+            }
+            print(
+                f"{method:>12} lr={learning_rate:g}: final bit errors "
+                f"{np.median(curves[:, -1]):.2f} ({runs[learning_rate]['seconds']:.0f}"
+                " s)",
+                file=sys.stderr,
+            )
+        best = min(runs, key=lambda lr: np.median(runs[lr]["final_per_seed"]))
+        results[method] = {
+            "best_learning_rate": best,
+            "final_bit_errors": float(np.median(runs[best]["final_per_seed"])),
+            "runs": {str(lr): run for lr, run in runs.items()},
+        }
+
+    steps = np.arange(config.steps // config.eval_every + 1) * config.eval_every
+    payload = {
+        "config": dataclasses.asdict(config)
+        | {"scale": "quick" if args.quick else "full" if args.full else "default"},
+        "eval_steps": steps.tolist(),
+        "final_bit_errors": {
+            method: result["final_bit_errors"] for method, result in results.items()
+        },
+        "results": results,
+    }
+    _common.write_json(args.out, "copy_task", payload)
+
+    fig, ax = _common.new_figure(figsize=(7, 4.5))
+    for method, result in results.items():
+        curve = result["runs"][str(result["best_learning_rate"])]["median_curve"]
+        ax.plot(steps, curve, label=f"{method} (lr {result['best_learning_rate']:g})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("bit errors per sequence")
+    ax.set_title(
+        f"copy task, LSTM-{config.hidden}, lengths 1..{config.max_length}, "
+        f"batch {config.batch}"
+    )
+    ax.legend(fontsize=8)
+    _common.save_figure(fig, args.out, "copy_task")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

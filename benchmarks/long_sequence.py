@@ -1,0 +1,278 @@
+"""Memory and time against sequence length: BPTT grows, online DODGE does not.
+
+An LSTM with 128 units (input 8, a linear readout to 8 outputs, squared error at every
+step), batch 32, over one sequence of length T. Four computations:
+
+- `forward`: the loss alone, one `lax.scan` over the T steps;
+- `bptt`: `jax.grad` of that loss through the whole scan (stores every step);
+- `dodge_k1`, `dodge_k8`: `eqx_dodge.OnlineDodge` with 1 or 8 random directions over
+    windows of `WINDOW` steps, the state and its tangent carried across windows (one
+    `lax.scan` over the windows); the per-window estimates are summed.
+
+Every point (computation, T) runs in its own subprocess, so that peak memory is its
+own: we report XLA's compiled memory analysis (`peak_bytes` = arguments + outputs +
+temporaries − aliased) and the process's peak resident set (`ru_maxrss`, which also
+holds the Python/XLA runtime and the compiler's own peak). A point whose predicted
+peak exceeds `--max-run-bytes` is compiled and analysed but not run.
+"""
+
+import argparse
+import json
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import _common
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import eqx_dodge
+
+
+HIDDEN = 128
+INPUT = 8
+BATCH = 32
+WINDOW = 100
+LENGTHS = (1_000, 10_000, 50_000)
+QUICK_LENGTHS = (200, 1_000)  # the smoke test runs T = 200 only
+METHODS = ("forward", "bptt", "dodge_k1", "dodge_k8")
+
+
+class Model(eqx.Module):
+    cell: eqx.nn.LSTMCell
+    readout: eqx.nn.Linear
+
+    def __init__(self, key):
+        cell_key, readout_key = jax.random.split(key)
+        self.cell = eqx.nn.LSTMCell(INPUT, HIDDEN, key=cell_key)
+        self.readout = eqx.nn.Linear(HIDDEN, INPUT, key=readout_key)
+
+
+def step(model, state, x):
+    """One step on the batch: predict the input itself (a fixed, cheap target)."""
+    state = jax.vmap(model.cell)(x, state)
+    prediction = jax.vmap(model.readout)(state[0])
+    return state, jnp.mean(jnp.square(prediction - x))
+
+
+def forward_loss(model, state, xs):
+    def body(s, x):
+        s, loss = step(model, s, x)
+        return s, loss
+
+    _, losses = jax.lax.scan(body, state, xs)
+    return jnp.mean(losses)
+
+
+def make_computation(method: str):
+    if method == "forward":
+        return forward_loss
+    if method == "bptt":
+        return eqx.filter_grad(forward_loss)
+    num_directions = int(method.removeprefix("dodge_k"))
+    online = eqx_dodge.OnlineDodge(step, num_directions=num_directions)
+
+    def dodge(model, state, xs):
+        windows = xs.reshape((-1, WINDOW) + xs.shape[1:])
+        carry = online.init(model, state, key=jax.random.key(0))
+
+        def body(carry_and_sum, window):
+            carry, total = carry_and_sum
+            _, estimate, carry = online(model, carry, window)
+            return (carry, jax.tree.map(jnp.add, total, estimate)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+        (_, total), _ = jax.lax.scan(body, (carry, zeros), windows)
+        return total
+
+    return dodge
+
+
+def measure_point(method: str, length: int, repeats: int, max_run_bytes: int):
+    """Runs in a fresh subprocess: compile, analyse, run, and report."""
+    model = Model(jax.random.key(0))
+    state = (jnp.zeros((BATCH, HIDDEN)), jnp.zeros((BATCH, HIDDEN)))
+    xs = jax.random.normal(jax.random.key(1), (length, BATCH, INPUT))
+    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fun = eqx.filter_jit(make_computation(method))
+    start = time.perf_counter()
+    compiled = fun.lower(model, state, xs).compile()
+    compile_seconds = time.perf_counter() - start
+    memory = _common.memory_analysis(compiled)
+    record: dict[str, Any] = {
+        "method": method,
+        "length": length,
+        "xla_memory": memory,
+        "compile_seconds": compile_seconds,
+        "rss_after_setup_bytes": rss_setup,
+    }
+    if memory is not None and memory["peak_bytes"] > max_run_bytes:
+        record["skipped_run"] = (
+            f"predicted peak {memory['peak_bytes'] / 2**30:.1f} GiB exceeds "
+            f"--max-run-bytes={max_run_bytes / 2**30:.1f} GiB"
+        )
+    else:
+        jax.block_until_ready(compiled(model, state, xs))  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(model, state, xs))
+            times.append(time.perf_counter() - start)
+        record["seconds"] = (
+            _common.summarize(times)
+            if repeats > 1
+            else {
+                "median": times[0],
+                "repeats": 1,
+            }
+        )
+    record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return record
+
+
+def run_point(method: str, length: int, repeats: int, max_run_bytes: int):
+    command = [
+        sys.executable,
+        __file__,
+        "--point",
+        method,
+        str(length),
+        str(repeats),
+        str(max_run_bytes),
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {
+            "method": method,
+            "length": length,
+            "error": out.stderr[-2000:],
+        }
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _metric(record: dict[str, Any], metric: str) -> float | None:
+    if metric == "xla_peak_bytes":
+        return (record.get("xla_memory") or {}).get("peak_bytes")
+    if "skipped_run" in record:
+        return None  # compiled only: its RSS and time say nothing about running it
+    if metric == "seconds":
+        return (record.get("seconds") or {}).get("median")
+    return record.get(metric)
+
+
+def ratio(records, metric, method, baseline="forward"):
+    top, bottom = _metric(records[method], metric), _metric(records[baseline], metric)
+    if top is None or bottom is None:
+        return None
+    return top / bottom
+
+
+def summarize_ratios(points: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Each method against `forward` at each T: peak-memory and time ratios, and the
+    XLA peak bytes it needs beyond the forward pass."""
+    summary = {}
+    for length, records in points.items():
+        summary[str(length)] = {}
+        for method in METHODS[1:]:
+            entry: dict[str, Any] = {
+                metric: ratio(records, metric, method)
+                for metric in ("xla_peak_bytes", "peak_rss_bytes", "seconds")
+            }
+            top = _metric(records[method], "xla_peak_bytes")
+            bottom = _metric(records["forward"], "xla_peak_bytes")
+            entry["xla_extra_mib"] = (
+                None if top is None or bottom is None else (top - bottom) / 2**20
+            )
+            summary[str(length)][f"{method}_over_forward"] = entry
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="Memory and time against length.")
+    parser.add_argument("--quick", action="store_true", help="T = 200 and 1000")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=_common.RESULTS, help="output directory"
+    )
+    parser.add_argument(
+        "--max-run-bytes",
+        type=float,
+        default=4 * 2**30,
+        help="compile but do not run points predicted to need more (default 4 GiB)",
+    )
+    parser.add_argument("--lengths", type=int, nargs="*", help="override T values")
+    args = parser.parse_args(argv)
+    lengths = args.lengths or (QUICK_LENGTHS if args.quick else LENGTHS)
+
+    points: dict[int, dict[str, Any]] = {}
+    for length in lengths:
+        points[length] = {}
+        for method in METHODS:
+            repeats = 3 if length <= 10_000 else 1
+            record = run_point(method, length, repeats, int(args.max_run_bytes))
+            points[length][method] = record
+            peak = (record.get("xla_memory") or {}).get("peak_bytes")
+            print(
+                f"T={length:>6} {method:>9}: xla peak "
+                f"{'?' if peak is None else f'{peak / 2**20:.1f} MiB'}, "
+                f"rss {record.get('peak_rss_bytes', 0) / 2**20:.0f} MiB, "
+                f"{(record.get('seconds') or {}).get('median', float('nan')):.2f} s"
+                + (f"  ERROR {record['error'][-300:]}" if "error" in record else ""),
+                file=sys.stderr,
+            )
+
+    ratios = summarize_ratios(points)
+    payload = {
+        "config": {
+            "hidden": HIDDEN,
+            "input": INPUT,
+            "batch": BATCH,
+            "window": WINDOW,
+            "lengths": list(lengths),
+            "max_run_bytes": args.max_run_bytes,
+            "quick": args.quick,
+        },
+        "goal": "dodge / forward peak memory <= 1.2 at the largest T",
+        "ratios": ratios,
+        "points": {str(length): records for length, records in points.items()},
+    }
+    _common.write_json(args.out, "long_sequence", payload)
+
+    fig, axes = _common.new_figure(1, 2, figsize=(11, 4))
+    for method in METHODS:
+        xla = [
+            (points[t][method].get("xla_memory") or {}).get("peak_bytes", np.nan)
+            for t in lengths
+        ]
+        seconds = [
+            (points[t][method].get("seconds") or {}).get("median", np.nan)
+            for t in lengths
+        ]
+        axes[0].plot(lengths, np.asarray(xla, float) / 2**20, "o-", label=method)
+        axes[1].plot(lengths, seconds, "o-", label=method)
+    for ax, label in zip(axes, ("XLA peak memory (MiB)", "seconds")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(label)
+    axes[0].legend()
+    axes[0].set_title(f"LSTM-{HIDDEN}, batch {BATCH}")
+    _common.save_figure(fig, args.out, "long_sequence")
+    return payload
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--point":
+        method, length, repeats, max_run_bytes = sys.argv[2:6]
+        print(
+            json.dumps(
+                measure_point(method, int(length), int(repeats), int(max_run_bytes))
+            )
+        )
+    else:
+        main()

@@ -1,0 +1,369 @@
+"""Online DODGE for recurrent models: the state tangent carried across windows.
+
+A recurrent model is written as a step function `step(model, state, input) ->
+(state, loss)` (an Equinox cell plus a readout, or anything of that shape) and a stream
+is processed in truncation windows with `jax.lax.scan`. Forward mode carries, next to
+the state `s_t`, its tangent `ds_t/dw·u` for each of `k` directions, so the directional
+derivative of every window's loss includes the influence of all earlier windows
+(DODGE §3.2) while the memory stays that of the forward pass: nothing is stored per
+time step. With one-hot directions (`k = p`) this is real-time recurrent learning.
+"""
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, TypeAlias
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
+
+from ._directions import (
+    partition_direction,
+    random_direction,
+    random_directions,
+    Sampler,
+    trainable,
+)
+from ._estimator import (
+    check_direction,
+    check_num_parts,
+    check_random_options,
+    Mode,
+    unit_direction,
+)
+
+
+Reduction: TypeAlias = Literal["mean", "sum"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+
+
+class OnlineDodgeState(NamedTuple):
+    """What [`eqx_dodge.OnlineDodge`][] carries from one window to the next.
+
+    **Fields:**
+
+    - `state`: the recurrent state `s_t` at the end of the last window processed.
+    - `tangent`: its tangent `ds_t/dw·u_j` along each direction: the leaves of
+        `state` with a new leading axis of size `k`.
+    - `directions`: the `k` directions `u_j`, stacked along a leading axis; shaped
+        like the trainable leaves of the model, `None` elsewhere. In
+        `mode="partition"` these are the `k` zero-padded parts of one direction.
+    """
+
+    state: PyTree
+    tangent: PyTree
+    directions: PyTree
+
+
+def _check_state(state: PyTree) -> None:
+    leaves = jax.tree.leaves(state)
+    if not leaves:
+        raise ValueError("`state` must hold at least one array.")
+    for leaf in leaves:
+        if not eqx.is_inexact_array(leaf) or not jnp.issubdtype(
+            leaf.dtype, jnp.floating
+        ):
+            raise TypeError(
+                "Every leaf of the recurrent `state` must be a real floating-point "
+                f"array (its tangent is carried); got {type(leaf).__name__}"
+                + (f" of dtype {leaf.dtype}" if hasattr(leaf, "dtype") else "")
+                + "."
+            )
+
+
+def _as_state_and_loss(step: Callable, has_aux: bool) -> Callable:
+    def state_and_loss(model, state, inputs):
+        out = step(model, state, inputs)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError(
+                "`step(model, state, input)` must return a pair `(state, loss)`"
+                + (" with `loss` a pair `(loss, aux)`" if has_aux else "")
+                + f"; got {type(out).__name__}."
+            )
+        new_state, loss = out
+        loss, aux = loss if has_aux else (loss, None)
+        if jnp.shape(loss) != () or not jnp.issubdtype(
+            jnp.result_type(loss), jnp.floating
+        ):
+            raise TypeError(
+                "The loss returned by `step` must be a floating-point scalar; got "
+                f"shape {jnp.shape(loss)} and dtype {jnp.result_type(loss)}."
+            )
+        if jax.tree.structure(new_state) != jax.tree.structure(state):
+            raise ValueError(
+                "`step` must return a state with the structure of the state it "
+                f"receives; got {jax.tree.structure(new_state)}, expected "
+                f"{jax.tree.structure(state)}."
+            )
+        return new_state, (jnp.asarray(loss), aux)
+
+    return state_and_loss
+
+
+def scan_window(
+    step: Callable,
+    model: PyTree,
+    state: PyTree,
+    inputs: PyTree,
+    *,
+    reduction: Reduction = "mean",
+    has_aux: bool = False,
+    truncation: Int[Array, ""] | int | None = None,
+) -> tuple[Scalar, tuple[PyTree, Any]]:
+    """Runs `step` over the leading axis of `inputs` with `jax.lax.scan`.
+
+    Returns `(loss, (final_state, aux))` with `loss` the mean or sum of the per-step
+    losses. With `truncation=τ`, the state's gradient path is cut every `τ` steps
+    (at steps `τ, 2τ, ...` of the window): reverse mode through this function is then
+    truncated backpropagation through time with truncation length `τ`, which may be a
+    traced integer.
+    """
+    state_and_loss = _as_state_and_loss(step, has_aux)
+
+    def body(carry, inputs_t):
+        s, t = carry
+        if truncation is not None:
+            cut = (t > 0) & (t % truncation == 0)
+            s = jax.tree.map(
+                lambda leaf: jnp.where(cut, jax.lax.stop_gradient(leaf), leaf), s
+            )
+        s, (loss, aux) = state_and_loss(model, s, inputs_t)
+        return (s, t + 1), (loss, aux)
+
+    (final_state, _), (losses, aux) = jax.lax.scan(
+        body, (state, jnp.zeros((), jnp.int32)), inputs
+    )
+    value = jnp.sum(losses) if reduction == "sum" else jnp.mean(losses)
+    return value, (final_state, aux)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+
+
+class OnlineDodge(eqx.Module):
+    r"""Online DODGE for a recurrent model processed in truncation windows.
+
+    The model is described by one step function,
+
+    ```python
+    def step(model, state, x):           # one time step
+        state = model.cell(x, state)     # e.g. eqx.nn.GRUCell / LSTMCell
+        loss = jnp.mean((model.readout(state) - y_of(x)) ** 2)
+        return state, loss
+    ```
+
+    and the stream is cut into windows (`inputs` with a leading time axis). For each
+    window, one `jax.jvp` through `jax.lax.scan`, vectorised over the `k` directions
+    $u_j$ with the primal computed once, returns the window loss $L$ and its
+    directional derivatives $d_j = \nabla_w L \cdot u_j$, where $\nabla_w L$ is the
+    total derivative through the whole history of the stream: the state tangent
+    $\frac{ds_t}{dw} u_j$ is carried across windows in an
+    [`eqx_dodge.OnlineDodgeState`][]. Memory does not grow with the number of steps;
+    nothing is stored per step.
+
+    The estimate is $\frac1k \sum_j d_j u_j$ (`mode="average"`, unbiased for random
+    directions), $\sum_j d_j u_j$ over the parts of one random direction
+    (`mode="partition"`; with `k = p` one-hot parts it is the exact gradient, i.e.
+    RTRL), or $(\nabla_w L \cdot \hat c)\,\hat c$ for a candidate $c$.
+
+    The directions stay fixed while the tangent is carried: the tangent is a
+    derivative along those directions and is meaningless for others. Call
+    [`eqx_dodge.OnlineDodge.redirect`][] to draw new ones (or to pass a new
+    candidate); it restarts the tangent at zero, so the next estimate ignores the
+    influence of the parameters on the state before that point, as truncated
+    backpropagation would.
+
+    !!! warning
+        When the parameters are updated between windows, the carried tangent mixes
+        derivatives taken at the successive parameter values, exactly as in RTRL;
+        the estimate is then exact only in the limit of small learning rates.
+
+    **Example:**
+
+    ```python
+    online = eqx_dodge.OnlineDodge(step, num_directions=8)
+    carry = online.init(model, state0, key=key)
+    for window in windows:                 # or inside jax.lax.scan
+        loss, estimate, carry = online(model, carry, window)
+        updates, opt_state = optimizer.update(estimate, opt_state)
+        model = eqx.apply_updates(model, updates)
+    ```
+    """
+
+    step: Callable
+    num_directions: int = eqx.field(static=True)
+    sampler: Sampler = eqx.field(static=True)
+    mode: Mode = eqx.field(static=True)
+    reduction: Reduction = eqx.field(static=True)
+    has_aux: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        step: Callable,
+        *,
+        num_directions: int = 1,
+        sampler: Sampler = "rademacher",
+        mode: Mode = "average",
+        reduction: Reduction = "mean",
+        has_aux: bool = False,
+    ):
+        """**Arguments:**
+
+        - `step`: `step(model, state, input) -> (state, loss)`, one time step of
+            the recurrent model; `state` is a PyTree of floating-point arrays and
+            `loss` a scalar. With `has_aux=True` it returns `(state, (loss, aux))`.
+        - `num_directions`: the number `k` of random directions (ignored by
+            candidates, which are one direction).
+        - `sampler`: `"rademacher"` or `"gaussian"` entries for random directions.
+        - `mode`: `"average"` of `k` independent directions, or `"partition"` of one
+            direction into `k` parts over contiguous blocks of the flattened
+            parameters (`k = p` gives RTRL).
+        - `reduction`: the window loss is the `"mean"` or `"sum"` of the per-step
+            losses.
+        - `has_aux`: whether `step` returns auxiliary per-step outputs.
+        """
+        check_random_options(num_directions, sampler, mode)
+        _check_reduction(reduction)
+        if not callable(step):
+            raise TypeError(f"`step` must be callable, got {type(step).__name__}.")
+        self.step = step
+        self.num_directions = num_directions
+        self.sampler = sampler
+        self.mode = mode
+        self.reduction = reduction
+        self.has_aux = has_aux
+
+    def _directions(
+        self,
+        model: PyTree,
+        key: PRNGKeyArray | None,
+        direction: PyTree | None,
+    ) -> PyTree:
+        primal = trainable(model)
+        if (key is None) == (direction is None):
+            raise ValueError(
+                "Pass exactly one of `key` (a PRNG key, for random directions) or "
+                "`direction` (a candidate direction PyTree); got "
+                + ("neither." if key is None else "both.")
+            )
+        if direction is not None:
+            check_direction(direction, primal)
+            return jax.tree.map(lambda leaf: leaf[None], unit_direction(direction))
+        assert key is not None
+        k = self.num_directions
+        if self.mode == "partition":
+            check_num_parts(primal, k)
+            base = random_direction(key, primal, sampler=self.sampler)
+            return partition_direction(base, k)
+        if k == 1:
+            # The direction `random_direction(key, model)`, as in `filter_dodge`.
+            return jax.tree.map(
+                lambda leaf: leaf[None],
+                random_direction(key, primal, sampler=self.sampler),
+            )
+        return random_directions(key, primal, k, self.sampler)
+
+    def init(
+        self,
+        model: PyTree,
+        state: PyTree,
+        *,
+        key: PRNGKeyArray | None = None,
+        direction: PyTree | None = None,
+    ) -> OnlineDodgeState:
+        """Starts a stream at `state`, with a zero tangent.
+
+        **Arguments:**
+
+        - `model`: the model whose floating-point array leaves are differentiated.
+        - `state`: the initial recurrent state (taken not to depend on the model).
+        - `key`: a PRNG key drawing the random directions; or
+        - `direction`: a candidate direction, shaped like `eqx.filter_grad`'s output.
+
+        **Returns:**
+
+        An [`eqx_dodge.OnlineDodgeState`][].
+        """
+        _check_state(state)
+        directions = self._directions(model, key, direction)
+        num = jax.tree.leaves(directions)[0].shape[0]
+        tangent = jax.tree.map(
+            lambda leaf: jnp.zeros((num,) + leaf.shape, leaf.dtype), state
+        )
+        return OnlineDodgeState(state, tangent, directions)
+
+    def redirect(
+        self,
+        model: PyTree,
+        carry: OnlineDodgeState,
+        *,
+        key: PRNGKeyArray | None = None,
+        direction: PyTree | None = None,
+    ) -> OnlineDodgeState:
+        """New directions (from `key`, or a candidate `direction`) for the stream in
+        `carry`: the state is kept and its tangent restarts at zero.
+
+        **Returns:**
+
+        An [`eqx_dodge.OnlineDodgeState`][].
+        """
+        return self.init(model, carry.state, key=key, direction=direction)
+
+    def __call__(
+        self, model: PyTree, carry: OnlineDodgeState, inputs: PyTree
+    ) -> tuple[Any, PyTree, OnlineDodgeState]:
+        """Processes one window of the stream.
+
+        **Arguments:**
+
+        - `model`: the model; its floating-point array leaves are differentiated.
+        - `carry`: the [`eqx_dodge.OnlineDodgeState`][] from `init` or the previous
+            window.
+        - `inputs`: the window's inputs, a PyTree whose leaves share a leading time
+            axis scanned over.
+
+        **Returns:**
+
+        `(value, estimate, carry)`: the window loss (or `(value, aux)` with
+        `has_aux=True`, `aux` stacked over the window's steps), the DODGE estimate
+        of its gradient shaped like `eqx.filter_grad`'s output, and the carry for the
+        next window.
+        """
+        diff_model, static_model = eqx.partition(model, eqx.is_inexact_array)
+        check_direction(
+            jax.tree.map(lambda leaf: leaf[0], carry.directions),
+            diff_model,
+            name="carry.directions",
+        )
+
+        def window(_diff_model, state):
+            value, (final_state, aux) = scan_window(
+                self.step,
+                eqx.combine(_diff_model, static_model),
+                state,
+                inputs,
+                reduction=self.reduction,
+                has_aux=self.has_aux,
+            )
+            return (value, final_state), aux
+
+        def along(direction, tangent):
+            return jax.jvp(
+                window, (diff_model, carry.state), (direction, tangent), has_aux=True
+            )
+
+        (value, final_state), (derivatives, final_tangent), aux = jax.vmap(
+            along, out_axes=(None, 0, None)
+        )(carry.directions, carry.tangent)
+        # Average mode divides by k; partition parts and a candidate sum.
+        weights = derivatives
+        if self.mode == "average" and derivatives.shape[0] > 1:
+            weights = derivatives / derivatives.shape[0]
+        estimate = jax.tree.map(
+            lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1),
+            carry.directions,
+        )
+        new_carry = OnlineDodgeState(final_state, final_tangent, carry.directions)
+        return ((value, aux) if self.has_aux else value), estimate, new_carry

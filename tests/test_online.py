@@ -1,0 +1,471 @@
+import equinox as eqx
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_dodge
+from eqx_dodge._directions import num_coordinates
+from eqx_dodge._online import scan_window
+
+
+INPUT, HIDDEN, WINDOWS, LENGTH = 2, 3, 3, 5
+
+
+class RNN(eqx.Module):
+    cell: eqx.Module
+    readout: eqx.nn.Linear
+
+    def __init__(self, key, cell_type: type[eqx.Module] = eqx.nn.GRUCell):
+        cell_key, readout_key = jax.random.split(key)
+        self.cell = cell_type(INPUT, HIDDEN, key=cell_key)  # pyright: ignore
+        self.readout = eqx.nn.Linear(HIDDEN, "scalar", key=readout_key)
+
+
+def gru_step(model, state, inputs):
+    x, y = inputs
+    state = model.cell(x, state)
+    return state, jnp.square(model.readout(state) - y)
+
+
+def lstm_step(model, state, inputs):
+    x, y = inputs
+    state = model.cell(x, state)
+    return state, jnp.square(model.readout(state[0]) - y)
+
+
+def make_stream(key):
+    x_key, y_key = jax.random.split(key)
+    xs = jax.random.normal(x_key, (WINDOWS, LENGTH, INPUT))
+    ys = jax.random.normal(y_key, (WINDOWS, LENGTH))
+    return xs, ys
+
+
+def run_online(online, model, carry, stream):
+    """All windows in one `lax.scan`; returns per-window values, estimates, carry."""
+
+    def body(carry, window):
+        value, estimate, carry = online(model, carry, window)
+        return carry, (value, estimate)
+
+    carry, (values, estimates) = jax.lax.scan(body, carry, stream)
+    return values, estimates, carry
+
+
+def window_losses(model, state0, stream):
+    """Every window's (summed) loss, through the whole history from `state0`."""
+
+    def body(state, window):
+        value, (state, _) = scan_window(gru_step, model, state, window, reduction="sum")
+        return state, value
+
+    _, values = jax.lax.scan(body, state0, stream)
+    return values
+
+
+@eqx.filter_jit
+def window_gradients(model, state0, stream):
+    """Row i: the exact (BPTT) gradient of window i's loss, flattened."""
+    diff, static = eqx.partition(model, eqx.is_inexact_array)
+    jacobian = jax.jacrev(
+        lambda _diff: window_losses(eqx.combine(_diff, static), state0, stream)
+    )(diff)
+    return jnp.concatenate(
+        [x.reshape(WINDOWS, -1) for x in jax.tree.leaves(jacobian)], axis=1
+    )
+
+
+def flat(tree):
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def test_carried_tangent_equals_one_long_jvp(getkey):
+    model = RNN(getkey(), eqx.nn.LSTMCell)
+    stream = make_stream(getkey())
+    state0 = (jnp.zeros(HIDDEN), jnp.zeros(HIDDEN))
+    online = eqx_dodge.OnlineDodge(lstm_step, num_directions=4, reduction="sum")
+    carry = online.init(model, state0, key=getkey())
+    values, estimates, carry = eqx.filter_jit(run_online)(online, model, carry, stream)
+    diff, static = eqx.partition(model, eqx.is_inexact_array)
+    long_inputs = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stream)
+
+    def long_run(_diff):
+        value, (state, _) = scan_window(
+            lstm_step, eqx.combine(_diff, static), state0, long_inputs, reduction="sum"
+        )
+        return value, state
+
+    def along(direction):
+        return jax.jvp(long_run, (diff,), (direction,))
+
+    (value, state), (derivative, tangent) = jax.vmap(along)(carry.directions)
+    np.testing.assert_allclose(jnp.sum(values), value[0], rtol=1e-5)
+    for carried, expected in zip(jax.tree.leaves(carry.tangent), tangent):
+        np.testing.assert_allclose(carried, expected, rtol=1e-4, atol=1e-6)
+    for carried, expected in zip(jax.tree.leaves(carry.state), state):
+        np.testing.assert_allclose(carried, expected[0], rtol=1e-5, atol=1e-7)
+    # Σ_windows (1/k) Σ_j d_j u_j with the long jvp's d_j.
+    summed = jax.tree.map(lambda e: jnp.sum(e, axis=0), estimates)
+    expected_estimate = jax.tree.map(
+        lambda u: jnp.tensordot(derivative / 4, u, axes=1), carry.directions
+    )
+    np.testing.assert_allclose(
+        flat(summed), flat(expected_estimate), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_partition_with_p_parts_is_rtrl(getkey):
+    model = RNN(getkey())
+    stream = make_stream(getkey())
+    state0 = jnp.zeros(HIDDEN)
+    p = num_coordinates(model)
+    online = eqx_dodge.OnlineDodge(
+        gru_step, num_directions=p, mode="partition", reduction="sum"
+    )
+    carry = online.init(model, state0, key=getkey())
+    _, estimates, _ = eqx.filter_jit(run_online)(online, model, carry, stream)
+    exact = window_gradients(model, state0, stream)
+    estimate = jnp.concatenate(
+        [x.reshape(WINDOWS, -1) for x in jax.tree.leaves(estimates)], axis=1
+    )
+    np.testing.assert_allclose(estimate, exact, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["rademacher", "gaussian"])
+def test_unbiased_over_random_directions(getkey, sampler):
+    model = RNN(getkey())
+    stream = make_stream(getkey())
+    state0 = jnp.zeros(HIDDEN)
+    online = eqx_dodge.OnlineDodge(gru_step, sampler=sampler, reduction="sum")
+    num_samples = 20_000
+
+    @jax.jit
+    def estimates(keys):
+        def one(key):
+            carry = online.init(model, state0, key=key)
+            _, estimate, _ = run_online(online, model, carry, stream)
+            return flat(jax.tree.map(lambda e: jnp.sum(e, axis=0), estimate))
+
+        return jax.vmap(one)(keys)
+
+    samples = estimates(jax.random.split(getkey(), num_samples))
+    g = jnp.sum(window_gradients(model, state0, stream), axis=0)
+    squared_norm = jnp.sum(jnp.square(g))
+    if sampler == "rademacher":
+        variance = squared_norm - jnp.square(g)
+    else:
+        variance = squared_norm + jnp.square(g)
+    standard_error = jnp.sqrt(variance / num_samples)
+    error = jnp.mean(samples, axis=0) - g
+    # 5 standard errors per coordinate: a false alarm among ~60 coordinates has
+    # probability below 1e-4.
+    assert jnp.all(jnp.abs(error) < 5 * standard_error)
+    # The empirical variance matches DODGE eq 6–8 (within 10 %).
+    np.testing.assert_allclose(jnp.var(samples, axis=0), variance, rtol=0.1)
+
+
+def test_average_of_k_directions_and_mean_reduction(getkey):
+    model = RNN(getkey())
+    stream = make_stream(getkey())
+    state0 = jnp.zeros(HIDDEN)
+    online = eqx_dodge.OnlineDodge(gru_step, num_directions=3)
+    carry = online.init(model, state0, key=getkey())
+    window = jax.tree.map(lambda x: x[0], stream)
+    value, estimate, _ = eqx.filter_jit(online)(model, carry, window)
+    exact_value = window_losses(model, state0, stream)[0] / LENGTH
+    np.testing.assert_allclose(value, exact_value, rtol=1e-6)
+    g = window_gradients(model, state0, stream)[0] / LENGTH
+    u = jax.vmap(flat)(carry.directions)
+    np.testing.assert_allclose(flat(estimate), (u @ g) @ u / 3, rtol=1e-4, atol=1e-6)
+
+
+def test_candidate_direction_and_redirect(getkey):
+    model = RNN(getkey())
+    stream = make_stream(getkey())
+    state0 = jnp.zeros(HIDDEN)
+    online = eqx_dodge.OnlineDodge(gru_step, reduction="sum")
+    _, unravel = jax.flatten_util.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))
+    exact = unravel(window_gradients(model, state0, stream)[0])
+    carry = online.init(model, state0, direction=exact)
+    first = jax.tree.map(lambda x: x[0], stream)
+    _, estimate, carry = online(model, carry, first)
+    # The exact gradient as the candidate gives back the gradient (the oracle).
+    np.testing.assert_allclose(flat(estimate), flat(exact), rtol=1e-4, atol=1e-6)
+    assert jnp.any(flat(carry.tangent) != 0)
+    zero = jax.tree.map(jnp.zeros_like, exact)
+    carry = online.redirect(model, carry, direction=zero)
+    assert jnp.all(flat(carry.tangent) == 0)
+    _, estimate, _ = online(model, carry, first)
+    assert jnp.all(flat(estimate) == 0)
+
+
+def reference_tbptt(model, state0, window, truncation):
+    """TBPTT by hand: loss t backpropagates to the last multiple of `truncation`."""
+    xs, ys = window
+    states = [state0]
+    for t in range(LENGTH):
+        states.append(gru_step(model, states[-1], (xs[t], ys[t]))[0])
+    total = jnp.zeros(num_coordinates(model))
+    for t in range(LENGTH):
+        start = (t // truncation) * truncation
+
+        def loss(_model):
+            state = states[start]
+            for s in range(start, t + 1):
+                state, value = gru_step(_model, state, (xs[s], ys[s]))
+            return value
+
+        total = total + flat(eqx.filter_grad(loss)(model))
+    return total
+
+
+def test_tbptt_candidate(getkey):
+    model = RNN(getkey())
+    xs, ys = make_stream(getkey())
+    window = (xs[0], ys[0])
+    state0 = jax.random.normal(getkey(), (HIDDEN,))
+    references = jnp.stack(
+        [reference_tbptt(model, state0, window, tau) for tau in (1, 2, 3)]
+    )
+
+    @eqx.filter_jit
+    def candidates(keys, max_trunc_len):
+        def one(key):
+            return flat(
+                eqx_dodge.tbptt_candidate(
+                    gru_step,
+                    model,
+                    state0,
+                    window,
+                    key=key,
+                    max_trunc_len=max_trunc_len,
+                    reduction="sum",
+                )
+            )
+
+        return jax.vmap(one)(keys)
+
+    one_step = candidates(jax.random.split(getkey(), 2), 1)
+    np.testing.assert_allclose(one_step[0], references[0], rtol=1e-4, atol=1e-6)
+    samples = candidates(jax.random.split(getkey(), 300), 3)
+    distance = jnp.max(jnp.abs(samples[:, None, :] - references[None, :, :]), axis=-1)
+    nearest = jnp.argmin(distance, axis=1)
+    assert jnp.all(jnp.min(distance, axis=1) < 1e-5)
+    # Uniform over {1, 2, 3}: each truncation is drawn 100 ± 8 times out of 300.
+    counts = jnp.bincount(nearest, length=3)
+    assert jnp.all(jnp.abs(counts - 100) < 41)  # 5 standard deviations
+    # The full window with a truncation as long as the window.
+    full = eqx_dodge.tbptt_candidate(
+        gru_step,
+        model,
+        state0,
+        window,
+        key=getkey(),
+        max_trunc_len=1,
+    )
+    assert jax.tree.structure(full) == jax.tree.structure(
+        eqx.filter(model, eqx.is_inexact_array)
+    )
+
+    # Usable as a candidate direction of `filter_dodge`.
+    def window_value(_model):
+        value, _ = scan_window(gru_step, _model, state0, window)
+        return value
+
+    estimate = eqx_dodge.filter_dodge(window_value, direction=full)(model)
+    assert jnp.vdot(flat(estimate), flat(eqx.filter_grad(window_value)(model))) >= 0
+
+
+def test_errors(getkey):
+    model = RNN(getkey())
+    state0 = jnp.zeros(HIDDEN)
+    online = eqx_dodge.OnlineDodge(gru_step)
+    with pytest.raises(ValueError, match="exactly one of"):
+        online.init(model, state0)
+    with pytest.raises(ValueError, match="exactly one of"):
+        online.init(
+            model, state0, key=getkey(), direction=eqx.filter(model, eqx.is_array)
+        )
+    with pytest.raises(TypeError, match="floating-point"):
+        online.init(model, jnp.zeros(HIDDEN, jnp.int32), key=getkey())
+    with pytest.raises(ValueError, match="num_directions"):
+        eqx_dodge.OnlineDodge(gru_step, num_directions=10**6, mode="partition").init(
+            model, state0, key=getkey()
+        )
+    with pytest.raises(ValueError, match="max_trunc_len"):
+        eqx_dodge.tbptt_candidate(
+            gru_step,
+            model,
+            state0,
+            make_stream(getkey()),
+            key=getkey(),
+            max_trunc_len=0,
+        )
+
+    def bad_step(model, state, inputs):
+        return gru_step(model, state, inputs)[1]
+
+    carry = eqx_dodge.OnlineDodge(bad_step).init(model, state0, key=getkey())
+    window = jax.tree.map(lambda x: x[0], make_stream(getkey()))
+    with pytest.raises(TypeError, match="pair"):
+        eqx_dodge.OnlineDodge(bad_step)(model, carry, window)
+
+
+def reference_synthetic(model, critic, state0, window, truncation, scale):
+    """Chunk by chunk by hand: each chunk's summed loss plus the scaled critic at
+    its end, differentiated with the chunk's start state held constant."""
+    xs, ys = window
+    total = jnp.zeros(num_coordinates(model))
+    state = state0
+    for start in range(0, LENGTH, truncation):
+
+        def chunk(_model, _state):
+            value = jnp.zeros(())
+            for s in range(start, min(start + truncation, LENGTH)):
+                _state, loss = gru_step(_model, _state, (xs[s], ys[s]))
+                value = value + loss
+            return value + scale * critic(_state), _state
+
+        grad, state = eqx.filter_grad(chunk, has_aux=True)(model, state)
+        total = total + flat(grad)
+    return total
+
+
+def test_synthetic_gradient_candidate(getkey):
+    model = RNN(getkey())
+    xs, ys = make_stream(getkey())
+    window = (xs[0], ys[0])
+    state0 = jax.random.normal(getkey(), (HIDDEN,))
+    critic = eqx_dodge.QuadraticCritic(HIDDEN)
+    # A zero critic: TBPTT with a fixed truncation.
+    candidate = eqx_dodge.synthetic_gradient_candidate(
+        gru_step, model, critic, state0, window, truncation=2
+    )
+    np.testing.assert_allclose(
+        flat(candidate), reference_tbptt(model, state0, window, 2), rtol=1e-4, atol=1e-6
+    )
+    critic = eqx.tree_at(
+        lambda c: (c.weight, c.curvature),
+        critic,
+        (
+            jax.random.normal(getkey(), (HIDDEN,)),
+            jax.random.normal(getkey(), (HIDDEN, HIDDEN)),
+        ),
+    )
+    candidate = eqx_dodge.synthetic_gradient_candidate(
+        gru_step, model, critic, state0, window, truncation=2, scale=0.5
+    )
+    expected = reference_synthetic(model, critic, state0, window, 2, 0.5)
+    np.testing.assert_allclose(flat(candidate), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_value_critic_learns_the_loss_to_go():
+    # The state counts time (s_t = t / T) and every step costs 1, so the loss still
+    # to come from s_t is T - t = T (1 - s_t): linear, which a linear critic can fit.
+    length, truncation = 12, 3
+
+    def counting_step(model, state, x):
+        del model
+        return state + x, jnp.ones(())
+
+    inputs = jnp.full((length, 1), 1 / length)
+    state0 = jnp.zeros(1)
+    optimizer_lr = 0.05
+
+    @jax.jit
+    def train(critic):
+        def body(critic, _):
+            grads = eqx.filter_grad(eqx_dodge.critic_loss)(
+                critic,
+                counting_step,
+                None,
+                state0,
+                inputs,
+                truncation=truncation,
+                match="value",
+                bootstrap_end=False,
+            )
+            return jax.tree.map(lambda c, g: c - optimizer_lr * g, critic, grads), None
+
+        critic, _ = jax.lax.scan(body, critic, None, length=3000)
+        return critic
+
+    critic = train(eqx_dodge.LinearCritic(1))
+    for k in range(0, length, truncation):
+        np.testing.assert_allclose(
+            critic(jnp.full((1,), k / length)), length - k, rtol=1e-3
+        )
+
+
+def test_synthetic_gradient_critic_learns_the_future_gradient(getkey):
+    # s' = a·s with loss ½‖s'‖² per step: the loss still to come from s is
+    # ½ s² a²/(1 − a²), whose gradient m·s, m = a²/(1 − a²), a quadratic critic holds.
+    a, batch, length, truncation = 0.8, 64, 6, 2
+
+    def decaying_step(model, state, x):
+        del model, x
+        state = a * state
+        return state, 0.5 * jnp.sum(jnp.square(state))
+
+    inputs = jnp.zeros(length)
+
+    @jax.jit
+    def train(critic, key):
+        def body(critic, key):
+            state0 = jax.random.normal(key, (batch, 1))
+            grads = eqx.filter_grad(eqx_dodge.critic_loss)(
+                critic,
+                decaying_step,
+                None,
+                state0,
+                inputs,
+                truncation=truncation,
+                batched=True,
+            )
+            return jax.tree.map(lambda c, g: c - 0.005 * g, critic, grads), None
+
+        critic, _ = jax.lax.scan(body, critic, jax.random.split(key, 1000))
+        return critic
+
+    critic = train(eqx_dodge.QuadraticCritic(1), getkey())
+    np.testing.assert_allclose(critic.curvature[0, 0], a**2 / (1 - a**2), rtol=1e-3)
+    np.testing.assert_allclose(critic.weight[0], 0.0, atol=1e-4)
+
+
+def test_memory_does_not_grow_with_the_stream(getkey):
+    model = RNN(getkey())
+    state0 = jnp.zeros(HIDDEN)
+    online = eqx_dodge.OnlineDodge(gru_step, num_directions=4)
+    window = 10
+
+    def dodge(model, stream):
+        carry = online.init(model, state0, key=jax.random.key(0))
+        windows = jax.tree.map(lambda x: x.reshape((-1, window) + x.shape[1:]), stream)
+        total = jax.tree.map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+
+        def body(carry_and_total, window):
+            carry, total = carry_and_total
+            _, estimate, carry = online(model, carry, window)
+            return (carry, jax.tree.map(jnp.add, total, estimate)), None
+
+        (_, total), _ = jax.lax.scan(body, (carry, total), windows)
+        return total
+
+    def bptt(model, stream):
+        def loss(_model):
+            value, _ = scan_window(gru_step, _model, state0, stream)
+            return value
+
+        return eqx.filter_grad(loss)(model)
+
+    def temporary_bytes(fun, length):
+        stream = (jnp.zeros((length, INPUT)), jnp.zeros(length))
+        compiled = eqx.filter_jit(fun).lower(model, stream).compile()
+        analysis = compiled.compiled.memory_analysis()
+        return analysis.temp_size_in_bytes
+
+    short, long = 100, 2000
+    # Backprop stores every step (the check can fail); online DODGE does not.
+    assert temporary_bytes(bptt, long) > 5 * temporary_bytes(bptt, short)
+    assert temporary_bytes(dodge, long) <= temporary_bytes(dodge, short) + 1024
