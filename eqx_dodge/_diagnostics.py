@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Key, PRNGKeyArray, PyTree, Scalar, UInt32
 
 from ._estimator import _accumulation_dtype
 
@@ -56,7 +56,8 @@ def cosine_similarity(estimate: PyTree, gradient: PyTree) -> Scalar:
 
 
 def estimator_moments(
-    estimator: Callable[[PRNGKeyArray], PyTree], keys: PRNGKeyArray
+    estimator: Callable[[PRNGKeyArray], PyTree],
+    keys: Key[Array, " num_keys"] | UInt32[Array, "num_keys 2"],
 ) -> tuple[PyTree, PyTree]:
     r"""The empirical per-coordinate mean and variance of a random estimator.
 

@@ -122,9 +122,9 @@ def _stages(model: Any) -> tuple[Callable, list[_Stage]]:
 
 
 class _Record(NamedTuple):
-    inputs: Float[Array, "batch in"]
-    outputs: Float[Array, "batch out"]
-    slopes: Float[Array, "batch out"]
+    inputs: Float[Array, " batch in_features"]
+    outputs: Float[Array, " batch out_features"]
+    slopes: Float[Array, " batch out_features"]
 
 
 def _forward(model: Any, x: Array) -> tuple[list[_Stage], list[_Record]]:
@@ -152,7 +152,7 @@ def _forward(model: Any, x: Array) -> tuple[list[_Stage], list[_Record]]:
 
 
 def _layer_guess(
-    linear: eqx.nn.Linear, deltas: Float[Array, "batch out"], inputs: Array
+    linear: eqx.nn.Linear, deltas: Float[Array, " batch out_features"], inputs: Array
 ) -> tuple[Array, Array | None]:
     """`Σ_b δ_b x_bᵀ` for the weight and `Σ_b δ_b` for the bias of `linear`."""
     dtype = linear.weight.dtype

@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import eqx_dodge
 
@@ -160,7 +161,7 @@ def test_dodge_along_guesses_descends_and_beats_random(getkey):
     model = _mlp(getkey())
     x, y = _batch(getkey())
     gradient = eqx.filter_grad(_loss)(model, x, y)
-    flat_gradient = jax.flatten_util.ravel_pytree(gradient)[0]
+    flat_gradient = ravel_pytree(gradient)[0]
 
     @jax.jit
     @jax.vmap
@@ -169,8 +170,8 @@ def test_dodge_along_guesses_descends_and_beats_random(getkey):
         for guess in GUESSES:
             direction = guess(key, model, x)
             estimate = eqx_dodge.filter_dodge(_loss, direction=direction)(model, x, y)
-            flat_estimate = jax.flatten_util.ravel_pytree(estimate)[0]
-            flat_direction = jax.flatten_util.ravel_pytree(direction)[0]
+            flat_estimate = ravel_pytree(estimate)[0]
+            flat_direction = ravel_pytree(direction)[0]
             # DODGE along any candidate c is (g·c/‖c‖²) c.
             expected = (flat_gradient @ flat_direction) / (
                 flat_direction @ flat_direction
