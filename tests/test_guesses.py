@@ -195,3 +195,23 @@ def test_dodge_along_guesses_descends_and_beats_random(getkey):
         # mean squared cosine is 1/p = 1/2500; the activation guess spreads over about
         # BATCH·(32 + 32 + 4) = 408 random dimensions, the transpose guess fewer.
         assert jnp.mean(cosine**2) > 3 * jnp.mean(random_cosine**2)
+
+
+def test_scalar_features_and_sequential_prefix(getkey):
+    # `in_size="scalar"` / `out_size="scalar"` layers have weights of shape (out, 1)
+    # and (1, in); a Sequential may start with non-Linear layers.
+    scalar = eqx.nn.MLP("scalar", "scalar", 5, 1, key=getkey())
+    x = jax.random.normal(getkey(), (BATCH,))
+    sequential = eqx.nn.Sequential(
+        [eqx.nn.Lambda(jnp.tanh), eqx.nn.Linear(3, 2, key=getkey())]
+    )
+    z = jax.random.normal(getkey(), (BATCH, 3))
+    for guess in GUESSES:
+        direction = guess(getkey(), scalar, x)
+        for leaf, target in zip(
+            jax.tree.leaves(direction),
+            jax.tree.leaves(eqx.filter(scalar, eqx.is_inexact_array)),
+        ):
+            assert leaf.shape == target.shape
+        layer = guess(getkey(), sequential, z).layers[1]
+        assert _span_residual(layer.weight, jnp.tanh(z)) < 1e-4
