@@ -20,6 +20,11 @@ same cost of one forward-mode pass. Two guesses live here:
 Biases are treated as the weights of a constant input 1, so their guess is
 $\sum_b \tilde\delta_b$: again the exact form of the true bias gradient with
 $\tilde\delta$ in place of $\delta$.
+
+Cost: a guess runs the model's layers over the batch once (a forward pass, no
+tangents), on top of the jvp that DODGE then takes along it. The layers keep their
+natural relative scales (no per-layer normalisation): a layer with larger inputs or
+more outputs gets a larger share of the direction, as it would in the gradient.
 """
 
 import functools as ft
