@@ -71,7 +71,7 @@ FULL: dict[str, Any] = dict(
     width_keys=64,
     num_steps=400,
     backprop_steps=200,
-    base_learning_rates=[0.1, 0.3, 1.0, 3.0],
+    base_learning_rates=[0.3, 1.0, 3.0, 10.0, 30.0],
     num_seeds=2,
 )
 QUICK: dict[str, Any] = dict(
