@@ -71,7 +71,7 @@ FULL: dict[str, Any] = dict(
     width_keys=64,
     num_steps=400,
     backprop_steps=200,
-    base_learning_rates=[0.3, 1.0, 3.0, 10.0, 30.0],
+    base_learning_rates=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
     num_seeds=2,
 )
 QUICK: dict[str, Any] = dict(
@@ -134,35 +134,84 @@ def learning_rate_scale(name: str, model) -> float:
 
 
 def cosines(
-    names: tuple[str, ...], model, x: Array, y: Array, keys: PRNGKeyArray
-) -> dict[str, np.ndarray]:
-    """Cosine similarity between the estimate and the true gradient, one per key, for
-    each method of `names` (compiled together)."""
+    names: tuple[str, ...],
+    model,
+    x: Array,
+    y: Array,
+    keys: PRNGKeyArray,
+    with_curvature: bool = False,
+) -> dict[str, dict[str, np.ndarray]]:
+    """For each method of `names` (compiled together) and each key: the cosine
+    similarity between the estimate and the true gradient and, with
+    `with_curvature`, the best-step gain of the estimate.
+
+    The best-step gain compares the loss decrease of the best step along the
+    estimate's direction `e`, on the local quadratic model, `(g·e)² / (2 eᵀHe)`, with
+    that of the best step along the gradient, `‖g‖⁴ / (2 gᵀHg)`; the oracle scores 1.
+    A direction can have a high cosine and a low gain when the loss is strongly
+    curved along it (H is the Hessian of the batch loss, from forward-over-reverse
+    Hessian-vector products).
+    """
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def batch_loss(params):
+        return loss_fn(eqx.combine(params, static), x, y)
+
+    def curvature(direction):
+        hvp = jax.jvp(jax.grad(batch_loss), (params,), (direction,))[1]
+        return sum(
+            jnp.vdot(a, b)
+            for a, b in zip(jax.tree.leaves(hvp), jax.tree.leaves(direction))
+        )
+
+    def squared_norm(tree):
+        return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree.leaves(tree))
 
     @eqx.filter_jit
     def run(model, keys):
         gradient = eqx.filter_grad(loss_fn)(model, x, y)
+        reference = squared_norm(gradient) ** 2 / curvature(gradient)
 
         def one(name, key):
             _, estimate = value_and_estimate(name, key, model, x, y)
-            return eqx_dodge.diagnostics.cosine_similarity(estimate, gradient)
+            out: dict[str, Any] = {
+                "cosine": eqx_dodge.diagnostics.cosine_similarity(estimate, gradient)
+            }
+            if with_curvature:
+                inner = sum(
+                    jnp.vdot(a, b)
+                    for a, b in zip(
+                        jax.tree.leaves(estimate), jax.tree.leaves(gradient)
+                    )
+                )
+                out["best_step_gain"] = inner**2 / curvature(estimate) / reference
+            return out
 
         return {name: jax.vmap(ft.partial(one, name))(keys) for name in names}
 
-    return {name: np.asarray(values) for name, values in run(model, keys).items()}
-
-
-def summarise(values: np.ndarray) -> dict:
-    magnitudes = np.abs(values)
     return {
+        name: {k: np.asarray(v) for k, v in values.items()}
+        for name, values in run(model, keys).items()
+    }
+
+
+def summarise(values: dict[str, np.ndarray]) -> dict:
+    cosine = values["cosine"]
+    magnitudes = np.abs(cosine)
+    summary = {
         "median_abs_cosine": float(np.median(magnitudes)),
         "iqr_abs_cosine": [
             float(np.quantile(magnitudes, 0.25)),
             float(np.quantile(magnitudes, 0.75)),
         ],
-        "mean_squared_cosine": float(np.mean(values**2)),
-        "min_cosine": float(np.min(values)),
+        "mean_squared_cosine": float(np.mean(cosine**2)),
+        "min_cosine": float(np.min(cosine)),
     }
+    if "best_step_gain" in values:
+        gain = values["best_step_gain"]
+        summary["median_best_step_gain"] = float(np.median(gain))
+        summary["mean_best_step_gain"] = float(np.mean(gain))
+    return summary
 
 
 def train_sgd(
@@ -195,6 +244,15 @@ def train_sgd(
 
     per_seed = jax.vmap(one_run, in_axes=(None, 0))
     return eqx.filter_jit(jax.vmap(per_seed, in_axes=(0, None)))(learning_rates, seeds)
+
+
+def finite_or_none(values):
+    """Nested lists of floats with diverged (non-finite) entries as `None` (JSON has
+    no infinity)."""
+    array = np.asarray(values, np.float64)
+    if array.ndim == 0:
+        return float(array) if np.isfinite(array) else None
+    return [finite_or_none(row) for row in array]
 
 
 def machine_info() -> dict:
@@ -248,9 +306,11 @@ def main(
             trained_params = jax.tree.map(lambda leaf: leaf[0, 0], trained_params)
             static = eqx.partition(model, eqx.is_inexact_array)[1]
             trained = eqx.combine(trained_params, static)
-        at_init = cosines(methods, model, xb, yb, cosine_keys)
+        at_init = cosines(methods, model, xb, yb, cosine_keys, with_curvature=True)
         after = (
-            None if trained is None else cosines(methods, trained, xb, yb, cosine_keys)
+            None
+            if trained is None
+            else cosines(methods, trained, xb, yb, cosine_keys, with_curvature=True)
         )
 
         entry = {"num_parameters": p, "one_over_sqrt_p": 1 / math.sqrt(p)}
@@ -268,7 +328,8 @@ def main(
                 config["num_steps"],
                 config["batch_size"],
             )
-            losses = np.nan_to_num(np.asarray(losses), nan=np.inf)
+            # float64 so that medians of diverged (huge) losses do not overflow.
+            losses = np.nan_to_num(np.asarray(losses, np.float64), nan=np.inf)
             accuracies = np.asarray(accuracies)
             best = int(np.argmin(np.median(losses, axis=1)))
             method_results[name] = {
@@ -278,14 +339,14 @@ def main(
                 ),
                 "learning_rate_scale": scale,
                 "best_learning_rate": float(learning_rates[best]) * scale,
-                "final_loss_per_learning_rate_and_seed": losses.tolist(),
+                "final_loss_per_learning_rate_and_seed": finite_or_none(losses),
                 "train_accuracy_per_learning_rate_and_seed": accuracies.tolist(),
                 "train_accuracy_median": float(np.median(accuracies[best])),
                 "train_accuracy_spread": [
                     float(np.min(accuracies[best])),
                     float(np.max(accuracies[best])),
                 ],
-                "final_loss_median": float(np.median(losses[best])),
+                "final_loss_median": finite_or_none(np.median(losses[best])),
             }
         entry["methods"] = method_results
         results["models"][model_name] = entry
