@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from . import diagnostics as diagnostics
 from ._adam import (
     adam_dodge as adam_dodge,
     scale_by_adam_dodge as scale_by_adam_dodge,
@@ -21,6 +22,11 @@ from ._directions import (
 from ._filter import (
     filter_dodge as filter_dodge,
     filter_value_and_dodge as filter_value_and_dodge,
+)
+from ._guesses import (
+    activation_guess as activation_guess,
+    layer_activation_guess as layer_activation_guess,
+    transpose_guess as transpose_guess,
 )
 from ._online import (
     OnlineDodge as OnlineDodge,

@@ -1,0 +1,461 @@
+"""How good are DODGE's directions? Cosine similarity with the true gradient and
+training accuracy, for random directions, gradient guesses and the oracle.
+
+Models: MLPs with ReLU on scikit-learn's `load_digits` (1797 real 8×8 digits, 64
+inputs, 10 classes): the "digits" MLP 64-64-10 and a wider, deeper 64-256-256-10.
+
+Methods (all through `eqx_dodge.filter_value_and_dodge`):
+
+- `rademacher-k1`, `rademacher-k16`, `gaussian-k1`, `gaussian-k16`: random directions,
+    k averaged (DODGE eq 9);
+- `partition-k16`: one Rademacher direction split into 16 parts (DODGE eq 10);
+- `activation`: `eqx_dodge.activation_guess` as the candidate direction;
+- `transpose`: `eqx_dodge.transpose_guess` (the W-transpose guess);
+- `oracle`: the true gradient as the candidate, which is exactly backpropagation.
+
+Measured:
+
+1. cosine similarity between each estimate and the true minibatch gradient, over many
+    keys, at initialisation and after training with backpropagation;
+2. cosine similarity against the hidden width of a one-hidden-layer MLP (the claim of
+    Singhal et al. 2023: random directions fall like 1/√p, guesses much less);
+3. training-set accuracy after a fixed number of plain SGD updates, with the best
+    learning rate of a grid per method.
+
+Learning rates: the estimate from random directions has E‖ĝ‖² ≈ (p/k)‖g‖², while a
+unit candidate direction û gives ‖ĝ‖ = |g·û| ≤ ‖g‖; so the grid is `base × k/p` for
+random directions and `base` for candidates, with the same `base` values for all.
+
+Run: `python benchmarks/guess_quality.py [--quick] [--out-dir DIR]`.
+"""
+
+import argparse
+import functools as ft
+import json
+import math
+import os
+import pathlib
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, PRNGKeyArray
+
+import eqx_dodge
+
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+METHODS: dict[str, dict] = {
+    "rademacher-k1": dict(kind="random", sampler="rademacher", k=1, mode="average"),
+    "rademacher-k16": dict(kind="random", sampler="rademacher", k=16, mode="average"),
+    "gaussian-k1": dict(kind="random", sampler="gaussian", k=1, mode="average"),
+    "gaussian-k16": dict(kind="random", sampler="gaussian", k=16, mode="average"),
+    "partition-k16": dict(kind="random", sampler="rademacher", k=16, mode="partition"),
+    "activation": dict(kind="guess", guess=eqx_dodge.activation_guess),
+    "transpose": dict(kind="guess", guess=eqx_dodge.transpose_guess),
+    "oracle": dict(kind="oracle"),
+}
+
+FULL: dict[str, Any] = dict(
+    models={"digits 64-64-10": (64, 1), "wide 64-128-128-10": (128, 2)},
+    batch_size=64,
+    cosine_keys=256,
+    widths=[16, 64, 256, 1024],
+    width_depth=2,
+    width_keys=64,
+    num_steps=400,
+    backprop_steps=200,
+    base_learning_rates=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+    num_seeds=2,
+)
+QUICK: dict[str, Any] = dict(
+    models={"digits 64-16-10": (16, 1)},
+    batch_size=32,
+    cosine_keys=16,
+    widths=[8, 32],
+    width_depth=2,
+    width_keys=8,
+    num_steps=10,
+    backprop_steps=0,
+    base_learning_rates=[0.3, 3.0],
+    num_seeds=2,
+)
+WIDTH_METHODS = ("rademacher-k1", "activation", "transpose")
+
+
+def load_data() -> tuple[Array, Array]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = jnp.asarray(digits.data / 16.0, dtype=jnp.float32)  # pyright: ignore
+    y = jnp.asarray(digits.target, dtype=jnp.int32)  # pyright: ignore
+    return x, y
+
+
+def loss_fn(model, x: Array, y: Array) -> Array:
+    logits = jax.vmap(model)(x)
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
+
+
+def accuracy(model, x: Array, y: Array) -> Array:
+    return jnp.mean(jnp.argmax(jax.vmap(model)(x), axis=1) == y)
+
+
+def value_and_estimate(name: str, key: PRNGKeyArray, model, x: Array, y: Array):
+    method = METHODS[name]
+    if method["kind"] == "random":
+        return eqx_dodge.filter_value_and_dodge(
+            loss_fn,
+            key=key,
+            num_directions=method["k"],
+            sampler=method["sampler"],
+            mode=method["mode"],
+        )(model, x, y)
+    if method["kind"] == "guess":
+        direction = method["guess"](key, model, x)
+    else:
+        direction = eqx.filter_grad(loss_fn)(model, x, y)
+    return eqx_dodge.filter_value_and_dodge(loss_fn, direction=direction)(model, x, y)
+
+
+def learning_rate_scale(name: str, model) -> float:
+    method = METHODS[name]
+    if method["kind"] != "random":
+        return 1.0
+    p = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    return method["k"] / p
+
+
+def cosines(
+    names: tuple[str, ...],
+    model,
+    x: Array,
+    y: Array,
+    keys: PRNGKeyArray,
+    with_curvature: bool = False,
+) -> dict[str, dict[str, np.ndarray]]:
+    """For each method of `names` (compiled together) and each key: the cosine
+    similarity between the estimate and the true gradient and, with
+    `with_curvature`, the best-step gain of the estimate.
+
+    The best-step gain compares the loss decrease of the best step along the
+    estimate's direction `e`, on the local quadratic model, `(g·e)² / (2 eᵀHe)`, with
+    that of the best step along the gradient, `‖g‖⁴ / (2 gᵀHg)`; the oracle scores 1.
+    A direction can have a high cosine and a low gain when the loss is strongly
+    curved along it (H is the Hessian of the batch loss, from forward-over-reverse
+    Hessian-vector products).
+    """
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def batch_loss(params):
+        return loss_fn(eqx.combine(params, static), x, y)
+
+    def curvature(direction):
+        hvp = jax.jvp(jax.grad(batch_loss), (params,), (direction,))[1]
+        return sum(
+            jnp.vdot(a, b)
+            for a, b in zip(jax.tree.leaves(hvp), jax.tree.leaves(direction))
+        )
+
+    def squared_norm(tree):
+        return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree.leaves(tree))
+
+    @eqx.filter_jit
+    def run(model, keys):
+        gradient = eqx.filter_grad(loss_fn)(model, x, y)
+        reference = squared_norm(gradient) ** 2 / curvature(gradient)
+
+        def one(name, key):
+            _, estimate = value_and_estimate(name, key, model, x, y)
+            out: dict[str, Any] = {
+                "cosine": eqx_dodge.diagnostics.cosine_similarity(estimate, gradient)
+            }
+            if with_curvature:
+                inner = sum(
+                    jnp.vdot(a, b)
+                    for a, b in zip(
+                        jax.tree.leaves(estimate), jax.tree.leaves(gradient)
+                    )
+                )
+                out["best_step_gain"] = inner**2 / curvature(estimate) / reference
+            return out
+
+        return {name: jax.vmap(ft.partial(one, name))(keys) for name in names}
+
+    return {
+        name: {k: np.asarray(v) for k, v in values.items()}
+        for name, values in run(model, keys).items()
+    }
+
+
+def summarise(values: dict[str, np.ndarray]) -> dict:
+    cosine = values["cosine"]
+    magnitudes = np.abs(cosine)
+    summary = {
+        "median_abs_cosine": float(np.median(magnitudes)),
+        "iqr_abs_cosine": [
+            float(np.quantile(magnitudes, 0.25)),
+            float(np.quantile(magnitudes, 0.75)),
+        ],
+        "mean_squared_cosine": float(np.mean(cosine**2)),
+        "min_cosine": float(np.min(cosine)),
+    }
+    if "best_step_gain" in values:
+        gain = values["best_step_gain"]
+        summary["median_best_step_gain"] = float(np.median(gain))
+        summary["mean_best_step_gain"] = float(np.mean(gain))
+    return summary
+
+
+def train_sgd(
+    estimate: Callable,
+    model,
+    x: Array,
+    y: Array,
+    learning_rates: Array,
+    seeds: Array,
+    num_steps: int,
+    batch_size: int,
+):
+    """Plain SGD with `estimate(key, model, xb, yb) -> (loss, grads)`, vmapped over
+    learning rates and seeds; returns the final full-data loss and accuracy."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def one_run(learning_rate, seed):
+        def step(params, key):
+            batch_key, direction_key = jax.random.split(key)
+            index = jax.random.randint(batch_key, (batch_size,), 0, x.shape[0])
+            current = eqx.combine(params, static)
+            loss, grads = estimate(direction_key, current, x[index], y[index])
+            params = jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
+            return params, loss
+
+        keys = jax.random.split(jax.random.key(seed), num_steps)
+        final, _ = jax.lax.scan(step, params, keys)
+        trained = eqx.combine(final, static)
+        return loss_fn(trained, x, y), accuracy(trained, x, y), final
+
+    per_seed = jax.vmap(one_run, in_axes=(None, 0))
+    return eqx.filter_jit(jax.vmap(per_seed, in_axes=(0, None)))(learning_rates, seeds)
+
+
+def finite_or_none(values):
+    """Nested lists of floats with diverged (non-finite) entries as `None` (JSON has
+    no infinity)."""
+    array = np.asarray(values, np.float64)
+    if array.ndim == 0:
+        return float(array) if np.isfinite(array) else None
+    return [finite_or_none(row) for row in array]
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "equinox": eqx.__version__,
+        "devices": [str(device) for device in jax.devices()],
+        "note": "accuracy and cosine numbers only; no timings are reported",
+    }
+
+
+def main(
+    quick: bool = False,
+    out_dir: pathlib.Path = RESULTS,
+    methods: tuple[str, ...] = tuple(METHODS),
+) -> dict:
+    config = QUICK if quick else FULL
+    x, y = load_data()
+    key = jax.random.key(0)
+    batch_key, key = jax.random.split(key)
+    index = jax.random.choice(batch_key, x.shape[0], (config["batch_size"],), False)
+    xb, yb = x[index], y[index]
+    results: dict = {"models": {}, "width_sweep": {}}
+    started = time.perf_counter()
+
+    for model_name, (width, depth) in config["models"].items():
+        model_key, key = jax.random.split(key)
+        model = eqx.nn.MLP(64, 10, width, depth, key=model_key)
+        p = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+        cosine_keys = jax.random.split(jax.random.key(1), config["cosine_keys"])
+        learning_rates = jnp.asarray(config["base_learning_rates"], jnp.float32)
+        seeds = jnp.arange(config["num_seeds"])
+
+        # A model trained by backpropagation, to measure the cosines mid-training.
+        trained = None
+        if config["backprop_steps"]:
+            _, _, trained_params = train_sgd(
+                lambda k, m, a, b: value_and_estimate("oracle", k, m, a, b),
+                model,
+                x,
+                y,
+                jnp.asarray([0.3], jnp.float32),
+                jnp.arange(1),
+                config["backprop_steps"],
+                config["batch_size"],
+            )
+            trained_params = jax.tree.map(lambda leaf: leaf[0, 0], trained_params)
+            static = eqx.partition(model, eqx.is_inexact_array)[1]
+            trained = eqx.combine(trained_params, static)
+        at_init = cosines(methods, model, xb, yb, cosine_keys, with_curvature=True)
+        after = (
+            None
+            if trained is None
+            else cosines(methods, trained, xb, yb, cosine_keys, with_curvature=True)
+        )
+
+        entry = {"num_parameters": p, "one_over_sqrt_p": 1 / math.sqrt(p)}
+        method_results = {}
+        for name in methods:
+            print(f"[{model_name}] {name}", flush=True)
+            scale = learning_rate_scale(name, model)
+            losses, accuracies, _ = train_sgd(
+                lambda k, m, a, b, name=name: value_and_estimate(name, k, m, a, b),
+                model,
+                x,
+                y,
+                learning_rates * scale,
+                seeds,
+                config["num_steps"],
+                config["batch_size"],
+            )
+            # float64 so that medians of diverged (huge) losses do not overflow.
+            losses = np.nan_to_num(np.asarray(losses, np.float64), nan=np.inf)
+            accuracies = np.asarray(accuracies)
+            best = int(np.argmin(np.median(losses, axis=1)))
+            method_results[name] = {
+                "cosine_at_init": summarise(at_init[name]),
+                "cosine_after_backprop_training": (
+                    None if after is None else summarise(after[name])
+                ),
+                "learning_rate_scale": scale,
+                "best_learning_rate": float(learning_rates[best]) * scale,
+                "final_loss_per_learning_rate_and_seed": finite_or_none(losses),
+                "train_accuracy_per_learning_rate_and_seed": accuracies.tolist(),
+                "train_accuracy_median": float(np.median(accuracies[best])),
+                "train_accuracy_spread": [
+                    float(np.min(accuracies[best])),
+                    float(np.max(accuracies[best])),
+                ],
+                "final_loss_median": finite_or_none(np.median(losses[best])),
+            }
+        entry["methods"] = method_results
+        results["models"][model_name] = entry
+
+    for width in config["widths"]:
+        model = eqx.nn.MLP(
+            64, 10, width, config["width_depth"], key=jax.random.key(width)
+        )
+        p = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+        keys = jax.random.split(jax.random.key(2), config["width_keys"])
+        row: dict = {"num_parameters": p}
+        for name, values in cosines(WIDTH_METHODS, model, xb, yb, keys).items():
+            row[name] = summarise(values)
+        summary = ", ".join(
+            f"{n}={row[n]['median_abs_cosine']:.4f}" for n in WIDTH_METHODS
+        )
+        print(f"[width {width}] p={p} {summary}", flush=True)
+        results["width_sweep"][str(width)] = row
+
+    output = {
+        "benchmark": "guess_quality",
+        "machine": machine_info(),
+        "config": {
+            **{k: v for k, v in config.items() if k != "models"},
+            "models": {
+                k: {"width": w, "depth": d} for k, (w, d) in config["models"].items()
+            },
+            "quick": quick,
+            "optimizer": "plain SGD, no momentum; best base learning rate by median "
+            "final full-data loss over seeds",
+            "learning_rate_rule": "base × k/p for random directions, base for "
+            "candidate directions (guesses, oracle)",
+            "cosine": "against the true gradient of one fixed batch; statistics "
+            "over PRNG keys",
+        },
+        "wall_seconds": time.perf_counter() - started,
+        "results": results,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "guess_quality.json", "w") as file:
+        json.dump(output, file, indent=1)
+    plot(output, out_dir / "guess_quality.png")
+    print_table(output)
+    return output
+
+
+def plot(output: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = output["results"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sweep = results["width_sweep"]
+    p = np.array([row["num_parameters"] for row in sweep.values()])
+    for name, marker in (
+        ("rademacher-k1", "o"),
+        ("activation", "s"),
+        ("transpose", "^"),
+    ):
+        values = [row[name]["median_abs_cosine"] for row in sweep.values()]
+        left.loglog(p, values, marker=marker, label=name)
+    left.loglog(p, 1 / np.sqrt(p), "k--", label="1/√p")
+    depth = output["config"]["width_depth"]
+    left.set_xlabel(f"parameters p (depth {depth}, widths " + ", ".join(sweep) + ")")
+    left.set_ylabel("median |cos(ĝ, g)| at init")
+    left.set_title("Direction quality vs width")
+    left.legend()
+
+    names = list(next(iter(results["models"].values()))["methods"])
+    offsets = np.linspace(-0.2, 0.2, len(results["models"]))
+    for offset, (model_name, entry) in zip(offsets, results["models"].items()):
+        accuracies = [entry["methods"][n]["train_accuracy_median"] for n in names]
+        right.bar(
+            np.arange(len(names)) + offset, accuracies, width=0.4, label=model_name
+        )
+    right.set_xticks(np.arange(len(names)), names, rotation=35, ha="right")
+    right.set_ylabel("training accuracy")
+    right.set_title(f"After {output['config']['num_steps']} SGD updates (best lr)")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def print_table(output: dict) -> None:
+    for model_name, entry in output["results"]["models"].items():
+        print(
+            f"\n{model_name}: p = {entry['num_parameters']}, "
+            f"1/√p = {entry['one_over_sqrt_p']:.4f}"
+        )
+        print(
+            f"{'method':16s} {'|cos| init':>10s} {'|cos| trained':>13s} "
+            f"{'train acc':>9s} {'best lr':>9s}"
+        )
+        for name, row in entry["methods"].items():
+            after = row["cosine_after_backprop_training"]
+            after = float("nan") if after is None else after["median_abs_cosine"]
+            print(
+                f"{name:16s} {row['cosine_at_init']['median_abs_cosine']:10.4f} "
+                f"{after:13.4f} "
+                f"{row['train_accuracy_median']:9.3f} {row['best_learning_rate']:9.2e}"
+            )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Direction quality benchmark.")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
+    arguments = parser.parse_args()
+    main(arguments.quick, arguments.out_dir)

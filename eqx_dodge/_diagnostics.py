@@ -1,0 +1,97 @@
+"""Diagnostics of gradient-estimate quality: optional, for logging, never needed to
+train."""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Key, PRNGKeyArray, PyTree, Scalar, UInt32
+
+from ._estimator import _accumulation_dtype
+
+
+def _dot(a: PyTree, b: PyTree, dtype) -> Scalar:
+    return sum(
+        (
+            jnp.vdot(x.astype(dtype), y.astype(dtype))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+        ),
+        start=jnp.zeros((), dtype),
+    )
+
+
+def cosine_similarity(estimate: PyTree, gradient: PyTree) -> Scalar:
+    r"""The cosine of the angle between a gradient estimate and the gradient.
+
+    $\cos = \hat g \cdot g / (\|\hat g\|\,\|g\|)$ over all the leaves together, as if
+    both were flattened into one vector. `None` leaves (as in the output of
+    `eqx.filter_grad`) are skipped. If either argument is zero the result is `0`, not
+    NaN.
+
+    For a DODGE estimate $(g \cdot u)\,u$ this is $|g \cdot u| / (\|g\|\,\|u\|)$ up to
+    its sign, which is that of $g \cdot u$; for a random Rademacher or Gaussian
+    direction its square has expectation $1/p$, with $p$ the number of coordinates.
+    The oracle direction $u = g$ gives 1.
+
+    **Arguments:**
+
+    - `estimate`: a PyTree, e.g. the output of [`eqx_dodge.filter_dodge`][].
+    - `gradient`: a PyTree of the same structure, e.g. the output of
+        `eqx.filter_grad`.
+
+    **Returns:**
+
+    A scalar in $[-1, 1]$, computed in at least float32.
+    """
+    if jax.tree.structure(estimate) != jax.tree.structure(gradient):
+        raise ValueError(
+            "`estimate` and `gradient` must have the same tree structure, got "
+            f"{jax.tree.structure(estimate)} and {jax.tree.structure(gradient)}."
+        )
+    dtype = _accumulation_dtype((estimate, gradient))
+    norms = _dot(estimate, estimate, dtype) * _dot(gradient, gradient, dtype)
+    positive = norms > 0
+    inverse = jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, norms, 1)), 0)
+    return jnp.clip(_dot(estimate, gradient, dtype) * inverse, -1, 1)
+
+
+def estimator_moments(
+    estimator: Callable[[PRNGKeyArray], PyTree],
+    keys: Key[Array, " num_keys"] | UInt32[Array, "num_keys 2"],
+) -> tuple[PyTree, PyTree]:
+    r"""The empirical per-coordinate mean and variance of a random estimator.
+
+    Evaluates `estimator(key)` for every key of `keys` in one vectorised call
+    (`jax.vmap`) and returns the sample mean and the unbiased sample variance
+    (divisor $n - 1$) of every coordinate. For a DODGE estimate with Rademacher
+    directions and a fixed gradient the variance of coordinate $i$ should be close to
+    $\|g\|^2 - g_i^2$ (DODGE eq 8).
+
+    ```python
+    def estimator(key):
+        return eqx_dodge.filter_dodge(loss, key=key)(model, x, y)
+
+    mean, variance = eqx_dodge.diagnostics.estimator_moments(
+        estimator, jax.random.split(key, 1000)
+    )
+    ```
+
+    Memory grows with `len(keys)` times the size of one estimate.
+
+    **Arguments:**
+
+    - `estimator`: a function from a PRNG key to a PyTree of arrays (`None` leaves are
+        allowed and stay `None`).
+    - `keys`: a batch of PRNG keys, e.g. `jax.random.split(key, n)` with `n ≥ 2`.
+
+    **Returns:**
+
+    `(mean, variance)`, two PyTrees with the structure of one estimate.
+    """
+    num_keys = jnp.shape(keys)[0]
+    if num_keys < 2:
+        raise ValueError(f"`keys` must hold at least 2 keys, got {num_keys}.")
+    samples = jax.vmap(estimator)(keys)
+    mean = jax.tree.map(lambda leaf: jnp.mean(leaf, axis=0), samples)
+    variance = jax.tree.map(lambda leaf: jnp.var(leaf, axis=0, ddof=1), samples)
+    return mean, variance

@@ -1,0 +1,74 @@
+import importlib.util
+import pathlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import eqx_dodge
+
+
+def _load_example():
+    path = pathlib.Path(__file__).parent.parent / "examples" / "while_loop_model.py"
+    spec = importlib.util.spec_from_file_location("while_loop_model", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _load_example()
+
+
+def test_reverse_mode_raises_and_dodge_trains():
+    key = jax.random.key(0)
+    data_key, model_key, train_key = jax.random.split(key, 3)
+    x, y = example.make_data(data_key, 64, 4)
+    model = example.FixedPointModel(4, 8, key=model_key)
+
+    # The trip count of the solver depends on the data.
+    iterations = jax.vmap(lambda xi: model.solve(xi)[1])(x)
+    assert jnp.min(iterations) < jnp.max(iterations)
+
+    with pytest.raises(ValueError, match="Reverse-mode differentiation"):
+        eqx.filter_grad(example.loss_fn)(model, x, y)
+
+    # Forward mode goes through the loop: the DODGE estimate along a direction is
+    # (g·u)u, and g·u matches a central finite difference of the loss.
+    direction = eqx_dodge.random_direction(jax.random.key(1), model)
+    estimate = eqx_dodge.filter_dodge(example.loss_fn, direction=direction)(model, x, y)
+    unit = eqx_dodge.diagnostics.cosine_similarity(estimate, direction)
+    assert jnp.abs(jnp.abs(unit) - 1) < 1e-5
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    norm = jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(direction)))
+    step = 1e-2
+
+    def loss_at(t):
+        moved = jax.tree.map(lambda p, u: p + t * u / norm, params, direction)
+        return example.loss_fn(eqx.combine(moved, static), x, y)
+
+    finite_difference = (loss_at(step) - loss_at(-step)) / (2 * step)
+    derivative = (
+        sum(
+            jnp.sum(e * u)
+            for e, u in zip(jax.tree.leaves(estimate), jax.tree.leaves(direction))
+        )
+        / norm
+    )
+    assert jnp.abs(derivative - finite_difference) < 1e-2 * (
+        jnp.abs(finite_difference) + 1e-2
+    )
+
+    trained, losses = example.train(
+        model,
+        x,
+        y,
+        key=train_key,
+        num_steps=150,
+        learning_rate=example.LEARNING_RATE,
+        num_directions=8,
+    )
+    final = example.loss_fn(trained, x, y)
+    assert jnp.isfinite(final)
+    assert final < 0.5 * losses[0]
