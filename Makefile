@@ -4,6 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.installed-dev
 EXAMPLES_STAMP := $(VENV)/.installed-examples
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test lint pytest bench
 
@@ -19,6 +20,10 @@ $(EXAMPLES_STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --quiet -e ".[examples]"
 	touch $@
 
+$(BENCH_STAMP): pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
 demo: $(EXAMPLES_STAMP)
 	$(PYTHON) examples/demo.py
 
@@ -32,5 +37,8 @@ pytest: $(DEV_STAMP)
 
 test: lint pytest
 
-bench: $(DEV_STAMP)
-	@for script in benchmarks/*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+# `make bench BENCH_FLAGS=--quick` for the small configurations. Files starting with
+# `_` are shared helpers; report.py runs last and rewrites the README's tables.
+bench: $(BENCH_STAMP)
+	@for script in benchmarks/[!_]*.py; do [ $$script = benchmarks/report.py ] && continue; echo "== $$script"; $(PYTHON) $$script $(BENCH_FLAGS) || exit 1; done
+	$(PYTHON) benchmarks/report.py

@@ -1,0 +1,236 @@
+"""Shared helpers of the benchmark scripts: timing, machine description, JSON output.
+
+Timings are taken the same way everywhere:
+
+- every function is jitted and compiled, then called once more (warm-up) before any
+  clock is read;
+- the number of calls per repeat is calibrated so that one repeat lasts at least
+  `min_time` seconds, and every repeat ends with `jax.block_until_ready`;
+- the repeats of all the functions being compared are *interleaved* (in a fresh random
+  order each round), so that load from other processes on a shared machine hits every
+  function alike, and a ratio is taken repeat by repeat before its median is;
+- we report the median and the spread (min, quartiles, max) over the repeats.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def parse_args(
+    doc: str | None,
+    argv: Sequence[str] | None = None,
+    flags: Sequence[tuple[str, str]] = (),
+) -> argparse.Namespace:
+    """The command line every benchmark accepts: `--quick` and `--out DIR`, plus the
+    boolean `flags` given as `(name, help)` pairs. `doc` is the script's docstring."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small configuration that runs in about a minute (for smoke tests)",
+    )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=RESULTS,
+        help="directory for the JSON and PNG results (default: benchmarks/results)",
+    )
+    for name, help in flags:
+        parser.add_argument(name, action="store_true", help=help)
+    return parser.parse_args(argv)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=pathlib.Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and with what the benchmark ran (stored in every result file)."""
+    import importlib.metadata
+
+    import equinox
+    import optax
+
+    return {
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15min": _load_average(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": importlib.metadata.version("jaxlib"),
+        "equinox": equinox.__version__,
+        "optax": optax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "git_commit": _git_commit(),
+    }
+
+
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    """Median and spread of a list of per-call times (or of ratios)."""
+    values = sorted(float(s) for s in samples)
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return {
+        "median": statistics.median(values),
+        "min": values[0],
+        "q1": q1,
+        "q3": q3,
+        "max": values[-1],
+        "repeats": len(values),
+    }
+
+
+def _timed(fun: Callable[[], Any], calls: int) -> float:
+    start = time.perf_counter()
+    out = None
+    for _ in range(calls):
+        out = fun()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+
+def time_interleaved(
+    funs: dict[str, Callable[[], Any]],
+    *,
+    repeats: int = 7,
+    min_time: float = 0.1,
+) -> dict[str, list[float]]:
+    """Seconds per call of each zero-argument function, one list entry per repeat.
+
+    Each function must already be jitted (or call jitted code); it is called once to
+    compile and once to warm up before timing. The repeats of the functions are
+    interleaved so that they see the same machine load.
+    """
+    if repeats < 5:
+        raise ValueError(f"Use at least 5 repeats, got {repeats}.")
+    calls = {}
+    for name, fun in funs.items():
+        jax.block_until_ready(fun())  # compile
+        jax.block_until_ready(fun())  # warm up
+        once = _timed(fun, 1)
+        calls[name] = max(1, int(np.ceil(min_time / max(once, 1e-7))))
+    times: dict[str, list[float]] = {name: [] for name in funs}
+    order = list(funs)
+    shuffle = np.random.default_rng(0).permutation
+    for _ in range(repeats):
+        # A fresh order every repeat, so no function always runs right after another.
+        for name in [order[i] for i in shuffle(len(order))]:
+            times[name].append(_timed(funs[name], calls[name]))
+    return times
+
+
+def ratio_samples(
+    numerator: Sequence[float], denominator: Sequence[float], scale: float = 1.0
+) -> list[float]:
+    """Repeat-by-repeat ratios `numerator / (scale · denominator)`."""
+    return [n / (scale * d) for n, d in zip(numerator, denominator)]
+
+
+def memory_analysis(compiled: Any) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled function, in bytes.
+
+    `compiled` is the output of `jax.jit(f).lower(...).compile()` or of its
+    `eqx.filter_jit` counterpart. `peak_bytes` is arguments + outputs + temporaries −
+    aliased buffers: the most memory the compiled program holds at once.
+    """
+    compiled = getattr(compiled, "compiled", compiled)  # unwrap equinox's wrapper
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    fields = {
+        name: int(getattr(analysis, name + "_in_bytes", 0))
+        for name in (
+            "argument_size",
+            "output_size",
+            "temp_size",
+            "alias_size",
+            "generated_code_size",
+        )
+    }
+    fields["peak_bytes"] = (
+        fields["argument_size"]
+        + fields["output_size"]
+        + fields["temp_size"]
+        - fields["alias_size"]
+    )
+    return fields
+
+
+def write_json(
+    out_dir: pathlib.Path, name: str, payload: dict[str, Any]
+) -> pathlib.Path:
+    """Writes `out_dir/<name>.json` with the machine description added."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    record = {"benchmark": name, "machine": machine_info(), **payload}
+    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def new_figure(*args: Any, **kwargs: Any) -> Any:
+    """A matplotlib figure on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, out_dir: pathlib.Path, name: str) -> pathlib.Path:
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
