@@ -15,9 +15,7 @@ from ._directions import (
     _part_indices,
     check_num_parts,
     check_sampler,
-    partition_direction,
     random_direction,
-    random_directions,
     Sampler,
 )
 
@@ -143,6 +141,63 @@ def _scale(tangent: Array, derivative: Array) -> Array:
     return derivative.astype(tangent.dtype) * tangent
 
 
+# On XLA:CPU, k directions cost less when run a few at a time than all at once in one
+# `vmap`: the k tangents of the parameters and of every activation stop spilling out
+# of the caches, and a batched convolution with k·c output channels is slower than k/c
+# convolutions with c·c. The chunks are unrolled (`lax.scan(unroll=True)`): XLA:CPU runs
+# convolutions inside a while loop several times slower. At most `_MAX_CHUNKS` chunks
+# bound the size of the unrolled program. Measured in benchmarks/k_formulations.py;
+# other backends keep a single `vmap` over all k directions.
+_CPU_CHUNK = 4
+_MAX_CHUNKS = 16
+
+
+def _chunk_size(num_directions: int) -> int:
+    if jax.default_backend() != "cpu":
+        return num_directions
+    return max(_CPU_CHUNK, -(-num_directions // _MAX_CHUNKS))
+
+
+def _in_chunks(
+    fun: Callable[[PyTree], Any],
+    primal: PyTree,
+    num_directions: int,
+    tangents_of: Callable[[Array], PyTree],
+    combine: Callable[[PyTree, Array], PyTree],
+    *,
+    has_aux: bool,
+) -> tuple[Scalar, Array, Any, PyTree]:
+    """The k directional derivatives, `_chunk_size(k)` directions at a time.
+
+    `tangents_of(indices)` stacks the tangents of the given direction indices and
+    `combine(tangents, derivatives)` maps one chunk to a PyTree that is summed over
+    the chunks. Returns `(value, derivatives, aux, sum)`.
+    """
+    chunk = _chunk_size(num_directions)
+    # The first chunk holds the remainder, so every later chunk is full.
+    first = num_directions - chunk * ((num_directions - 1) // chunk)
+    rest = (num_directions - first) // chunk
+
+    def run(indices):
+        tangents = tangents_of(indices)
+        value, derivatives, aux = directional_derivatives(
+            fun, primal, tangents, has_aux=has_aux, stacked=True
+        )
+        return value, derivatives, aux, combine(tangents, derivatives)
+
+    value, derivatives, aux, total = run(jnp.arange(first))
+    if rest == 0:
+        return value, derivatives, aux, total
+
+    def body(total, indices):
+        _, derivatives, _, part = run(indices)
+        return jax.tree.map(jnp.add, total, part), derivatives
+
+    indices = first + jnp.arange(rest * chunk).reshape(rest, chunk)
+    total, more = jax.lax.scan(body, total, indices, unroll=True)
+    return value, jnp.concatenate([derivatives, more.reshape(-1)]), aux, total
+
+
 def value_and_estimate(
     fun: Callable[[PyTree], Any],
     primal: PyTree,
@@ -178,28 +233,50 @@ def value_and_estimate(
 
     if mode == "partition":
         base = random_direction(key, primal, sampler=sampler)
-        value, derivatives, aux = directional_derivatives(
-            fun,
-            primal,
-            partition_direction(base, num_directions),
-            has_aux=has_aux,
-            stacked=True,
+        part_indices = _part_indices(primal, num_directions)
+
+        def parts(indices):
+            # Parts `indices` of `base`, as `partition_direction` would return them.
+            def part(j):
+                return jax.tree.map(
+                    lambda u, p: jnp.where(p == j, u, jnp.zeros((), u.dtype)),
+                    base,
+                    part_indices,
+                )
+
+            return jax.vmap(part)(indices)
+
+        value, derivatives, aux, _ = _in_chunks(
+            fun, primal, num_directions, parts, lambda t, d: None, has_aux=has_aux
         )
         # Coordinate i lies in exactly one part j, so Σ_j d_j u_j(i) = d_{j(i)} u(i):
         # a gather instead of a k-fold sum over mostly-zero parts.
         estimate = jax.tree.map(
-            lambda u, part: _scale(u, derivatives[part]),
-            base,
-            _part_indices(primal, num_directions),
+            lambda u, part: _scale(u, derivatives[part]), base, part_indices
         )
         return value, estimate, aux
 
-    tangents = random_directions(key, primal, num_directions, sampler)
-    value, derivatives, aux = directional_derivatives(
-        fun, primal, tangents, has_aux=has_aux, stacked=True
+    keys = jax.random.split(key, num_directions)
+
+    def directions(indices):
+        # Direction j is `random_directions(key, primal, k, sampler)[j]`.
+        return jax.vmap(lambda k: random_direction(k, primal, sampler=sampler))(
+            keys[indices]
+        )
+
+    def weighted_sum(tangents, derivatives):
+        weights = derivatives / num_directions
+
+        def leaf_sum(u):
+            # Sum the chunks in at least float32, so low-precision leaves lose no
+            # more than the one final rounding.
+            dtype = jnp.float32 if jnp.finfo(u.dtype).bits < 32 else u.dtype
+            return jnp.tensordot(weights.astype(dtype), u.astype(dtype), axes=1)
+
+        return jax.tree.map(leaf_sum, tangents)
+
+    value, _, aux, estimate = _in_chunks(
+        fun, primal, num_directions, directions, weighted_sum, has_aux=has_aux
     )
-    weights = derivatives / num_directions
-    estimate = jax.tree.map(
-        lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1), tangents
-    )
+    estimate = jax.tree.map(lambda e, p: e.astype(p.dtype), estimate, primal)
     return value, estimate, aux
