@@ -141,13 +141,14 @@ def _scale(tangent: Array, derivative: Array) -> Array:
     return derivative.astype(tangent.dtype) * tangent
 
 
-# On XLA:CPU, k directions cost less when run a few at a time than all at once in one
-# `vmap`: the k tangents of the parameters and of every activation stop spilling out
-# of the caches, and a batched convolution with k·c output channels is slower than k/c
-# convolutions with c·c. The chunks are unrolled (`lax.scan(unroll=True)`): XLA:CPU runs
-# convolutions inside a while loop several times slower. At most `_MAX_CHUNKS` chunks
-# bound the size of the unrolled program. Measured in benchmarks/k_formulations.py;
-# other backends keep a single `vmap` over all k directions.
+# On XLA:CPU, k directions cost less when run a few at a time, one chunk after
+# another, than all at once in one `vmap`: the k tangents of the parameters and of
+# every activation no longer spill out of the caches, and the peak memory drops from
+# k tangents to `_CPU_CHUNK`. A `lax.scan` over the chunks keeps them sequential, but
+# XLA:CPU runs convolutions inside a loop several times slower, so a loss with a
+# convolution gets the chunks unrolled instead (`unroll=True`, at most `_MAX_CHUNKS`
+# of them). Measured in benchmarks/k_formulations.py; other backends keep one `vmap`
+# over all k directions.
 _CPU_CHUNK = 4
 _MAX_CHUNKS = 16
 
@@ -156,6 +157,21 @@ def _chunk_size(num_directions: int) -> int:
     if jax.default_backend() != "cpu":
         return num_directions
     return max(_CPU_CHUNK, -(-num_directions // _MAX_CHUNKS))
+
+
+def _has_convolution(fun: Callable[[PyTree], Any], primal: PyTree) -> bool:
+    def walk(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                return True
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, list | tuple) else [param]:
+                    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(sub, "eqns") and walk(sub):
+                        return True
+        return False
+
+    return walk(jax.make_jaxpr(fun)(primal).jaxpr)
 
 
 def _in_chunks(
@@ -194,7 +210,8 @@ def _in_chunks(
         return jax.tree.map(jnp.add, total, part), derivatives
 
     indices = first + jnp.arange(rest * chunk).reshape(rest, chunk)
-    total, more = jax.lax.scan(body, total, indices, unroll=True)
+    unroll = _has_convolution(fun, primal)
+    total, more = jax.lax.scan(body, total, indices, unroll=unroll)
     return value, jnp.concatenate([derivatives, more.reshape(-1)]), aux, total
 
 

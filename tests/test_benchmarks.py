@@ -81,8 +81,10 @@ def test_k_formulations_quick(tmp_path):
                 check_summary(value)
 
 
-@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("k", [4, 6])
 def test_formulations_agree_with_the_library(k):
+    # k > 1: with one direction the library draws it from `key` itself, not from
+    # `jax.random.split(key, 1)[0]`.
     model = eqx.nn.MLP(5, 3, 8, 2, key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (7, 5))
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -92,12 +94,7 @@ def test_formulations_agree_with_the_library(k):
 
     key = jax.random.key(2)
     expected = eqx_dodge.filter_value_and_dodge(loss, key=key, num_directions=k)(params)
-    chunk = 2 if k % 2 == 0 else 1
-    candidates = [
-        *k_formulations.formulations(chunk).values(),
-        ft.partial(k_formulations.vmap_jvp_given_tangents, tangents=None),
-    ]
-    for formulation in candidates[:-1]:
+    for formulation in k_formulations.formulations(chunk=2).values():
         value, estimate = jax.jit(ft.partial(formulation, loss, k=k))(params, key)
         np.testing.assert_allclose(value, expected[0], rtol=1e-6)
         for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(expected[1])):
@@ -193,6 +190,6 @@ def test_report(tmp_path):
     text = readme.read_text()
     assert "old text" not in text
     assert text.endswith(f"{report.END}\n\n## After\n")
-    assert "| an MLP | 3.00 (2.00–4.00) |" in text
-    assert "1.70 (1.60–1.80) ✗" in text  # above the 1.05 goal
+    assert "| an MLP | 3.00 (1.50–4.50) |" in text  # median (quartiles)
+    assert "1.70 (1.55–1.85) ✗" in text  # above the 1.05 goal
     assert "| 3.0 |" in text  # MiB

@@ -14,7 +14,7 @@ from eqx_dodge._directions import (
     random_direction,
     random_directions,
 )
-from eqx_dodge._estimator import _chunk_size
+from eqx_dodge._estimator import _chunk_size, _has_convolution
 
 
 def make_problem(dtype=jnp.float32):
@@ -122,3 +122,30 @@ def test_chunked_estimate_is_deterministic():
     first, second = fn(model, x)[0], fn(model, x)[0]
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_convolutions_take_the_unrolled_path():
+    conv = eqx.nn.Conv1d(2, 3, 3, key=jax.random.key(8))
+    x = jax.random.normal(jax.random.key(9), (2, 7))
+    params = eqx.filter(conv, eqx.is_inexact_array)
+    assert _has_convolution(lambda p: jnp.sum(p(x) ** 2), params)
+    model, _, _ = make_problem()
+    mlp_params, static = eqx.partition(model, eqx.is_inexact_array)
+    assert not _has_convolution(
+        lambda p: jnp.sum(eqx.combine(p, static)(x[0, :3])), mlp_params
+    )
+
+    def loss(conv, x):
+        return jnp.mean(jnp.tanh(conv(x)) ** 2), None
+
+    k, key = 9, jax.random.key(10)
+    tangents = random_directions(key, params, k, "rademacher")
+    _, derivatives = one_vmap(loss, conv, x, tangents)
+    expected = jax.tree.map(
+        lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
+    )
+    estimate = eqx.filter_jit(
+        eqx_dodge.filter_dodge(loss, key=key, num_directions=k, has_aux=True)
+    )(conv, x)[0]
+    for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
