@@ -146,9 +146,9 @@ def _scale(tangent: Array, derivative: Array) -> Array:
 # every activation no longer spill out of the caches, and the peak memory drops from
 # k tangents to `_CPU_CHUNK`. A `lax.scan` over the chunks keeps them sequential, but
 # XLA:CPU runs convolutions inside a loop several times slower, so a loss with a
-# convolution gets the chunks unrolled instead (`unroll=True`, at most `_MAX_CHUNKS`
-# of them). Measured in benchmarks/k_formulations.py; other backends keep one `vmap`
-# over all k directions.
+# convolution gets the chunks unrolled instead (at most `_MAX_CHUNKS` of them).
+# Measured in benchmarks/k_formulations.py; other backends keep one `vmap` over all
+# k directions.
 _CPU_CHUNK = 4
 _MAX_CHUNKS = 16
 
@@ -210,8 +210,16 @@ def _in_chunks(
         return jax.tree.map(jnp.add, total, part), derivatives
 
     indices = first + jnp.arange(rest * chunk).reshape(rest, chunk)
-    unroll = _has_convolution(fun, primal)
-    total, more = jax.lax.scan(body, total, indices, unroll=unroll)
+    if _has_convolution(fun, primal):
+        # Unrolled by hand: `lax.scan(unroll=True)` over a single chunk still emits
+        # a one-trip loop.
+        chunks = []
+        for chunk_indices in indices:
+            total, chunk_derivatives = body(total, chunk_indices)
+            chunks.append(chunk_derivatives)
+        more = jnp.stack(chunks)
+    else:
+        total, more = jax.lax.scan(body, total, indices)
     return value, jnp.concatenate([derivatives, more.reshape(-1)]), aux, total
 
 

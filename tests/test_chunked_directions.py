@@ -138,14 +138,15 @@ def test_convolutions_take_the_unrolled_path():
     def loss(conv, x):
         return jnp.mean(jnp.tanh(conv(x)) ** 2), None
 
-    k, key = 9, jax.random.key(10)
+    k, key = 8, jax.random.key(10)  # one chunk after the first: no loop either
     tangents = random_directions(key, params, k, "rademacher")
     _, derivatives = one_vmap(loss, conv, x, tangents)
     expected = jax.tree.map(
         lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
     )
-    estimate = eqx.filter_jit(
+    estimate_fn = eqx.filter_jit(
         eqx_dodge.filter_dodge(loss, key=key, num_directions=k, has_aux=True)
-    )(conv, x)[0]
+    )
+    estimate = estimate_fn(conv, x)[0]
     for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
