@@ -20,6 +20,8 @@ direction `j` drawn from `jax.random.split(key, k)[j]`, as the library does:
     cost of drawing them (a lower bound on what any sampler can reach).
 
 The output is the time per estimate and its ratio to `vmap_jvp`, per model and k.
+What the library does with k > 4 on CPU follows from it: `jvp_scan_4`, or
+`jvp_unrolled_4` when the loss contains a convolution (`eqx_dodge/_estimator.py`).
 """
 
 import functools as ft
@@ -142,8 +144,10 @@ def run_problem(
 
 
 def plot(results: dict[str, Any], out_dir: Any) -> None:
-    fig, axes = _common.new_figure(1, len(results), figsize=(5 * len(results), 4))
-    for ax, (name, data) in zip(axes, results.items()):
+    fig, axes = _common.new_figure(
+        1, len(results), figsize=(5 * len(results), 4), squeeze=False
+    )
+    for ax, (name, data) in zip(axes[0], results.items()):
         ks = [int(k) for k in data]
         for variant in data[str(ks[0])]["over_vmap_jvp"]:
             ax.plot(
