@@ -4,7 +4,7 @@ Everything here works on `primal`, the PyTree of trainable (inexact-array) leave
 on `fun(primal) -> (value, aux)`, a function of those leaves alone.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import Any, Literal, TypeAlias
 
 import jax
@@ -146,32 +146,35 @@ def _scale(tangent: Array, derivative: Array) -> Array:
 # every activation no longer spill out of the caches, and the peak memory drops from
 # k tangents to `_CPU_CHUNK`. A `lax.scan` over the chunks keeps them sequential, but
 # XLA:CPU runs convolutions inside a loop several times slower, so a loss with a
-# convolution gets the chunks unrolled instead (at most `_MAX_CHUNKS` of them).
-# Measured in benchmarks/k_formulations.py; other backends keep one `vmap` over all
-# k directions.
+# convolution gets the chunks unrolled instead (at most `_MAX_CHUNKS` of them). A loss
+# with a loop of its own (a recurrent model) keeps all k directions in one `vmap`:
+# chunks would repeat its sequential steps with k/c times smaller matmuls. Measured
+# in benchmarks/k_formulations.py; other backends keep one `vmap` over all k.
 _CPU_CHUNK = 4
 _MAX_CHUNKS = 16
 
 
-def _chunk_size(num_directions: int) -> int:
-    if jax.default_backend() != "cpu":
-        return num_directions
-    return max(_CPU_CHUNK, -(-num_directions // _MAX_CHUNKS))
+def _primitives(fun: Callable[[PyTree], Any], primal: PyTree) -> set[str]:
+    """The names of the primitives in `fun`, nested ones included."""
+    names: set[str] = set()
 
-
-def _has_convolution(fun: Callable[[PyTree], Any], primal: PyTree) -> bool:
-    def walk(jaxpr) -> bool:
+    def walk(jaxpr) -> None:
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                return True
+            names.add(eqn.primitive.name)
             for param in eqn.params.values():
                 for sub in param if isinstance(param, list | tuple) else [param]:
                     sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-                    if hasattr(sub, "eqns") and walk(sub):
-                        return True
-        return False
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
 
-    return walk(jax.make_jaxpr(fun)(primal).jaxpr)
+    walk(jax.make_jaxpr(fun)(primal).jaxpr)
+    return names
+
+
+def _chunk_size(num_directions: int, primitives: Set[str] = frozenset()) -> int:
+    if jax.default_backend() != "cpu" or primitives & {"scan", "while"}:
+        return num_directions
+    return max(_CPU_CHUNK, -(-num_directions // _MAX_CHUNKS))
 
 
 def _in_chunks(
@@ -189,7 +192,8 @@ def _in_chunks(
     `combine(tangents, derivatives)` maps one chunk to a PyTree that is summed over
     the chunks. Returns `(value, derivatives, aux, sum)`.
     """
-    chunk = _chunk_size(num_directions)
+    primitives = _primitives(fun, primal) if num_directions > _CPU_CHUNK else set()
+    chunk = _chunk_size(num_directions, primitives)
     # The first chunk holds the remainder, so every later chunk is full.
     first = num_directions - chunk * ((num_directions - 1) // chunk)
     rest = (num_directions - first) // chunk
@@ -210,7 +214,7 @@ def _in_chunks(
         return jax.tree.map(jnp.add, total, part), derivatives
 
     indices = first + jnp.arange(rest * chunk).reshape(rest, chunk)
-    if _has_convolution(fun, primal):
+    if "conv_general_dilated" in primitives:
         # Unrolled by hand: `lax.scan(unroll=True)` over a single chunk still emits
         # a one-trip loop.
         chunks = []

@@ -14,7 +14,7 @@ from eqx_dodge._directions import (
     random_direction,
     random_directions,
 )
-from eqx_dodge._estimator import _chunk_size, _has_convolution
+from eqx_dodge._estimator import _chunk_size, _primitives
 
 
 def make_problem(dtype=jnp.float32):
@@ -44,6 +44,13 @@ def one_vmap(loss, model, x, tangents):
 def test_chunk_size():
     assert jax.default_backend() == "cpu"
     assert [_chunk_size(k) for k in (1, 4, 5, 64, 65, 200)] == [4, 4, 4, 4, 5, 13]
+    # A loss with a loop of its own (a recurrent model) keeps one `vmap`.
+    assert _chunk_size(64, {"scan", "dot_general"}) == 64
+
+    def recurrent(w):
+        return jax.lax.scan(lambda h, _: (jnp.tanh(w * h), None), w, None, length=3)[0]
+
+    assert "scan" in _primitives(recurrent, jnp.ones(2))
 
 
 @pytest.mark.parametrize("k", [5, 33])
@@ -128,10 +135,10 @@ def test_convolutions_take_the_unrolled_path():
     conv = eqx.nn.Conv1d(2, 3, 3, key=jax.random.key(8))
     x = jax.random.normal(jax.random.key(9), (2, 7))
     params = eqx.filter(conv, eqx.is_inexact_array)
-    assert _has_convolution(lambda p: jnp.sum(p(x) ** 2), params)
+    assert "conv_general_dilated" in _primitives(lambda p: jnp.sum(p(x) ** 2), params)
     model, _, _ = make_problem()
     mlp_params, static = eqx.partition(model, eqx.is_inexact_array)
-    assert not _has_convolution(
+    assert "conv_general_dilated" not in _primitives(
         lambda p: jnp.sum(eqx.combine(p, static)(x[0, :3])), mlp_params
     )
 
