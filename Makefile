@@ -5,6 +5,7 @@ export NO_MKDOCS_2_WARNING := 1
 PYTHON := $(VENV)/bin/python
 DEV_STAMP := $(VENV)/.installed-dev
 EXAMPLES_STAMP := $(VENV)/.installed-examples
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test lint pytest bench docs docs-serve
 
@@ -20,6 +21,10 @@ $(EXAMPLES_STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --quiet -e ".[examples]"
 	touch $@
 
+$(BENCH_STAMP): pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
 demo: $(EXAMPLES_STAMP)
 	$(PYTHON) examples/demo.py
 
@@ -33,8 +38,11 @@ pytest: $(DEV_STAMP)
 
 test: lint pytest docs
 
-bench: $(DEV_STAMP)
-	@for script in benchmarks/*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+# `make bench BENCH_FLAGS=--quick` for the small configurations. Files starting with
+# `_` are shared helpers; report.py runs last and rewrites the README's tables.
+bench: $(BENCH_STAMP)
+	@for script in benchmarks/[!_]*.py; do [ $$script = benchmarks/report.py ] && continue; echo "== $$script"; $(PYTHON) $$script $(BENCH_FLAGS) || exit 1; done
+	$(PYTHON) benchmarks/report.py
 
 docs: $(DEV_STAMP)
 	$(VENV)/bin/mkdocs build --strict

@@ -33,10 +33,13 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def parse_args(
-    description: str, argv: Sequence[str] | None = None
+    doc: str | None,
+    argv: Sequence[str] | None = None,
+    flags: Sequence[tuple[str, str]] = (),
 ) -> argparse.Namespace:
-    """The command line every benchmark accepts: `--quick` and `--out DIR`."""
-    parser = argparse.ArgumentParser(description=description)
+    """The command line every benchmark accepts: `--quick` and `--out DIR`, plus the
+    boolean `flags` given as `(name, help)` pairs. `doc` is the script's docstring."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -48,6 +51,8 @@ def parse_args(
         default=RESULTS,
         help="directory for the JSON and PNG results (default: benchmarks/results)",
     )
+    for name, help in flags:
+        parser.add_argument(name, action="store_true", help=help)
     return parser.parse_args(argv)
 
 
@@ -84,8 +89,9 @@ def _git_commit() -> str | None:
 
 def machine_info() -> dict[str, Any]:
     """Where and with what the benchmark ran (stored in every result file)."""
+    import importlib.metadata
+
     import equinox
-    import jaxlib
     import optax
 
     return {
@@ -96,7 +102,7 @@ def machine_info() -> dict[str, Any]:
         "load_average_1_5_15min": _load_average(),
         "python": platform.python_version(),
         "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
+        "jaxlib": importlib.metadata.version("jaxlib"),
         "equinox": equinox.__version__,
         "optax": optax.__version__,
         "backend": jax.default_backend(),

@@ -93,13 +93,20 @@ def random_direction(
 
 
 def random_directions(
-    key: PRNGKeyArray, tree: PyTree, num_directions: int, sampler: str
+    key: PRNGKeyArray,
+    tree: PyTree,
+    num_directions: int,
+    sampler: Sampler,
+    indices: Array | None = None,
 ) -> PyTree:
     """`num_directions` independent directions, stacked along a new leading axis.
 
-    Direction `i` is `random_direction(jax.random.split(key, num_directions)[i], tree)`.
+    Direction `i` is `random_direction(jax.random.split(key, num_directions)[i], tree)`;
+    with `indices`, only the directions of those indices are drawn, in that order.
     """
     keys = jax.random.split(key, num_directions)
+    if indices is not None:
+        keys = keys[indices]
     return jax.vmap(lambda k: random_direction(k, tree, sampler=sampler))(keys)
 
 

@@ -4,7 +4,7 @@ Everything here works on `primal`, the PyTree of trainable (inexact-array) leave
 on `fun(primal) -> (value, aux)`, a function of those leaves alone.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import Any, TypeAlias
 
 import equinox as eqx
@@ -18,7 +18,6 @@ from ._directions import (
     check_sampler,
     random_direction,
     random_directions,
-    split_into_parts,
 )
 
 
@@ -89,11 +88,13 @@ class Layout(eqx.Module):
         primal: PyTree,
         num_directions: int | None,
         sampler: str,
+        indices: Array | None = None,
     ) -> PyTree:
-        """One direction (`num_directions=None`) or a stack of them."""
+        """One direction (`num_directions=None`), or directions `indices` (all by
+        default) of the stack of `num_directions`."""
         if num_directions is None:
             return random_direction(key, primal, sampler=sampler)
-        return random_directions(key, primal, num_directions, sampler)
+        return random_directions(key, primal, num_directions, sampler, indices)
 
     def squared_norm(self, tree: PyTree) -> Scalar:
         dtype = _accumulation_dtype(tree)
@@ -107,6 +108,10 @@ class Layout(eqx.Module):
 
     def check_num_parts(self, primal: PyTree, num_parts: int) -> None:
         check_num_parts(primal, num_parts)
+
+    def chunk_size(self, num_directions: int, primitives: Set[str]) -> int:
+        """How many of the k directions one vectorised jvp carries; see `_CPU_CHUNK`."""
+        return _chunk_size(num_directions, primitives)
 
 
 SINGLE_DEVICE = Layout()
@@ -183,6 +188,93 @@ def _scale(tangent: Array, derivative: Array) -> Array:
     return derivative.astype(tangent.dtype) * tangent
 
 
+# On XLA:CPU, k directions cost less when run a few at a time, one chunk after
+# another, than all at once in one `vmap`: the k tangents of the parameters and of
+# every activation no longer spill out of the caches, and the peak memory drops from
+# k tangents to `_CPU_CHUNK`. A `lax.scan` over the chunks keeps them sequential, but
+# XLA:CPU runs convolutions inside a loop several times slower, so a loss with a
+# convolution gets the chunks unrolled instead (at most `_MAX_CHUNKS` of them). A loss
+# with a loop of its own (a recurrent model) keeps all k directions in one `vmap`:
+# chunks would repeat its sequential steps with k/c times smaller matmuls. Measured
+# in benchmarks/k_formulations.py; other backends keep one `vmap` over all k.
+_CPU_CHUNK = 4
+_MAX_CHUNKS = 16
+
+
+def _primitives(fun: Callable[[PyTree], Any], primal: PyTree) -> set[str]:
+    """The names of the primitives in `fun`, nested ones included."""
+    names: set[str] = set()
+
+    def walk(jaxpr) -> None:
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, list | tuple) else [param]:
+                    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fun)(primal).jaxpr)
+    return names
+
+
+def _chunk_size(num_directions: int, primitives: Set[str] = frozenset()) -> int:
+    if jax.default_backend() != "cpu" or primitives & {"scan", "while"}:
+        return num_directions
+    return max(_CPU_CHUNK, -(-num_directions // _MAX_CHUNKS))
+
+
+def _in_chunks(
+    fun: Callable[[PyTree], Any],
+    primal: PyTree,
+    num_directions: int,
+    tangents_of: Callable[[Array], PyTree],
+    combine: Callable[[PyTree, Array], PyTree],
+    *,
+    has_aux: bool,
+    layout: "Layout",
+) -> tuple[Scalar, Array, Any, PyTree]:
+    """The k directional derivatives, `_chunk_size(k)` directions at a time.
+
+    `tangents_of(indices)` stacks the tangents of the given direction indices and
+    `combine(tangents, derivatives)` maps one chunk to a PyTree that is summed over
+    the chunks. Returns `(value, derivatives, aux, sum)`.
+    """
+    primitives = _primitives(fun, primal) if num_directions > _CPU_CHUNK else set()
+    chunk = layout.chunk_size(num_directions, primitives)
+    # The first chunk holds the remainder, so every later chunk is full.
+    first = num_directions - chunk * ((num_directions - 1) // chunk)
+    rest = (num_directions - first) // chunk
+
+    def run(indices):
+        tangents = tangents_of(indices)
+        value, derivatives, aux = directional_derivatives(
+            fun, primal, tangents, has_aux=has_aux, stacked=True
+        )
+        return value, derivatives, aux, combine(tangents, derivatives)
+
+    value, derivatives, aux, total = run(jnp.arange(first))
+    if rest == 0:
+        return value, derivatives, aux, total
+
+    def body(total, indices):
+        _, derivatives, _, part = run(indices)
+        return jax.tree.map(jnp.add, total, part), derivatives
+
+    indices = first + jnp.arange(rest * chunk).reshape(rest, chunk)
+    if "conv_general_dilated" in primitives:
+        # Unrolled by hand: `lax.scan(unroll=True)` over a single chunk still emits
+        # a one-trip loop.
+        chunks = []
+        for chunk_indices in indices:
+            total, chunk_derivatives = body(total, chunk_indices)
+            chunks.append(chunk_derivatives)
+        more = jnp.stack(chunks)
+    else:
+        total, more = jax.lax.scan(body, total, indices)
+    return value, jnp.concatenate([derivatives, more.reshape(-1)]), aux, total
+
+
 def value_and_estimate(
     fun: Callable[[PyTree], Any],
     primal: PyTree,
@@ -221,12 +313,26 @@ def value_and_estimate(
     if mode == "partition":
         base = layout.directions(key, primal, None, sampler)
         part_indices = layout.part_indices(primal, num_directions)
-        value, derivatives, aux = directional_derivatives(
+
+        def parts(indices):
+            # Parts `indices` of `base`, as `split_into_parts` would stack them.
+            def part(j):
+                return jax.tree.map(
+                    lambda u, p: jnp.where(p == j, u, jnp.zeros((), u.dtype)),
+                    base,
+                    part_indices,
+                )
+
+            return jax.vmap(part)(indices)
+
+        value, derivatives, aux, _ = _in_chunks(
             fun,
             primal,
-            split_into_parts(base, part_indices, num_directions),
+            num_directions,
+            parts,
+            lambda tangents, derivatives: None,
             has_aux=has_aux,
-            stacked=True,
+            layout=layout,
         )
         # Coordinate i lies in exactly one part j, so Σ_j d_j u_j(i) = d_{j(i)} u(i):
         # a gather instead of a k-fold sum over mostly-zero parts.
@@ -235,12 +341,28 @@ def value_and_estimate(
         )
         return value, estimate, aux
 
-    tangents = layout.directions(key, primal, num_directions, sampler)
-    value, derivatives, aux = directional_derivatives(
-        fun, primal, tangents, has_aux=has_aux, stacked=True
+    def directions(indices):
+        return layout.directions(key, primal, num_directions, sampler, indices)
+
+    def weighted_sum(tangents, derivatives):
+        weights = derivatives / num_directions
+
+        def leaf_sum(u):
+            # Sum the chunks in at least float32, so low-precision leaves lose no
+            # more than the one final rounding.
+            dtype = jnp.float32 if jnp.finfo(u.dtype).bits < 32 else u.dtype
+            return jnp.tensordot(weights.astype(dtype), u.astype(dtype), axes=1)
+
+        return jax.tree.map(leaf_sum, tangents)
+
+    value, _, aux, estimate = _in_chunks(
+        fun,
+        primal,
+        num_directions,
+        directions,
+        weighted_sum,
+        has_aux=has_aux,
+        layout=layout,
     )
-    weights = derivatives / num_directions
-    estimate = jax.tree.map(
-        lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1), tangents
-    )
+    estimate = jax.tree.map(lambda e, p: e.astype(p.dtype), estimate, primal)
     return value, estimate, aux

@@ -8,7 +8,7 @@ backpropagation all-reduces a `p`-float gradient.
 
 import functools as ft
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence, Set
 from typing import Any, Literal, TypeAlias
 
 import equinox as eqx
@@ -31,7 +31,6 @@ from ._estimator import (
     check_random_options,
     Layout,
     Mode,
-    SINGLE_DEVICE,
     value_and_estimate,
 )
 from ._filter import _check_source, _DodgeWrapper, check_first_argument_by_position
@@ -136,8 +135,12 @@ class _ShardedLayout(Layout):
         primal: PyTree,
         num_directions: int | None,
         sampler: Sampler,
+        indices: Array | None = None,
     ) -> PyTree:
         """The local shard of one direction (`num_directions=None`) or of a stack."""
+        if not self.is_sharded:
+            # Replicated parameters draw exactly the single-device directions.
+            return super().directions(key, primal, num_directions, sampler, indices)
         pieces = []
         for group in range(len(self.groups)):
             group_key = self._group_key(key, group)
@@ -146,9 +149,17 @@ class _ShardedLayout(Layout):
                 pieces.append(random_direction(group_key, subtree, sampler=sampler))
             else:
                 pieces.append(
-                    random_directions(group_key, subtree, num_directions, sampler)
+                    random_directions(
+                        group_key, subtree, num_directions, sampler, indices
+                    )
                 )
         return eqx.combine(*pieces)
+
+    def chunk_size(self, num_directions: int, primitives: Set[str]) -> int:
+        # All k directions in one vectorised jvp, so that their derivatives cross
+        # the network in a single all-reduce of k + 1 floats.
+        del primitives
+        return num_directions
 
     def squared_norm(self, tree: PyTree) -> Scalar:
         """`‖tree‖²` of the global (unsharded) tree, from the local shards."""
@@ -333,8 +344,7 @@ class _ShardedValueAndDodgeWrapper(eqx.Module):
                 sampler=self._sampler,
                 mode=self._mode,
                 has_aux=True,
-                # Unsharded leaves draw exactly the single-device directions.
-                layout=layout if layout.is_sharded else SINGLE_DEVICE,
+                layout=layout,
             )
             aux_leaves, treedef = jax.tree.flatten(aux)
             aux_treedef.append(treedef)

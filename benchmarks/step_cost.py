@@ -1,0 +1,271 @@
+"""Cost of one DODGE gradient estimate against its limits and against backprop.
+
+For each model of `_models.py` (MLP, conv net, LSTM), all in one process:
+
+- `forward`: the loss alone;
+- `grad`: `eqx.filter_grad` (reverse mode);
+- `listing1`: the paper's Listing 1 written by hand — `jax.jvp` of the loss along
+    `eqx_dodge.random_direction(key, params)`, times the direction;
+- `listing1_rademacher`: the same with `jax.random.rademacher` leaf by leaf (what a
+    user would write first);
+- `dodge_k1`: `eqx_dodge.filter_dodge(loss, key=key)`;
+- `average_k`, `partition_k`: `filter_dodge` with `num_directions=k`.
+
+Ratios (each the median of repeat-by-repeat ratios of interleaved repeats):
+`dodge_k1 / listing1` (goal ≤ 1.05), `dodge_k1 / forward` (goal ≤ 2.0),
+`dodge_k1 / grad`, and `time(k) / (k · time(1))` per mode (goal ≤ 1.0). Peak memory
+comes from XLA's compiled memory analysis.
+"""
+
+import functools as ft
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import _common
+import _models
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import eqx_dodge
+
+
+GOALS = {
+    "dodge_k1_over_listing1": 1.05,
+    "dodge_k1_over_forward": 2.0,
+    "scaling": 1.0,
+}
+
+
+def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any]:
+    """Jitted functions `(model, key) -> output` for every variant timed."""
+    loss, x, y = problem.loss, problem.x, problem.y
+
+    def forward(model, key):
+        del key
+        return loss(model, x, y)
+
+    def grad(model, key):
+        del key
+        return eqx.filter_grad(loss)(model, x, y)
+
+    def listing1(model, key):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        direction = eqx_dodge.random_direction(key, params)
+
+        def loss_of_params(p):
+            return loss(eqx.combine(p, static), x, y)
+
+        value, derivative = jax.jvp(loss_of_params, (params,), (direction,))
+        return value, jax.tree.map(lambda u: derivative * u, direction)
+
+    def listing1_rademacher(model, key):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(key, len(leaves))
+        direction = jax.tree.unflatten(
+            treedef,
+            [
+                jax.random.rademacher(k, leaf.shape, leaf.dtype)
+                for k, leaf in zip(keys, leaves)
+            ],
+        )
+
+        def loss_of_params(p):
+            return loss(eqx.combine(p, static), x, y)
+
+        value, derivative = jax.jvp(loss_of_params, (params,), (direction,))
+        return value, jax.tree.map(lambda u: derivative * u, direction)
+
+    def dodge(model, key, num_directions, mode):
+        return eqx_dodge.filter_dodge(
+            loss, key=key, num_directions=num_directions, mode=mode
+        )(model, x, y)
+
+    funs: dict[str, Any] = {
+        "forward": forward,
+        "grad": grad,
+        "listing1": listing1,
+        "listing1_rademacher": listing1_rademacher,
+        "dodge_k1": ft.partial(dodge, num_directions=1, mode="average"),
+    }
+    for mode in ("average", "partition"):
+        for k in ks:
+            if k > 1:
+                funs[f"{mode}_k{k}"] = ft.partial(dodge, num_directions=k, mode=mode)
+    return {name: eqx.filter_jit(fun) for name, fun in funs.items()}
+
+
+def run_problem(
+    problem: _models.Problem, ks: Sequence[int], repeats: int, min_time: float
+) -> dict[str, Any]:
+    key = jax.random.key(1)
+    model = problem.model
+    print(f"[{problem.name}] compiling", file=sys.stderr)
+    compiled = {
+        name: fun.lower(model, key).compile()
+        for name, fun in step_functions(problem, ks).items()
+    }
+    calls = {name: ft.partial(fun, model, key) for name, fun in compiled.items()}
+    print(f"[{problem.name}] timing {len(calls)} variants", file=sys.stderr)
+
+    base_names = ["forward", "grad", "listing1", "listing1_rademacher", "dodge_k1"]
+    times = _common.time_interleaved(
+        {name: calls[name] for name in base_names},
+        repeats=repeats,
+        min_time=min_time,
+    )
+    scaling_names = ["dodge_k1"] + [n for n in calls if n not in base_names]
+    scaling_times = _common.time_interleaved(
+        {name: calls[name] for name in scaling_names},
+        repeats=repeats,
+        min_time=min_time,
+    )
+    # The k = 1 step of the scaling group is the reference of that group's ratios.
+    one = scaling_times.pop("dodge_k1")
+    times.update(scaling_times)
+
+    ratios = {
+        "dodge_k1_over_listing1": _common.ratio_samples(
+            times["dodge_k1"], times["listing1"]
+        ),
+        "dodge_k1_over_forward": _common.ratio_samples(
+            times["dodge_k1"], times["forward"]
+        ),
+        "dodge_k1_over_grad": _common.ratio_samples(times["dodge_k1"], times["grad"]),
+        "listing1_rademacher_over_listing1": _common.ratio_samples(
+            times["listing1_rademacher"], times["listing1"]
+        ),
+    }
+    scaling: dict[str, dict[str, Any]] = {"average": {}, "partition": {}}
+    for mode in scaling:
+        scaling[mode]["1"] = _common.summarize([1.0] * len(one))
+        for k in ks:
+            if k > 1:
+                samples = _common.ratio_samples(times[f"{mode}_k{k}"], one, scale=k)
+                scaling[mode][str(k)] = _common.summarize(samples)
+
+    memory = {name: _common.memory_analysis(fun) for name, fun in compiled.items()}
+    return {
+        "description": problem.description,
+        "num_parameters": sum(
+            x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+        ),
+        "seconds": {name: _common.summarize(t) for name, t in times.items()},
+        "seconds_dodge_k1_scaling_group": _common.summarize(one),
+        "ratios": {name: _common.summarize(r) for name, r in ratios.items()},
+        "scaling": scaling,
+        "memory_bytes": memory,
+    }
+
+
+def plot(results: dict[str, Any], ks: Sequence[int], out_dir: Any) -> None:
+    fig, axes = _common.new_figure(1, 3, figsize=(15, 4.2))
+    names = list(results)
+    variants = ["forward", "grad", "listing1", "dodge_k1"]
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
+        values = [results[n]["seconds"][variant]["median"] * 1e3 for n in names]
+        lows = [
+            v - results[n]["seconds"][variant]["q1"] * 1e3
+            for v, n in zip(values, names)
+        ]
+        highs = [
+            results[n]["seconds"][variant]["q3"] * 1e3 - v
+            for v, n in zip(values, names)
+        ]
+        positions = [
+            j + (i - (len(variants) - 1) / 2) * width for j in range(len(names))
+        ]
+        axes[0].bar(positions, values, width, yerr=[lows, highs], label=variant)
+    axes[0].set_xticks(range(len(names)), names)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("ms per step (median, IQR)")
+    axes[0].set_title("One gradient estimate")
+    axes[0].legend(fontsize=8)
+
+    for name in names:
+        for mode, style in (("average", "-"), ("partition", "--")):
+            data = results[name]["scaling"][mode]
+            xs = [k for k in ks if str(k) in data]
+            axes[1].plot(
+                xs,
+                [data[str(k)]["median"] for k in xs],
+                style,
+                marker="o",
+                label=f"{name} {mode}",
+            )
+    axes[1].axhline(GOALS["scaling"], color="grey", lw=1, ls=":")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("number of directions k")
+    axes[1].set_ylabel("time(k) / (k · time(1))")
+    axes[1].set_title("Scaling in k (goal ≤ 1)")
+    axes[1].legend(fontsize=7)
+
+    for name in names:
+        memory = results[name]["memory_bytes"]
+        for mode, style in (("average", "-"), ("partition", "--")):
+            xs = [k for k in ks if k == 1 or f"{mode}_k{k}" in memory]
+            keys = ["dodge_k1" if k == 1 else f"{mode}_k{k}" for k in xs]
+            axes[2].plot(
+                xs,
+                [memory[key]["peak_bytes"] / 2**20 for key in keys],
+                style,
+                marker="o",
+                label=f"{name} {mode}",
+            )
+        axes[2].axhline(
+            memory["grad"]["peak_bytes"] / 2**20, lw=0.8, ls=":", color="grey"
+        )
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("number of directions k")
+    axes[2].set_ylabel("XLA peak memory (MiB); dotted: filter_grad")
+    axes[2].set_title("Compiled peak memory")
+    axes[2].legend(fontsize=7)
+    _common.save_figure(fig, out_dir, "step_cost")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = _common.parse_args(__doc__, argv)
+    if args.quick:
+        ks, repeats, min_time = [1, 2], 5, 0.01
+    else:
+        ks, repeats, min_time = [1, 2, 4, 8, 16, 32, 64], 9, 0.1
+    problems = _models.make_problems(jax.random.key(0), quick=args.quick)
+    results = {p.name: run_problem(p, ks, repeats, min_time) for p in problems}
+    _common.write_json(
+        args.out,
+        "step_cost",
+        {
+            "config": {
+                "quick": args.quick,
+                "num_directions": ks,
+                "repeats": repeats,
+                "min_seconds_per_repeat": min_time,
+                "dtype": str(jnp.result_type(float)),
+            },
+            "goals": GOALS,
+            "results": results,
+        },
+    )
+    plot(results, ks, args.out)
+    for name, result in results.items():
+        r = result["ratios"]
+        print(
+            f"{name:5s} k1/listing1 {r['dodge_k1_over_listing1']['median']:.3f}  "
+            f"k1/forward {r['dodge_k1_over_forward']['median']:.3f}  "
+            f"k1/grad {r['dodge_k1_over_grad']['median']:.3f}  scaling "
+            + " ".join(
+                f"{mode[0]}{k}:{v['median']:.2f}"
+                for mode, data in result["scaling"].items()
+                for k, v in data.items()
+                if k != "1"
+            )
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Smoke tests of the benchmark scripts (their `--quick` configurations) and checks
+that the alternative formulations they time compute the library's estimate."""
+
+import functools as ft
+import importlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_dodge
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+# The benchmark scripts are not a package: import them from their folder.
+_common = importlib.import_module("_common")
+k_formulations = importlib.import_module("k_formulations")
+report = importlib.import_module("report")
+
+
+def run_script(name: str, *args: str, prelude: str = "") -> subprocess.CompletedProcess:
+    """Runs `benchmarks/<name>` in a fresh interpreter, this checkout first on the
+    path, optionally after executing `prelude`."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCHMARKS)]))
+    code = (
+        f"{prelude}\nimport runpy, sys\n"
+        f"sys.argv = [{str(BENCHMARKS / name)!r}, *{list(args)!r}]\n"
+        f"runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def check_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def check_summary(entry: dict) -> None:
+    assert entry["repeats"] >= 5
+    assert 0 < entry["min"] <= entry["q1"] <= entry["median"] <= entry["q3"]
+    assert entry["q3"] <= entry["max"]
+
+
+def test_step_cost_quick(tmp_path):
+    check_ok(run_script("step_cost.py", "--quick", "--out", str(tmp_path)))
+    record = json.loads((tmp_path / "step_cost.json").read_text())
+    assert (tmp_path / "step_cost.png").stat().st_size > 0
+    assert record["machine"]["jax"] == jax.__version__
+    assert set(record["results"]) == {"mlp", "conv", "lstm"}
+    for result in record["results"].values():
+        for entry in [*result["seconds"].values(), *result["ratios"].values()]:
+            check_summary(entry)
+        for mode in ("average", "partition"):
+            assert set(result["scaling"][mode]) == {"1", "2"}
+        grad, dodge = result["memory_bytes"]["grad"], result["memory_bytes"]["dodge_k1"]
+        assert grad["peak_bytes"] > 0 and dodge["peak_bytes"] > 0
+
+
+def test_k_formulations_quick(tmp_path):
+    check_ok(run_script("k_formulations.py", "--quick", "--out", str(tmp_path)))
+    record = json.loads((tmp_path / "k_formulations.json").read_text())
+    for data in record["results"].values():
+        for entry in data.values():
+            assert entry["over_vmap_jvp"]["vmap_jvp"]["median"] == 1.0
+            for value in entry["seconds"].values():
+                check_summary(value)
+
+
+@pytest.mark.parametrize("k", [4, 6])
+def test_formulations_agree_with_the_library(k):
+    # k > 1: with one direction the library draws it from `key` itself, not from
+    # `jax.random.split(key, 1)[0]`.
+    model = eqx.nn.MLP(5, 3, 8, 2, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (7, 5))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss(p):
+        return jnp.mean(jax.vmap(eqx.combine(p, static))(x) ** 2)
+
+    key = jax.random.key(2)
+    expected = eqx_dodge.filter_value_and_dodge(loss, key=key, num_directions=k)(params)
+    for formulation in k_formulations.formulations(chunk=2).values():
+        value, estimate = jax.jit(ft.partial(formulation, loss, k=k))(params, key)
+        np.testing.assert_allclose(value, expected[0], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(expected[1])):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_digits_directions_quick(tmp_path):
+    check_ok(run_script("digits_directions.py", "--quick", "--out", str(tmp_path)))
+    record = json.loads((tmp_path / "digits_directions.json").read_text())
+    assert (tmp_path / "digits_directions.png").stat().st_size > 0
+    assert [r["num_directions"] for r in record["directions"]] == [1, 10, "oracle"]
+    for run in [*record["directions"], *record["batch_study"]]:
+        accuracy = np.asarray(run["accuracy_per_seed"])
+        assert accuracy.shape == (record["config"]["seeds"], len(run["updates"]))
+        assert np.all((accuracy >= 0) & (accuracy <= 1))
+    oracle = record["directions"][-1]
+    # The oracle is plain SGD: a hundred steps already learn the digits well.
+    assert oracle["final_accuracy_mean"] > 0.5
+    assert set(record["claims"]) == {
+        "more_directions_help",
+        "one_direction_is_stable",
+        "batch_300_beats_100",
+        "batch_1000_worse_than_300",
+    }
+
+
+def test_vs_pytorch_without_torch(tmp_path):
+    result = run_script(
+        "vs_pytorch.py",
+        "--quick",
+        "--out",
+        str(tmp_path),
+        prelude="import sys; sys.modules['torch'] = None",
+    )
+    assert result.returncode == 1
+    assert "needs PyTorch and torchzero" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "vs_pytorch.json").exists()
+
+
+def test_vs_pytorch_jax_side(tmp_path):
+    check_ok(
+        run_script("vs_pytorch.py", "--quick", "--jax-only", "--out", str(tmp_path))
+    )
+    record = json.loads((tmp_path / "vs_pytorch.json").read_text())
+    assert record["config"]["jax_only"]
+    assert set(record["seconds"]) == {
+        "jax_forward",
+        "jax_backprop_sgd",
+        "eqx_dodge_sgd",
+    }
+
+
+def test_report(tmp_path):
+    results = tmp_path / "results"
+    record = {
+        "config": {"quick": True, "num_directions": [1, 2], "repeats": 5},
+        "goals": {
+            "dodge_k1_over_listing1": 1.05,
+            "dodge_k1_over_forward": 2.0,
+            "scaling": 1.0,
+        },
+    }
+    entry = _common.summarize([0.001, 0.002, 0.003, 0.004, 0.005])
+    ratio = _common.summarize([1.5, 1.6, 1.7, 1.8, 1.9])
+    memory = {"peak_bytes": 3 * 2**20}
+    record["results"] = {
+        "mlp": {
+            "description": "an MLP",
+            "seconds": {n: entry for n in ("forward", "grad", "listing1", "dodge_k1")},
+            "ratios": {
+                n: ratio
+                for n in (
+                    "dodge_k1_over_listing1",
+                    "dodge_k1_over_forward",
+                    "dodge_k1_over_grad",
+                )
+            },
+            "scaling": {m: {"1": ratio, "2": ratio} for m in ("average", "partition")},
+            "memory_bytes": {"grad": memory, "dodge_k1": memory, "average_k2": memory},
+        }
+    }
+    _common.write_json(results, "step_cost", record)
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"# x\n\n## Performance\n\n{report.START}\nold text\n{report.END}\n\n## After\n"
+    )
+    args = ["--results", str(results), "--readme", str(readme)]
+    with pytest.raises(SystemExit):
+        report.main([*args, "--check"])
+    report.main(args)
+    report.main([*args, "--check"])
+    text = readme.read_text()
+    assert "old text" not in text
+    assert text.endswith(f"{report.END}\n\n## After\n")
+    assert "| an MLP | 3.00 (1.50–4.50) |" in text  # median (quartiles)
+    assert "1.70 (1.55–1.85) ✗" in text  # above the 1.05 goal
+    assert "| 3.0 |" in text  # MiB

@@ -1,0 +1,159 @@
+"""The estimator runs k > 4 directions in chunks on CPU; it must compute the same
+estimate as one `vmap` over all k directions."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_dodge
+from eqx_dodge._directions import (
+    num_coordinates,
+    partition_direction,
+    random_direction,
+    random_directions,
+)
+from eqx_dodge._estimator import _chunk_size, _primitives
+
+
+def make_problem(dtype=jnp.float32):
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    model = jax.tree.map(
+        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model
+    )
+    x = jax.random.normal(jax.random.key(1), (6, 3), dtype)
+
+    def loss(model, x):
+        out = jax.vmap(model)(x)
+        return jnp.mean(jnp.sin(out) ** 2).astype(jnp.float32), out
+
+    return model, x, loss
+
+
+def one_vmap(loss, model, x, tangents):
+    """Reference: every direction in one `vmap` of `jax.jvp`."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def jvp(u):
+        return jax.jvp(lambda p: loss(eqx.combine(p, static), x)[0], (params,), (u,))
+
+    return jax.vmap(jvp, out_axes=(None, 0))(tangents)
+
+
+def test_chunk_size():
+    assert jax.default_backend() == "cpu"
+    assert [_chunk_size(k) for k in (1, 4, 5, 64, 65, 200)] == [4, 4, 4, 4, 5, 13]
+    # A loss with a loop of its own (a recurrent model) keeps one `vmap`.
+    assert _chunk_size(64, {"scan", "dot_general"}) == 64
+
+    def recurrent(w):
+        return jax.lax.scan(lambda h, _: (jnp.tanh(w * h), None), w, None, length=3)[0]
+
+    assert "scan" in _primitives(recurrent, jnp.ones(2))
+
+
+@pytest.mark.parametrize("k", [5, 33])
+def test_average_matches_one_vmap(k):
+    model, x, loss = make_problem()
+    key = jax.random.key(3)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    tangents = random_directions(key, params, k, "rademacher")
+    value, derivatives = one_vmap(loss, model, x, tangents)
+    expected = jax.tree.map(
+        lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
+    )
+    estimate_fn = eqx_dodge.filter_value_and_dodge(
+        loss, key=key, num_directions=k, has_aux=True
+    )
+    (got_value, aux), estimate = eqx.filter_jit(estimate_fn)(model, x)
+    np.testing.assert_allclose(got_value, value, rtol=1e-6)
+    np.testing.assert_allclose(aux, jax.vmap(model)(x), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [6, 23])
+def test_partition_matches_one_vmap(k):
+    model, x, loss = make_problem()
+    key = jax.random.key(4)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    parts = partition_direction(random_direction(key, params), k)
+    _, derivatives = one_vmap(loss, model, x, parts)
+    expected = jax.tree.map(lambda u: jnp.tensordot(derivatives, u, axes=1), parts)
+    estimate = eqx.filter_jit(
+        eqx_dodge.filter_dodge(
+            loss, key=key, num_directions=k, mode="partition", has_aux=True
+        )
+    )(model, x)[0]
+    for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_partition_with_every_coordinate_is_the_gradient():
+    model, x, loss = make_problem()
+    p = num_coordinates(model)  # 26 coordinates: 7 chunks of at most 4 parts
+    estimate = eqx.filter_jit(
+        eqx_dodge.filter_dodge(
+            loss,
+            key=jax.random.key(5),
+            num_directions=p,
+            mode="partition",
+            has_aux=True,
+        )
+    )(model, x)[0]
+    gradient = eqx.filter_grad(lambda m, x: loss(m, x)[0])(model, x)
+    for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(gradient)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_chunked_estimate_keeps_dtypes(dtype):
+    model, x, loss = make_problem(dtype)
+    for mode in ("average", "partition"):
+        estimate = eqx_dodge.filter_dodge(
+            loss, key=jax.random.key(6), num_directions=9, mode=mode, has_aux=True
+        )(model, x)[0]
+        for leaf in jax.tree.leaves(estimate):
+            assert leaf.dtype == dtype
+            assert bool(jnp.all(jnp.isfinite(leaf)))
+
+
+def test_chunked_estimate_is_deterministic():
+    model, x, loss = make_problem()
+    fn = eqx.filter_jit(
+        eqx_dodge.filter_dodge(
+            loss, key=jax.random.key(7), num_directions=12, has_aux=True
+        )
+    )
+    first, second = fn(model, x)[0], fn(model, x)[0]
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_convolutions_take_the_unrolled_path():
+    conv = eqx.nn.Conv1d(2, 3, 3, key=jax.random.key(8))
+    x = jax.random.normal(jax.random.key(9), (2, 7))
+    params = eqx.filter(conv, eqx.is_inexact_array)
+    assert "conv_general_dilated" in _primitives(lambda p: jnp.sum(p(x) ** 2), params)
+    model, _, _ = make_problem()
+    mlp_params, static = eqx.partition(model, eqx.is_inexact_array)
+    assert "conv_general_dilated" not in _primitives(
+        lambda p: jnp.sum(eqx.combine(p, static)(x[0, :3])), mlp_params
+    )
+
+    def loss(conv, x):
+        return jnp.mean(jnp.tanh(conv(x)) ** 2), None
+
+    k, key = 8, jax.random.key(10)  # one chunk after the first: no loop either
+    tangents = random_directions(key, params, k, "rademacher")
+    _, derivatives = one_vmap(loss, conv, x, tangents)
+    expected = jax.tree.map(
+        lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
+    )
+    estimate_fn = eqx.filter_jit(
+        eqx_dodge.filter_dodge(loss, key=key, num_directions=k, has_aux=True)
+    )
+    estimate = estimate_fn(conv, x)[0]
+    for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
