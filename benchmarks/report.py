@@ -39,9 +39,9 @@ def _mib(value: int | None) -> str:
 def _machine(record: dict[str, Any]) -> str:
     m = record["machine"]
     load = m.get("load_average_1_5_15min")
-    return f"{m['cpu']}, {m['cpu_count']} cores, jax {m['jax']}, {m['date_utc']}" + (
-        f", load average {load[0]}" if load else ""
-    )
+    parts = [m.get("cpu", m.get("processor", "CPU")), f"{m['cpu_count']} cores"]
+    parts += [f"jax {m['jax']}"] + [m[key] for key in ("date_utc",) if key in m]
+    return ", ".join(parts) + (f", load average {load[0]}" if load else "")
 
 
 def step_cost_section(record: dict[str, Any], results_path: str) -> list[str]:
@@ -207,11 +207,258 @@ def digits_section(record: dict[str, Any], results_path: str) -> list[str]:
     return lines
 
 
+# The paper's Table 1 (Silver et al. 2022), final loss on influence balancing: quoted
+# from the paper, not measured here. Methods it does not report are left out.
+PAPER_TABLE_1 = {"TBPTT K=100": 0.93, "RTRL": 1.11e-12, "DODGE": 1.11e-12}
+
+# The copy task's vectors have this many bits (`BITS` in benchmarks/copy_task.py).
+COPY_TASK_BITS = 8
+
+
+def influence_balancing_section(record: dict[str, Any], results_path: str) -> list[str]:
+    config, table = record["config"], record["table"]
+    lines = [
+        "### Influence balancing, the paper's Table 1 "
+        "(`benchmarks/influence_balancing.py`)",
+        "",
+        f"Machine: {_machine(record)}. Setup of google-research `persistent_es`: "
+        f"{config['num_units']} units ({config['num_positive']} positive), "
+        f"θ₀ = {config['theta_init']}, SGD {config['learning_rate']:g}, "
+        f"{config['iterations']} iterations; final loss of a "
+        f"{config['eval_steps']}-step unroll. The paper's column is quoted from its "
+        "Table 1 (a constant in `benchmarks/report.py`), not measured.",
+        "",
+        "| method | paper (Table 1) | ours, float32 | ours, float64 |",
+        "|---|---|---|---|",
+    ]
+    for name, row in table.items():
+        paper = PAPER_TABLE_1.get(name)
+        lines.append(
+            f"| {name} | {'—' if paper is None else f'{paper:.3g}'} "
+            f"| {row['ours_float32']:.3g} | {row['ours_float64']:.3g} |"
+        )
+    runs = record["runs"]
+    thetas = ", ".join(
+        f"{name} θ = {runs['float64'][name]['final_theta']:.6f}"
+        for name in ("RTRL", "DODGE")
+        if name in runs.get("float64", {})
+    )
+    lines += [
+        "",
+        f"Final θ in float64: {thetas} (optimum {config['optimum_theta']:.6f}).",
+        "",
+        f"![influence balancing]({results_path}/influence_balancing.png)",
+        "",
+    ]
+    return lines
+
+
+def _method_label(key: str) -> str:
+    name = key.removesuffix("_over_forward")
+    if name.startswith("dodge_k"):
+        return f"DODGE k={name.removeprefix('dodge_k')}"
+    return name.upper()
+
+
+def long_sequence_section(record: dict[str, Any], results_path: str) -> list[str]:
+    config, ratios, points = record["config"], record["ratios"], record["points"]
+    methods = list(next(iter(ratios.values())))
+    lines = [
+        "### Memory against sequence length (`benchmarks/long_sequence.py`)",
+        "",
+        f"Machine: {_machine(record)}. LSTM-{config['hidden']}, "
+        f"{config['input']} inputs, batch {config['batch']}, one subprocess per "
+        "point. XLA's compiled peak memory relative to the forward pass (the input "
+        "sequence is an argument and counts for every method); goal: "
+        f"{record['goal']}.",
+        "",
+        "| T | " + " | ".join(f"{_method_label(m)} / forward" for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for length, row in ratios.items():
+        cells = []
+        for m in methods:
+            text = f"{row[m]['xla_peak_bytes']:.3g}"
+            point = points[length][m.removesuffix("_over_forward")]
+            if "skipped_run" in point:
+                gib = point["xla_memory"]["peak_bytes"] / 2**30
+                text += f" ({gib:.0f} GiB, compiled only)"
+            cells.append(text)
+        lines.append(f"| {int(length):,} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Memory beyond the forward pass's (MiB):",
+        "",
+        "| T | " + " | ".join(_method_label(m) for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for length, row in ratios.items():
+        lines.append(
+            f"| {int(length):,} | "
+            + " | ".join(f"{row[m]['xla_extra_mib']:.1f}" for m in methods)
+            + " |"
+        )
+    lines += [
+        "",
+        "Timings are in the JSON; on a shared machine they are noisy.",
+        "",
+        f"![long sequence]({results_path}/long_sequence.png)",
+        "",
+    ]
+    return lines
+
+
+def _copy_label(key: str, config: dict[str, Any]) -> str:
+    if key.startswith("dodge_k"):
+        k = int(key.removeprefix("dodge_k"))
+        return f"DODGE, {k} random direction{'s' if k > 1 else ''}"
+    labels = {
+        "bptt": "BPTT",
+        "tbptt": f"TBPTT, truncation uniform in 1..{config['max_trunc_len']}",
+        "dodge_tbptt": "DODGE along the TBPTT candidate",
+        "synthetic": "synthetic gradients (quadratic critic, truncation "
+        f"{config['critic_truncation']}, scale {config['critic_scale']})",
+        "dodge_synthetic": "DODGE along the synthetic-gradient candidate",
+    }
+    return labels.get(key, f"`{key}`")
+
+
+def copy_task_section(record: dict[str, Any], results_path: str) -> list[str]:
+    config, results = record["config"], record["results"]
+    rates, seeds = config["learning_rates"], config["seeds"]
+    target_bits = COPY_TASK_BITS * (config["max_length"] + 1) / 2
+    several = len(rates) > 1
+    lines = [
+        "### Copy task (`benchmarks/copy_task.py`)",
+        "",
+        f"Machine: {_machine(record)}. Configuration `{config['scale']}`: "
+        f"LSTM-{config['hidden']}, lengths 1..{config['max_length']}, batch "
+        f"{config['batch']}, Adam {', '.join(f'{r:g}' for r in rates)}, "
+        f"{config['steps']} steps, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}. "
+        f"Bit errors per sequence after {config['steps']} steps ("
+        f"a sequence has {target_bits:g} target bits on average, chance is "
+        f"{target_bits / 2:g}):",
+        "",
+        "| method | bit errors |" + (" best learning rate |" if several else ""),
+        "|---|---|" + ("---|" if several else ""),
+    ]
+    for key, entry in results.items():
+        lines.append(
+            f"| {_copy_label(key, config)} | {entry['final_bit_errors']:.2f} |"
+            + (f" {entry['best_learning_rate']:g} |" if several else "")
+        )
+    lines += ["", f"![copy task]({results_path}/copy_task.png)", ""]
+    return lines
+
+
+def _cosine(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "–"
+    q1, q3 = entry["iqr_abs_cosine"]
+    return f"{entry['median_abs_cosine']:.4f} ({q1:.4f}–{q3:.4f})"
+
+
+def guess_quality_section(record: dict[str, Any], results_path: str) -> list[str]:
+    config, results = record["config"], record["results"]
+    lines = [
+        "### Directions against the gradient (`benchmarks/guess_quality.py`)",
+        "",
+        f"Machine: {_machine(record)}. Digits MLPs; |cosine| between the estimate "
+        f"and the gradient of one batch of {config['batch_size']}, median "
+        f"(interquartile range) over {config['cosine_keys']} keys, at initialisation "
+        f"and after {config['backprop_steps']} backpropagation steps; training "
+        f"accuracy after {config['num_steps']} plain SGD updates with the best "
+        f"learning rate of a grid (median over {config['num_seeds']} seeds).",
+        "",
+    ]
+    for model, entry in results["models"].items():
+        lines += [
+            f"{model}: p = {entry['num_parameters']}, "
+            f"1/√p = {entry['one_over_sqrt_p']:.4f}.",
+            "",
+            "| method | \\|cos\\| at init | \\|cos\\| after training "
+            "| training accuracy | best learning rate |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in entry["methods"].items():
+            lines.append(
+                f"| `{name}` | {_cosine(row['cosine_at_init'])} "
+                f"| {_cosine(row['cosine_after_backprop_training'])} "
+                f"| {row['train_accuracy_median']:.3f} "
+                f"| {row['best_learning_rate']:.2g} |"
+            )
+        lines.append("")
+    sweep = results["width_sweep"]
+    methods = [m for m in next(iter(sweep.values())) if m != "num_parameters"]
+    lines += [
+        f"Median \\|cos\\| at initialisation against the width "
+        f"(depth {config['width_depth']}, {config['width_keys']} keys):",
+        "",
+        "| width | p | 1/√p | " + " | ".join(f"`{m}`" for m in methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
+    for width, row in sweep.items():
+        p = row["num_parameters"]
+        lines.append(
+            f"| {width} | {p:,} | {p**-0.5:.4f} | "
+            + " | ".join(f"{row[m]['median_abs_cosine']:.4f}" for m in methods)
+            + " |"
+        )
+    lines += ["", f"![guess quality]({results_path}/guess_quality.png)", ""]
+    return lines
+
+
+def _shapes(shapes: list[str]) -> str:
+    scalars = [s for s in shapes if s.endswith("[]")]
+    if len(shapes) <= 2:
+        return ", ".join(f"`{s}`" for s in shapes)
+    rest = len(shapes) - len(scalars)
+    return " + ".join(
+        [f"`{s}`" for s in scalars] + [f"{rest} parameter arrays"] * (rest > 0)
+    )
+
+
+def scaling_section(record: dict[str, Any], results_path: str) -> list[str]:
+    config = record["config"]
+
+    def step(entry: dict[str, Any]) -> str:
+        return _ms(entry["step_seconds"]) if entry.get("step_seconds") else "–"
+
+    lines = [
+        "### Communication in data parallelism (`benchmarks/scaling.py`)",
+        "",
+        f"Machine: {_machine(record)}. {config['model']}, "
+        f"{config['num_devices']} devices, batch {config['per_device_batch']} per "
+        f"device, k = {config['num_directions']}, {config['optimizer']}. All-reduces "
+        "read from the compiled HLO; step times up to "
+        f"p = {config['timed_up_to_parameters']:,} ({config['note']}), in ms, "
+        "median (interquartile range).",
+        "",
+        "| p | DODGE all-reduce | DODGE bytes | gradient all-reduce | gradient bytes "
+        "| DODGE step | gradient step |",
+        "|---:|---|---:|---|---:|---|---|",
+    ]
+    for row in record["rows"]:
+        dodge, grad = row["dodge"], row["gradient"]
+        lines.append(
+            f"| {row['num_parameters']:,} | {_shapes(dodge['all_reduce_shapes'])} "
+            f"| {dodge['all_reduce_bytes']:,} | {_shapes(grad['all_reduce_shapes'])} "
+            f"| {grad['all_reduce_bytes']:,} | {step(dodge)} | {step(grad)} |"
+        )
+    lines += ["", f"![scaling]({results_path}/scaling.png)", ""]
+    return lines
+
+
 SECTIONS = {
     "step_cost": step_cost_section,
     "k_formulations": k_formulations_section,
     "vs_pytorch": vs_pytorch_section,
     "digits_directions": digits_section,
+    "influence_balancing": influence_balancing_section,
+    "long_sequence": long_sequence_section,
+    "copy_task": copy_task_section,
+    "guess_quality": guess_quality_section,
+    "scaling": scaling_section,
 }
 
 

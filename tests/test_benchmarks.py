@@ -193,3 +193,17 @@ def test_report(tmp_path):
     assert "| an MLP | 3.00 (1.50–4.50) |" in text  # median (quartiles)
     assert "1.70 (1.55–1.85) ✗" in text  # above the 1.05 goal
     assert "| 3.0 |" in text  # MiB
+
+
+def test_report_committed_results():
+    """Every benchmark with a committed result file has its section in the README,
+    and the README is up to date with the results."""
+    results = BENCHMARKS / "results"
+    body = report.render(results, ROOT)
+    headings = [line for line in body.splitlines() if line.startswith("### ")]
+    for name in report.SECTIONS:
+        if (results / f"{name}.json").exists():
+            assert any(f"`benchmarks/{name}.py`" in h for h in headings), name
+            assert f"results/{name}.png)" in body
+    assert "| TBPTT K=100 | 0.93 |" in body  # the paper's Table 1 column
+    report.main(["--check"])
