@@ -2,7 +2,7 @@
 training accuracy, for random directions, gradient guesses and the oracle.
 
 Models: MLPs with ReLU on scikit-learn's `load_digits` (1797 real 8×8 digits, 64
-inputs, 10 classes): the "digits" MLP 64-64-10 and a wider, deeper 64-256-256-10.
+inputs, 10 classes): the "digits" MLP 64-64-10 and a wider, deeper 64-128-128-10.
 
 Methods (all through `eqx_dodge.filter_value_and_dodge`):
 
