@@ -91,8 +91,9 @@ def jax_steps(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
 
 
 def torch_steps(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    import torch
-    import torchzero as tz
+    # The optional `bench` extra: pyright in `make test` runs without it.
+    import torch  # pyright: ignore[reportMissingImports]
+    import torchzero as tz  # pyright: ignore[reportMissingImports]
 
     torch.manual_seed(0)
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y).long()
@@ -177,8 +178,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     versions: dict[str, str] = {}
     if not jax_only:
         try:
-            import torch
-            import torchzero  # noqa: F401
+            import torch  # pyright: ignore[reportMissingImports]
+            import torchzero  # noqa: F401  # pyright: ignore[reportMissingImports]
         except ImportError:
             print(MISSING_TORCH, file=sys.stderr)
             raise SystemExit(1)
