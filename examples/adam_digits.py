@@ -22,6 +22,7 @@ Run `python examples/adam_digits.py` (about a minute on a laptop CPU) or with
 `--quick` for a few seconds' smoke run.
 """
 
+# --8<-- [start:imports]
 import argparse
 import time
 from collections.abc import Sequence
@@ -37,6 +38,8 @@ from sklearn.datasets import load_digits
 import eqx_dodge
 
 
+# --8<-- [end:imports]
+# --8<-- [start:data]
 def load(key: PRNGKeyArray, test_fraction: float = 0.2):
     digits = load_digits()
     x = jnp.asarray(digits.data / 16.0, jnp.float32)  # pyright: ignore
@@ -58,6 +61,8 @@ def accuracy(model: eqx.nn.MLP, x: Array, y: Array) -> float:
     return float(jnp.mean(jnp.argmax(jax.vmap(model)(x), axis=-1) == y))
 
 
+# --8<-- [end:data]
+# --8<-- [start:optimizers]
 def optimizers(
     num_directions: int, seed: int
 ) -> dict[str, tuple[optax.GradientTransformationExtraArgs, bool]]:
@@ -93,6 +98,8 @@ def optimizers(
     }
 
 
+# --8<-- [end:optimizers]
+# --8<-- [start:train]
 def train(
     optim: optax.GradientTransformationExtraArgs,
     backprop: bool,
@@ -135,6 +142,8 @@ def train(
     return eqx.combine(params, static), losses
 
 
+# --8<-- [end:train]
+# --8<-- [start:main]
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(
         description="DODGE optimizers against Adam on load_digits."
@@ -182,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             f"({results[name]['seconds']:.1f} s incl. compilation)"
         )
     return results
+
+
+# --8<-- [end:main]
 
 
 if __name__ == "__main__":
