@@ -1,5 +1,9 @@
-"""Small models and losses shared by the tests."""
+"""Small models, losses and loaders shared by the tests."""
 
+import importlib.util
+import pathlib
+import sys
+import types
 from collections.abc import Callable
 
 import equinox as eqx
@@ -58,3 +62,20 @@ def flat(tree: PyTree) -> Float[Array, " p"]:
 def flat_batched(tree: PyTree) -> Float[Array, "n p"]:
     leaves = jax.tree.leaves(tree)
     return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], 1)
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_script(relative_path: str) -> types.ModuleType:
+    """Imports a script of the repository (an example, a benchmark, a tutorial) as a
+    module, from its path relative to the repository root."""
+    path = ROOT / relative_path
+    name = relative_path.removesuffix(".py").replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Registered so that dataclasses and NamedTuples can find their module.
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

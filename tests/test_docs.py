@@ -5,14 +5,14 @@ page (a page reads as one script), with `pymdownx.snippets` includes expanded; a
 tutorial scripts run with a small configuration and must actually learn.
 """
 
-import importlib.util
 import pathlib
 import re
-import sys
 import types
 
 import jax
 import pytest
+
+from .helpers import load_script
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -91,20 +91,8 @@ def test_every_public_name_is_in_the_api_reference():
     assert not missing, f"public names without a `::: eqx_dodge.name` block: {missing}"
 
 
-def _load_script(relative_path: str) -> types.ModuleType:
-    path = DOCS / relative_path
-    name = f"docs_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # Registered so that dataclasses and NamedTuples can find their module.
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_digits_tutorial_learns():
-    tutorial = _load_script("tutorials/digits_classification.py")
+    tutorial = load_script("docs/tutorials/digits_classification.py")
     results = tutorial.main(directions=(0, 10), num_steps=300)
     # Ten classes: chance is 0.1. These bounds hold with a wide margin at this size
     # (measured: backprop 0.97, DODGE k = 10 0.92), and fail if DODGE does not

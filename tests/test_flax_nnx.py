@@ -1,6 +1,3 @@
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -8,17 +5,10 @@ from jax.flatten_util import ravel_pytree
 
 import eqx_dodge
 
-
-def _load_example():
-    path = pathlib.Path(__file__).parent.parent / "examples" / "flax_nnx.py"
-    spec = importlib.util.spec_from_file_location("flax_nnx_example", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import load_script
 
 
-example = _load_example()
+example = load_script("examples/flax_nnx.py")
 
 
 def test_dodge_on_nnx_state_matches_grad_structure_and_descends():

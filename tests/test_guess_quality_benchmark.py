@@ -1,19 +1,10 @@
-import importlib.util
 import json
-import pathlib
 
-
-def _load_benchmark():
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "guess_quality.py"
-    spec = importlib.util.spec_from_file_location("guess_quality", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import load_script
 
 
 def test_quick_run_writes_results(tmp_path):
-    benchmark = _load_benchmark()
+    benchmark = load_script("benchmarks/guess_quality.py")
     # A subset of the methods keeps the smoke test short; `--quick` runs them all.
     methods = ("rademacher-k1", "activation", "oracle")
     output = benchmark.main(quick=True, out_dir=tmp_path, methods=methods)

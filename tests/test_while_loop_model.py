@@ -1,6 +1,3 @@
-import importlib.util
-import pathlib
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -8,17 +5,10 @@ import pytest
 
 import eqx_dodge
 
-
-def _load_example():
-    path = pathlib.Path(__file__).parent.parent / "examples" / "while_loop_model.py"
-    spec = importlib.util.spec_from_file_location("while_loop_model", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import load_script
 
 
-example = _load_example()
+example = load_script("examples/while_loop_model.py")
 
 
 def test_reverse_mode_raises_and_dodge_trains():
