@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
-from ._online import _as_state_and_loss, _check_reduction, Reduction, scan_window
+from ._online import (
+    _as_state_and_loss,
+    _check_reduction,
+    cut_gradient_every,
+    Reduction,
+    scan_window,
+)
 
 
 def _check_positive_int(value: int, name: str) -> None:
@@ -153,11 +159,8 @@ def _chunked_window(
 
     def body(carry, inputs_t):
         s, t = carry
-        cut = (t > 0) & (t % truncation == 0)
         entering = s
-        s = jax.tree.map(
-            lambda leaf: jnp.where(cut, jax.lax.stop_gradient(leaf), leaf), s
-        )
+        s = cut_gradient_every(truncation, t, s)
         s, (loss, _) = state_and_loss(model, s, inputs_t)
         return (s, t + 1), (loss, entering)
 

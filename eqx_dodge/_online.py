@@ -123,10 +123,7 @@ def scan_window(
     def body(carry, inputs_t):
         s, t = carry
         if truncation is not None:
-            cut = (t > 0) & (t % truncation == 0)
-            s = jax.tree.map(
-                lambda leaf: jnp.where(cut, jax.lax.stop_gradient(leaf), leaf), s
-            )
+            s = cut_gradient_every(truncation, t, s)
         s, (loss, aux) = state_and_loss(model, s, inputs_t)
         return (s, t + 1), (loss, aux)
 
@@ -135,6 +132,15 @@ def scan_window(
     )
     value = jnp.sum(losses) if reduction == "sum" else jnp.mean(losses)
     return value, (final_state, aux)
+
+
+def cut_gradient_every(truncation: int | Array, t: Array, state: PyTree) -> PyTree:
+    """`state` with its gradient path cut when step `t > 0` is a multiple of
+    `truncation` (truncated backpropagation through time)."""
+    cut = (t > 0) & (t % truncation == 0)
+    return jax.tree.map(
+        lambda leaf: jnp.where(cut, jax.lax.stop_gradient(leaf), leaf), state
+    )
 
 
 def _check_reduction(reduction: str) -> None:
