@@ -26,20 +26,17 @@ Learning rates: the estimate from random directions has E‖ĝ‖² ≈ (p/k)‖
 unit candidate direction û gives ‖ĝ‖ = |g·û| ≤ ‖g‖; so the grid is `base × k/p` for
 random directions and `base` for candidates, with the same `base` values for all.
 
-Run: `python benchmarks/guess_quality.py [--quick] [--out-dir DIR]`.
+Run: `python benchmarks/guess_quality.py [--quick] [--out DIR]`.
 """
 
-import argparse
 import functools as ft
-import json
 import math
-import os
 import pathlib
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
 
+import _common
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -48,8 +45,6 @@ from jaxtyping import Array, PRNGKeyArray
 
 import eqx_dodge
 
-
-RESULTS = pathlib.Path(__file__).parent / "results"
 
 METHODS: dict[str, dict] = {
     "rademacher-k1": dict(kind="random", sampler="rademacher", k=1, mode="average"),
@@ -255,22 +250,9 @@ def finite_or_none(values):
     return [finite_or_none(row) for row in array]
 
 
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "equinox": eqx.__version__,
-        "devices": [str(device) for device in jax.devices()],
-        "note": "accuracy and cosine numbers only; no timings are reported",
-    }
-
-
 def main(
     quick: bool = False,
-    out_dir: pathlib.Path = RESULTS,
+    out_dir: pathlib.Path = _common.RESULTS,
     methods: tuple[str, ...] = tuple(METHODS),
 ) -> dict:
     config = QUICK if quick else FULL
@@ -367,8 +349,6 @@ def main(
         results["width_sweep"][str(width)] = row
 
     output = {
-        "benchmark": "guess_quality",
-        "machine": machine_info(),
         "config": {
             **{k: v for k, v in config.items() if k != "models"},
             "models": {
@@ -385,22 +365,15 @@ def main(
         "wall_seconds": time.perf_counter() - started,
         "results": results,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "guess_quality.json", "w") as file:
-        json.dump(output, file, indent=1)
-    plot(output, out_dir / "guess_quality.png")
+    _common.write_json(out_dir, "guess_quality", output)
+    plot(output, out_dir)
     print_table(output)
     return output
 
 
-def plot(output: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(output: dict, out_dir: pathlib.Path) -> None:
     results = output["results"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (left, right) = _common.new_figure(1, 2, figsize=(12, 4.5))
     sweep = results["width_sweep"]
     p = np.array([row["num_parameters"] for row in sweep.values()])
     for name, marker in (
@@ -428,9 +401,7 @@ def plot(output: dict, path: pathlib.Path) -> None:
     right.set_ylabel("training accuracy")
     right.set_title(f"After {output['config']['num_steps']} SGD updates (best lr)")
     right.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _common.save_figure(figure, out_dir, "guess_quality")
 
 
 def print_table(output: dict) -> None:
@@ -454,8 +425,5 @@ def print_table(output: dict) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Direction quality benchmark.")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
-    arguments = parser.parse_args()
-    main(arguments.quick, arguments.out_dir)
+    arguments = _common.parse_args(__doc__)
+    main(arguments.quick, arguments.out)

@@ -20,8 +20,7 @@ import eqx_dodge
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-# The benchmark scripts are not a package: import them from their folder.
+# The benchmark scripts are not a package; pytest puts their folder on the path.
 _common = importlib.import_module("_common")
 k_formulations = importlib.import_module("k_formulations")
 report = importlib.import_module("report")

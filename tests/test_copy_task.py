@@ -1,13 +1,10 @@
 import importlib
 import json
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 copy_task = importlib.import_module("copy_task")
 
 

@@ -1,13 +1,10 @@
 import importlib
 import json
-import pathlib
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 influence_balancing = importlib.import_module("influence_balancing")
 
 

@@ -1,10 +1,7 @@
 import importlib
 import json
-import pathlib
-import sys
 
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 long_sequence = importlib.import_module("long_sequence")
 
 
