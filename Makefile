@@ -38,11 +38,10 @@ pytest: $(DEV_STAMP)
 
 test: lint pytest docs
 
-# `make bench BENCH_FLAGS=--quick` for the small configurations. Files starting with
-# `_` are shared helpers; report.py runs last and rewrites the README's tables.
+# `make bench BENCH_FLAGS=--quick` for the smoke-test configurations (written to
+# benchmarks/results/quick/); a full run rewrites the README's Performance section.
 bench: $(BENCH_STAMP)
-	@for script in benchmarks/[!_]*.py; do [ $$script = benchmarks/report.py ] && continue; echo "== $$script"; $(PYTHON) $$script $(BENCH_FLAGS) || exit 1; done
-	$(PYTHON) benchmarks/report.py
+	$(PYTHON) benchmarks/run_all.py $(BENCH_FLAGS)
 
 docs: $(DEV_STAMP)
 	$(VENV)/bin/mkdocs build --strict

@@ -8,13 +8,16 @@ For each model of `_models.py` (MLP, conv net, LSTM), all in one process:
     `eqx_dodge.random_direction(key, params)`, times the direction;
 - `listing1_rademacher`: the same with `jax.random.rademacher` leaf by leaf (what a
     user would write first);
+- `jvp_fixed_direction`: the jvp and the product alone, along a direction passed in
+    (drawn outside the timed function): what forward mode costs without a sampler;
 - `dodge_k1`: `eqx_dodge.filter_dodge(loss, key=key)`;
 - `average_k`, `partition_k`: `filter_dodge` with `num_directions=k`.
 
 Ratios (each the median of repeat-by-repeat ratios of interleaved repeats):
 `dodge_k1 / listing1` (goal ≤ 1.05), `dodge_k1 / forward` (goal ≤ 2.0),
-`dodge_k1 / grad`, and `time(k) / (k · time(1))` per mode (goal ≤ 1.0). Peak memory
-comes from XLA's compiled memory analysis.
+`dodge_k1 / grad`, `jvp_fixed_direction / forward` (the floor that no sampler can lower)
+and `time(k) / (k · time(1))` per mode (goal ≤ 1.0). Peak memory comes from XLA's
+compiled memory analysis.
 """
 
 import functools as ft
@@ -39,7 +42,8 @@ GOALS = {
 
 
 def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any]:
-    """Jitted functions `(model, key) -> output` for every variant timed."""
+    """Jitted functions `(model, key) -> output` for every variant timed, except
+    `jvp_fixed_direction`, whose second argument is the direction."""
     loss, x, y = problem.loss, problem.x, problem.y
 
     def forward(model, key):
@@ -53,6 +57,15 @@ def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any
     def listing1(model, key):
         params, static = eqx.partition(model, eqx.is_inexact_array)
         direction = eqx_dodge.random_direction(key, params)
+
+        def loss_of_params(p):
+            return loss(eqx.combine(p, static), x, y)
+
+        value, derivative = jax.jvp(loss_of_params, (params,), (direction,))
+        return value, jax.tree.map(lambda u: derivative * u, direction)
+
+    def jvp_fixed_direction(model, direction):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
 
         def loss_of_params(p):
             return loss(eqx.combine(p, static), x, y)
@@ -88,6 +101,7 @@ def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any
         "grad": grad,
         "listing1": listing1,
         "listing1_rademacher": listing1_rademacher,
+        "jvp_fixed_direction": jvp_fixed_direction,
         "dodge_k1": ft.partial(dodge, num_directions=1, mode="average"),
     }
     for mode in ("average", "partition"):
@@ -102,15 +116,24 @@ def run_problem(
 ) -> dict[str, Any]:
     key = jax.random.key(1)
     model = problem.model
+    # An argument, not a closed-over constant, so that XLA cannot fold it away.
+    direction = eqx_dodge.random_direction(key, model)
     print(f"[{problem.name}] compiling", file=sys.stderr)
-    compiled = {
-        name: fun.lower(model, key).compile()
-        for name, fun in step_functions(problem, ks).items()
-    }
-    calls = {name: ft.partial(fun, model, key) for name, fun in compiled.items()}
+    calls, compiled = {}, {}
+    for name, fun in step_functions(problem, ks).items():
+        second = direction if name == "jvp_fixed_direction" else key
+        compiled[name] = fun.lower(model, second).compile()
+        calls[name] = ft.partial(compiled[name], model, second)
     print(f"[{problem.name}] timing {len(calls)} variants", file=sys.stderr)
 
-    base_names = ["forward", "grad", "listing1", "listing1_rademacher", "dodge_k1"]
+    base_names = [
+        "forward",
+        "grad",
+        "listing1",
+        "listing1_rademacher",
+        "jvp_fixed_direction",
+        "dodge_k1",
+    ]
     times = _common.time_interleaved(
         {name: calls[name] for name in base_names},
         repeats=repeats,
@@ -134,6 +157,9 @@ def run_problem(
             times["dodge_k1"], times["forward"]
         ),
         "dodge_k1_over_grad": _common.ratio_samples(times["dodge_k1"], times["grad"]),
+        "jvp_fixed_direction_over_forward": _common.ratio_samples(
+            times["jvp_fixed_direction"], times["forward"]
+        ),
         "listing1_rademacher_over_listing1": _common.ratio_samples(
             times["listing1_rademacher"], times["listing1"]
         ),
@@ -256,7 +282,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(
             f"{name:5s} k1/listing1 {r['dodge_k1_over_listing1']['median']:.3f}  "
             f"k1/forward {r['dodge_k1_over_forward']['median']:.3f}  "
-            f"k1/grad {r['dodge_k1_over_grad']['median']:.3f}  scaling "
+            f"k1/grad {r['dodge_k1_over_grad']['median']:.3f}  "
+            f"jvp/forward {r['jvp_fixed_direction_over_forward']['median']:.3f}  "
+            "scaling "
             + " ".join(
                 f"{mode[0]}{k}:{v['median']:.2f}"
                 for mode, data in result["scaling"].items()

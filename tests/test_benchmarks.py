@@ -24,6 +24,7 @@ BENCHMARKS = ROOT / "benchmarks"
 _common = importlib.import_module("_common")
 k_formulations = importlib.import_module("k_formulations")
 report = importlib.import_module("report")
+run_all = importlib.import_module("run_all")
 
 
 def run_script(name: str, *args: str, prelude: str = "") -> subprocess.CompletedProcess:
@@ -147,6 +148,20 @@ def test_vs_pytorch_jax_side(tmp_path):
     }
 
 
+def test_run_all_quick(tmp_path):
+    names = {path.stem for path in run_all.benchmark_scripts()}
+    assert "step_cost" in names and "copy_task" in names
+    assert not names & {"report", "run_all", "_common", "_models"}
+    only = ["influence_balancing", "scaling"]
+    record = run_all.main(["--quick", "--only", *only, "--out", str(tmp_path)])
+    assert set(record["seconds"]) == set(only)
+    assert record["config"] == {"quick": True, "jobs": os.cpu_count()}
+    for name in [*only, "run_all"]:
+        assert json.loads((tmp_path / f"{name}.json").read_text())["benchmark"] == name
+    with pytest.raises(SystemExit, match="Unknown benchmarks"):
+        run_all.main(["--quick", "--only", "no_such_benchmark"])
+
+
 def test_report(tmp_path):
     results = tmp_path / "results"
     record = {
@@ -170,6 +185,7 @@ def test_report(tmp_path):
                     "dodge_k1_over_listing1",
                     "dodge_k1_over_forward",
                     "dodge_k1_over_grad",
+                    "jvp_fixed_direction_over_forward",
                 )
             },
             "scaling": {m: {"1": ratio, "2": ratio} for m in ("average", "partition")},
@@ -177,6 +193,11 @@ def test_report(tmp_path):
         }
     }
     _common.write_json(results, "step_cost", record)
+    _common.write_json(
+        results,
+        "run_all",
+        {"seconds": {"step_cost": 150.0, "copy_task": 90.0}, "total_seconds": 240.0},
+    )
     readme = tmp_path / "README.md"
     readme.write_text(
         f"# x\n\n## Performance\n\n{report.START}\nold text\n{report.END}\n\n## After\n"
@@ -192,6 +213,7 @@ def test_report(tmp_path):
     assert "| an MLP | 3.00 (1.50–4.50) |" in text  # median (quartiles)
     assert "1.70 (1.55–1.85) ✗" in text  # above the 1.05 goal
     assert "| 3.0 |" in text  # MiB
+    assert "ran 2 benchmarks one at a time in 4.0 min" in text
 
 
 def test_report_committed_results():

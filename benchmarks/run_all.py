@@ -1,0 +1,122 @@
+"""Runs every benchmark script, then `report.py`: what `make bench` does.
+
+- A full run goes one script at a time, so that no benchmark's timings share the CPU
+    with another's. Results go to `benchmarks/results/`, the wall time of each script
+    and of the whole run to `results/run_all.json` (the README quotes it), and
+    `report.py` rewrites the README's Performance section.
+- `--quick` runs are smoke tests whose numbers mean nothing. Their time goes mostly
+    to XLA compilation, which is single-threaded, so they run `--jobs` scripts at once
+    (default: one per core); they write to `benchmarks/results/quick/` (ignored by git)
+    so that the committed results stay as they are, and skip the report.
+
+Run: `python benchmarks/run_all.py [--quick] [--jobs N] [--only NAME ...] [--out DIR]`.
+"""
+
+import argparse
+import concurrent.futures
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import _common
+
+
+HERE = pathlib.Path(__file__).resolve().parent
+NOT_BENCHMARKS = ("report.py", "run_all.py")
+
+
+def benchmark_scripts() -> list[pathlib.Path]:
+    """Every benchmark script: the `.py` files here except helpers (`_*.py`), the
+    report and this runner."""
+    return sorted(
+        path
+        for path in HERE.glob("*.py")
+        if not path.name.startswith("_") and path.name not in NOT_BENCHMARKS
+    )
+
+
+def run_script(
+    script: pathlib.Path, flags: Sequence[str], capture: bool
+) -> tuple[float, subprocess.CompletedProcess]:
+    """Runs one script in a fresh interpreter; returns its wall time in seconds and
+    the finished process (with its output when `capture`)."""
+    start = time.perf_counter()
+    process = subprocess.run(
+        [sys.executable, str(script), *flags],
+        capture_output=capture,
+        text=True,
+        check=False,
+    )
+    return time.perf_counter() - start, process
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the smoke-test configs")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="scripts run at once (default: 1, or one per core with --quick)",
+    )
+    parser.add_argument("--only", nargs="*", help="script names to run (no `.py`)")
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help="results directory (default: benchmarks/results, or its quick/ folder)",
+    )
+    args = parser.parse_args(argv)
+    out = args.out or (_common.RESULTS / "quick" if args.quick else _common.RESULTS)
+    jobs = args.jobs or ((os.cpu_count() or 1) if args.quick else 1)
+    scripts = benchmark_scripts()
+    if args.only:
+        unknown = set(args.only) - {script.stem for script in scripts}
+        if unknown:
+            raise SystemExit(f"Unknown benchmarks: {sorted(unknown)}.")
+        scripts = [script for script in scripts if script.stem in args.only]
+    flags = ["--out", str(out)] + (["--quick"] if args.quick else [])
+
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    failed = []
+    # One script at a time streams its output live; parallel ones print it whole.
+    capture = jobs > 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {
+            pool.submit(run_script, script, flags, capture): script
+            for script in scripts
+        }
+        for future in concurrent.futures.as_completed(futures):
+            script = futures[future]
+            elapsed, process = future.result()
+            seconds[script.stem] = elapsed
+            if capture:
+                print(process.stdout + process.stderr, end="")
+            status = "ok" if process.returncode == 0 else "FAILED"
+            print(f"== {script.name}: {status} in {elapsed:.0f} s", flush=True)
+            if process.returncode != 0:
+                failed.append(script.name)
+    total = time.perf_counter() - start
+    print(f"== {len(scripts)} benchmarks in {total / 60:.1f} min", flush=True)
+    if failed:
+        raise SystemExit(f"Failed: {', '.join(failed)}")
+
+    record = {
+        "config": {"quick": args.quick, "jobs": jobs},
+        "seconds": dict(sorted(seconds.items())),
+        "total_seconds": total,
+    }
+    _common.write_json(out, "run_all", record)
+    if not args.quick and not args.only:
+        report = HERE / "report.py"
+        subprocess.run([sys.executable, str(report)], check=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()
