@@ -68,8 +68,9 @@ def step_cost_section(record: dict[str, Any], results_path: str) -> list[str]:
         "(interquartile range) over "
         f"{record['config']['repeats']} interleaved repeats; ratios are medians of "
         "repeat-by-repeat ratios. ✓/✗: goal met or not. *jvp / forward* is "
-        "`jax.jvp` along a direction drawn outside the timed function: the cost of "
-        "forward mode itself, which no sampler can lower.",
+        "`jax.jvp` along a direction passed in, drawn outside the timed function: "
+        "forward mode without sampling (for the conv net a direction drawn inside "
+        "the step is cheaper still, because XLA chooses its memory layout).",
         "",
         "| model | forward | `filter_grad` | Listing 1 | `filter_dodge` k=1 "
         f"| k=1 / Listing 1 (≤ {goals['dodge_k1_over_listing1']}) "

@@ -9,15 +9,16 @@ For each model of `_models.py` (MLP, conv net, LSTM), all in one process:
 - `listing1_rademacher`: the same with `jax.random.rademacher` leaf by leaf (what a
     user would write first);
 - `jvp_fixed_direction`: the jvp and the product alone, along a direction passed in
-    (drawn outside the timed function): what forward mode costs without a sampler;
+    (drawn outside the timed function): forward mode's own cost, without a sampler;
 - `dodge_k1`: `eqx_dodge.filter_dodge(loss, key=key)`;
 - `average_k`, `partition_k`: `filter_dodge` with `num_directions=k`.
 
 Ratios (each the median of repeat-by-repeat ratios of interleaved repeats):
 `dodge_k1 / listing1` (goal ≤ 1.05), `dodge_k1 / forward` (goal ≤ 2.0),
-`dodge_k1 / grad`, `jvp_fixed_direction / forward` (the floor that no sampler can lower)
-and `time(k) / (k · time(1))` per mode (goal ≤ 1.0). Peak memory comes from XLA's
-compiled memory analysis.
+`dodge_k1 / grad`, `jvp_fixed_direction / forward` (forward mode without sampling;
+not a strict floor, as XLA may lay out a direction drawn inside the step better than
+one passed in) and `time(k) / (k · time(1))` per mode (goal ≤ 1.0). Peak memory comes
+from XLA's compiled memory analysis.
 """
 
 import functools as ft
