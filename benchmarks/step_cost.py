@@ -55,16 +55,6 @@ def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any
         del key
         return eqx.filter_grad(loss)(model, x, y)
 
-    def listing1(model, key):
-        params, static = eqx.partition(model, eqx.is_inexact_array)
-        direction = eqx_dodge.random_direction(key, params)
-
-        def loss_of_params(p):
-            return loss(eqx.combine(p, static), x, y)
-
-        value, derivative = jax.jvp(loss_of_params, (params,), (direction,))
-        return value, jax.tree.map(lambda u: derivative * u, direction)
-
     def jvp_fixed_direction(model, direction):
         params, static = eqx.partition(model, eqx.is_inexact_array)
 
@@ -74,8 +64,11 @@ def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any
         value, derivative = jax.jvp(loss_of_params, (params,), (direction,))
         return value, jax.tree.map(lambda u: derivative * u, direction)
 
+    def listing1(model, key):
+        return jvp_fixed_direction(model, eqx_dodge.random_direction(key, model))
+
     def listing1_rademacher(model, key):
-        params, static = eqx.partition(model, eqx.is_inexact_array)
+        params = eqx.filter(model, eqx.is_inexact_array)
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(key, len(leaves))
         direction = jax.tree.unflatten(
@@ -85,12 +78,7 @@ def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any
                 for k, leaf in zip(keys, leaves)
             ],
         )
-
-        def loss_of_params(p):
-            return loss(eqx.combine(p, static), x, y)
-
-        value, derivative = jax.jvp(loss_of_params, (params,), (direction,))
-        return value, jax.tree.map(lambda u: derivative * u, direction)
+        return jvp_fixed_direction(model, direction)
 
     def dodge(model, key, num_directions, mode):
         return eqx_dodge.filter_dodge(
