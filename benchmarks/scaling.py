@@ -28,20 +28,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import argparse
-import datetime
-import importlib.metadata
-import json
+import functools as ft
 import math
 import pathlib
-import platform
 import re
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import _common  # imports JAX, so it too must come after XLA_FLAGS is set
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -51,7 +46,6 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 import eqx_dodge  # noqa: E402  (after XLA_FLAGS)
 
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 NUM_DEVICES = 8
 IN_FEATURES = 1000
 OUT_FEATURES = 10
@@ -158,36 +152,6 @@ def _abstract(tree, sharding):
     )
 
 
-def _time(fun: Callable[[], Any], repeats: int, min_time: float) -> list[float]:
-    jax.block_until_ready(fun())
-    jax.block_until_ready(fun())
-    start = time.perf_counter()
-    jax.block_until_ready(fun())
-    calls = max(1, math.ceil(min_time / max(time.perf_counter() - start, 1e-7)))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = fun()
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return samples
-
-
-def _summary(samples: Sequence[float]) -> dict[str, float]:
-    values = sorted(samples)
-    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-    return {
-        "median": statistics.median(values),
-        "min": values[0],
-        "q1": q1,
-        "q3": q3,
-        "max": values[-1],
-        "repeats": len(values),
-    }
-
-
 def measure(num_parameters: int, timed: bool, repeats: int) -> dict[str, Any]:
     mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Auto,))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -240,42 +204,25 @@ def measure(num_parameters: int, timed: bool, repeats: int) -> dict[str, Any]:
         real_y = jax.device_put(
             jax.random.randint(label_key, (batch,), 0, OUT_FEATURES), sharded
         )
-        for name, executable in compiled.items():
-            # The executable compiled above for the abstract shapes runs the arrays.
-            samples = _time(
-                lambda: executable(real_params, real_state, real_x, real_y, step_key),
-                repeats,
-                min_time=0.05,
-            )
-            row[name]["step_seconds"] = _summary(samples)
+        # The executables compiled above for the abstract shapes run the arrays.
+        times = _common.time_interleaved(
+            {
+                name: ft.partial(
+                    executable, real_params, real_state, real_x, real_y, step_key
+                )
+                for name, executable in compiled.items()
+            },
+            repeats=repeats,
+            min_time=0.05,
+        )
+        for name, samples in times.items():
+            row[name]["step_seconds"] = _common.summarize(samples)
         del model, real_params, real_state
     return row
 
 
-def machine_info() -> dict[str, Any]:
-    return {
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": importlib.metadata.version("jaxlib"),
-        "equinox": eqx.__version__,
-        "optax": optax.__version__,
-        "backend": jax.default_backend(),
-        "num_devices": jax.device_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-
-
-def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+def plot(rows: list[dict[str, Any]], out_dir: pathlib.Path) -> None:
+    fig, (left, right) = _common.new_figure(1, 2, figsize=(11, 4))
     ps = [row["num_parameters"] for row in rows]
     for name, marker in (("gradient", "o"), ("dodge", "s")):
         label = (
@@ -305,24 +252,11 @@ def plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     right.set_ylabel("step time (ms, median)")
     right.set_title(f"{NUM_DEVICES} simulated CPU devices (compute only)")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Bytes all-reduced per step, DODGE vs gradient."
-    )
-    parser.add_argument("--quick", action="store_true", help="small smoke-test run")
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=RESULTS, help="output directory"
-    )
-    return parser.parse_args(argv)
+    _common.save_figure(fig, out_dir, "scaling")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    args = parse_args(argv)
+    args = _common.parse_args(__doc__, argv)
     if jax.device_count() < NUM_DEVICES:
         raise RuntimeError(
             f"Needs {NUM_DEVICES} devices; start Python with XLA_FLAGS="
@@ -337,10 +271,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         row = measure(size, timed=size <= timed_up_to, repeats=repeats)
         rows.append(row)
         print(_table_line(row), file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "benchmark": "scaling",
-        "machine": machine_info(),
+    payload = {
         "config": {
             "quick": args.quick,
             "num_devices": NUM_DEVICES,
@@ -353,8 +284,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         },
         "rows": rows,
     }
-    (args.out / "scaling.json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(rows, args.out / "scaling.png")
+    _common.write_json(args.out, "scaling", payload)
+    plot(rows, args.out)
     return rows
 
 

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scaling
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqx_dodge
-from benchmarks import scaling
 from eqx_dodge._directions import _part_indices, num_coordinates
 from eqx_dodge._sharded import _make_layout
 

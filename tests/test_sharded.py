@@ -25,8 +25,11 @@ def test_on_eight_simulated_devices():
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
+    # This checkout first, and the benchmarks folder: `sharded_checks.py` imports
+    # `scaling`, which imports its sibling `_common`.
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        [str(ROOT), str(ROOT / "benchmarks")]
+        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     result = subprocess.run(
         [
