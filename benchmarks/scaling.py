@@ -22,10 +22,14 @@ Run: `python benchmarks/scaling.py [--quick] [--out DIR]`.
 import os
 
 
-# The simulated devices must be requested before JAX starts.
+# The simulated devices must be requested before JAX starts. Eight device threads
+# share the cores with whatever else runs (`make bench --quick` runs two scripts at
+# once), so an all-reduce may wait longer than XLA:CPU's default 40 s before it aborts.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_force_host_platform_device_count=8"
+        + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
     ).strip()
 
 import functools as ft
@@ -204,12 +208,18 @@ def measure(num_parameters: int, timed: bool, repeats: int) -> dict[str, Any]:
         real_y = jax.device_put(
             jax.random.randint(label_key, (batch,), 0, OUT_FEATURES), sharded
         )
-        # The executables compiled above for the abstract shapes run the arrays.
+
+        # The executables compiled above for the abstract shapes run the arrays, one
+        # step in flight at a time: with 8 simulated devices on 2 cores, queued steps
+        # can starve XLA:CPU's all-reduce rendezvous (seen as its 40 s timeout when
+        # another process loaded the cores).
+        def one_step(executable):
+            args = (real_params, real_state, real_x, real_y, step_key)
+            return jax.block_until_ready(executable(*args))
+
         times = _common.time_interleaved(
             {
-                name: ft.partial(
-                    executable, real_params, real_state, real_x, real_y, step_key
-                )
+                name: ft.partial(one_step, executable)
                 for name, executable in compiled.items()
             },
             repeats=repeats,
