@@ -173,6 +173,22 @@ def vs_pytorch_section(record: dict[str, Any], results_path: str) -> list[str]:
     return lines
 
 
+def _accuracy_table(
+    heading: str, labels: list[str], rows: list[dict[str, Any]]
+) -> list[str]:
+    """A one-row table of final training accuracies (mean ± std), a column a row."""
+    return [
+        f"| {heading} | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(rows),
+        "| final training accuracy | "
+        + " | ".join(
+            f"{r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f}"
+            for r in rows
+        )
+        + " |",
+    ]
+
+
 def digits_section(record: dict[str, Any], results_path: str) -> list[str]:
     config = record["config"]
     lines = [
@@ -183,30 +199,20 @@ def digits_section(record: dict[str, Any], results_path: str) -> list[str]:
         f"{config['seeds']} seeds, best SGD step size of "
         f"{config['learning_rates']} per setting.",
         "",
-        "| directions | "
-        + " | ".join(str(r["num_directions"]) for r in record["directions"])
-        + " |",
-        "|---|" + "---|" * len(record["directions"]),
-        "| final training accuracy | "
-        + " | ".join(
-            f"{r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f}"
-            for r in record["directions"]
-        )
-        + " |",
+        *_accuracy_table(
+            "directions",
+            [str(r["num_directions"]) for r in record["directions"]],
+            record["directions"],
+        ),
         "",
-        "| batch study (same samples seen) | "
-        + " | ".join(
-            f"k={r['num_directions']}, batch {r['batch_size']}"
-            for r in record["batch_study"]
-        )
-        + " |",
-        "|---|" + "---|" * len(record["batch_study"]),
-        "| final training accuracy | "
-        + " | ".join(
-            f"{r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f}"
-            for r in record["batch_study"]
-        )
-        + " |",
+        *_accuracy_table(
+            "batch study (same samples seen)",
+            [
+                f"k={r['num_directions']}, batch {r['batch_size']}"
+                for r in record["batch_study"]
+            ],
+            record["batch_study"],
+        ),
         "",
         "| the paper's claim | holds here? |",
         "|---|---|",
