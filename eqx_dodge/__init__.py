@@ -2,18 +2,11 @@
 
 import importlib.metadata
 
-from . import diagnostics as diagnostics
+from . import diagnostics as diagnostics, recurrent as recurrent
 from ._adam import (
     adam_dodge as adam_dodge,
     scale_by_adam_dodge as scale_by_adam_dodge,
     ScaleByAdamDodgeState as ScaleByAdamDodgeState,
-)
-from ._candidates import (
-    critic_loss as critic_loss,
-    LinearCritic as LinearCritic,
-    QuadraticCritic as QuadraticCritic,
-    synthetic_gradient_candidate as synthetic_gradient_candidate,
-    tbptt_candidate as tbptt_candidate,
 )
 from ._directions import (
     partition_direction as partition_direction,
@@ -36,7 +29,15 @@ from ._sharded import (
     sharded_dodge as sharded_dodge,
     sharded_value_and_dodge as sharded_value_and_dodge,
 )
-from ._transform import dodge as dodge, DodgeState as DodgeState
+from ._sources import (
+    dodge_ema as dodge_ema,
+    dodge_random as dodge_random,
+    dodge_updates as dodge_updates,
+    DodgeEmaState as DodgeEmaState,
+    DodgeRandomState as DodgeRandomState,
+    DodgeUpdatesState as DodgeUpdatesState,
+)
+from ._transform import dodge as dodge
 
 
 __version__ = importlib.metadata.version("eqx_dodge")

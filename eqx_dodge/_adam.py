@@ -1,35 +1,36 @@
-"""`adam_dodge`: Adam's per-coordinate scaling folded into the DODGE direction."""
+"""`adam_dodge`: Adam driven by DODGE estimates, with steps bounded like Adam's."""
 
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ._directions import check_sampler, Sampler, trainable
-from ._estimator import check_random_options, Mode
-from ._transform import (
-    bias_corrected,
-    candidate_updates,
-    check_exploration,
-    key_data,
-    loss_of_trainable,
-    projected_estimate,
-    split_key,
+from ._checks import (
+    check_decay,
+    check_int,
+    check_nonnegative,
+    check_option,
+    check_random_options,
+    split_stored_key,
+    stored_key,
 )
+from ._directions import scale_to_unit, squared_norm, trainable
+from ._estimator import run_tangents, value_and_aux_of, value_and_estimate
+from ._tangents import fixed_tangents, random_tangents
+from ._value_fn import candidate_of, loss_of_trainable
 
 
-AdamSource: TypeAlias = Literal["updates", "random"]
-ADAM_SOURCES: tuple[str, ...] = ("updates", "random")
+ADAM_SOURCES: tuple[str, ...] = ("random", "updates")
 
 
 class ScaleByAdamDodgeState(NamedTuple):
     """State of [`eqx_dodge.scale_by_adam_dodge`][].
 
     - `count`: the number of updates taken so far (int32 scalar).
-    - `mu`, `nu`: Adam's first and second moments, of the candidates (source
-        `"updates"`) or of past unbiased DODGE estimates (source `"random"`).
+    - `mu`, `nu`: Adam's first and second moments, of the DODGE estimates (source
+        `"random"`) or of the candidates (source `"updates"`).
     - `key`: raw PRNG key data for the random directions (`None` for `"updates"`).
     """
 
@@ -39,28 +40,91 @@ class ScaleByAdamDodgeState(NamedTuple):
     key: PyTree
 
 
-def _check_decay(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float | jax.Array):
-        raise TypeError(f"`{name}` must be a float in [0, 1), got {value!r}.")
-    if isinstance(value, int | float) and not 0 <= value < 1:
-        raise ValueError(f"`{name}` must lie in [0, 1), got {value}.")
+def bias_corrected(moment: PyTree, decay: Any, count: Array) -> PyTree:
+    """`moment / (1 − decay^count)`. (`optax.tree.bias_correction` raises `decay**count`
+    to an int32 power, which strict dtype promotion rejects.)"""
+    correction = 1 - jnp.asarray(decay, jnp.float32) ** count.astype(jnp.float32)
+    return jax.tree.map(lambda m: m / correction.astype(m.dtype), moment)
 
 
-def _check_nonnegative(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float | jax.Array):
-        raise TypeError(f"`{name}` must be a non-negative float, got {value!r}.")
-    if isinstance(value, int | float) and value < 0:
-        raise ValueError(f"`{name}` must be non-negative, got {value}.")
+def _adam_step(
+    sample: PyTree, state: ScaleByAdamDodgeState, b1, b2, eps, eps_root
+) -> tuple[PyTree, PyTree, PyTree, PyTree, Array]:
+    """Adam's moments updated with `sample` and the step `m̂/(√(v̂ + eps_root) + eps)`,
+    exactly as `optax.scale_by_adam` computes them. Returns
+    `(step, mu, nu, mu_hat, count)`."""
+    count = jnp.asarray(optax.safe_increment(state.count))
+    mu = optax.tree.update_moment(sample, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(sample, state.nu, b2, 2)
+    mu_hat = bias_corrected(mu, b1, count)
+    nu_hat = bias_corrected(nu, b2, count)
+    step = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
+    return step, mu, nu, mu_hat, count
 
 
-def _root_mean_square(tree: PyTree) -> Array:
-    leaves = jax.tree.leaves(tree)
-    size = sum(leaf.size for leaf in leaves)
-    squares = sum(
-        (jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves),
-        start=jnp.zeros((), jnp.float32),
-    )
-    return jnp.sqrt(squares / max(size, 1))
+def _scale_by_adam_dodge_random(
+    b1, b2, eps, eps_root, key, num_directions: int, sampler: str, mode: str
+) -> optax.GradientTransformationExtraArgs:
+    check_random_options(num_directions, sampler, mode)
+    data, impl = stored_key(key, True, "for random directions")
+
+    def init_fn(params):
+        zeros = optax.tree.zeros_like(trainable(params))
+        return ScaleByAdamDodgeState(jnp.zeros((), jnp.int32), zeros, zeros, data)
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        del updates
+        fun, primal = loss_of_trainable(
+            "scale_by_adam_dodge", params, value_fn, extra_args
+        )
+        next_key, step_key = split_stored_key(state.key, impl)
+        tangents = random_tangents(step_key, primal, num_directions, sampler, mode)
+        _, estimate, _ = value_and_estimate(fun, primal, tangents, has_aux=False)
+        step, mu, nu, _, count = _adam_step(estimate, state, b1, b2, eps, eps_root)
+        return step, ScaleByAdamDodgeState(count, mu, nu, next_key)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _descent_scale(fun, primal: PyTree, step: PyTree, mu_hat: PyTree) -> Array:
+    """`s = (g·a)/(m̂·a)` clipped to `[−1, 1]`, for Adam's step `a`: `s·a` is the
+    appendix-A output `(g·u)u`, `u = a/√(m̂·a)`, bounded by Adam's own step."""
+    norm_squared = squared_norm(step)
+    (derivative,) = run_tangents(
+        value_and_aux_of(fun, False),
+        primal,
+        fixed_tangents(
+            jax.tree.map(lambda a: a[None], scale_to_unit(step, norm_squared)),
+            jnp.ones((1,), jnp.float32),
+        ),
+    )[1]
+    along = derivative.astype(jnp.float32) * jnp.sqrt(norm_squared)  # g·a
+    alignment = jnp.asarray(optax.tree.vdot(mu_hat, step), jnp.float32)  # m̂·a ≥ 0
+    positive = alignment > 0
+    ratio = jnp.where(positive, along / jnp.where(positive, alignment, 1), 0)
+    return jnp.clip(ratio, -1, 1)
+
+
+def _scale_by_adam_dodge_updates(
+    b1, b2, eps, eps_root
+) -> optax.GradientTransformationExtraArgs:
+    def init_fn(params):
+        zeros = optax.tree.zeros_like(trainable(params))
+        return ScaleByAdamDodgeState(jnp.zeros((), jnp.int32), zeros, zeros, None)
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        fun, primal = loss_of_trainable(
+            "scale_by_adam_dodge", params, value_fn, extra_args
+        )
+        candidate = candidate_of(updates, primal, "updates")
+        step, mu, nu, mu_hat, count = _adam_step(
+            candidate, state, b1, b2, eps, eps_root
+        )
+        scale = _descent_scale(fun, primal, step, mu_hat)
+        output = jax.tree.map(lambda a: (scale * a).astype(a.dtype), step)
+        return output, ScaleByAdamDodgeState(count, mu, nu, None)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_adam_dodge(
@@ -69,72 +133,53 @@ def scale_by_adam_dodge(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     *,
-    source: AdamSource = "random",
+    source: str = "random",
     key: PRNGKeyArray | int | None = None,
-    num_directions: int | None = None,
-    sampler: Sampler = "rademacher",
-    mode: Mode = "average",
+    num_directions: int = 1,
+    sampler: str = "rademacher",
+    mode: str = "average",
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Adam's rescaling, built into the DODGE direction (DODGE appendix A, eq 12).
+    r"""Adam's rescaling for DODGE: the counterpart of `optax.scale_by_adam`.
 
-    The counterpart of `optax.scale_by_adam` for DODGE. Adam multiplies the gradient
-    by $c = 1/(\sqrt{\hat v} + \epsilon)$ per coordinate; applied to a DODGE estimate
-    $(g\cdot u)u$ from a non-random direction, that product need not be a descent
-    direction. Here the scaling goes into the direction instead:
+    Two sources, with the same bound on the step: every output coordinate is at
+    most Adam's own step $|\hat m_i| / (\sqrt{\hat v_i} + \epsilon)$ in size,
+    whatever the scale of the gradient, also for coordinates whose moments are
+    still zero.
 
-    $$u = \frac{c \odot \hat m}{\sqrt{\sum_k c(k)\,\hat m(k)^2}}, \qquad
-    \text{output} = (g \cdot u)\, u,$$
-
-    with $g$ the gradient of `value_fn` at `params` (one `jax.jvp`). Then
-    $g \cdot \text{output} = (g\cdot u)^2 \ge 0$ for every $u$: a descent direction
-    after `optax.scale_by_learning_rate`. When $\hat m = g$ the output is
-    $c \odot g$, Adam's update: for a linear loss with the exact gradient as
-    candidate, `adam_dodge` and `optax.adam` take identical steps.
-
-    `update(updates, state, params, *, value_fn, **extra_args)` takes `params` and
-    `value_fn` as in [`eqx_dodge.dodge`][].
-
-    **Where $m$ and $v$ come from** (`source`):
-
-    - `"updates"`: the incoming updates are a candidate gradient (the exact
-        gradient, a truncated-BPTT or a surrogate gradient). $m$ and $v$ are Adam's
-        moments of the candidates, updated with the current candidate before the
-        direction is formed, exactly as `optax.scale_by_adam` does; so step 0 uses
-        $\hat m = \tilde g_0$, $\hat v = \tilde g_0^2$, and a zero candidate gives a
-        zero update.
-    - `"random"`: no candidate; $m$ and $v$ are the moments of past DODGE estimates.
-        Each step uses $\hat m, \hat v$ from the previous steps and adds
-        `num_directions` random exploration directions, drawn in the coordinates
-        whitened by $\sqrt{c}$ and projected orthogonally to $u$ there:
-        $\text{output} = (g\cdot u)u + \frac{1}{k}\sum_j (g\cdot t_j)t_j$ with
-        $t_j = \sqrt{c}\odot\tilde r_j$. Its mean is exactly $c \odot g$ (Adam's
-        scaled gradient) for any $\hat m$, it is still a descent direction, and its
-        variance shrinks as $\hat m$ aligns with the gradient. The unbiased raw
-        estimate $\text{output}/c$ then feeds $m$ and $v$. At step 0 there are no
-        moments: the directions are unscaled random ones and the output is the plain
-        DODGE estimate divided by its root mean square, a positive scalar, which
-        keeps descent and gives the unit per-coordinate size of Adam's first step.
-
-    !!! warning
-
-        Do not chain a non-random DODGE estimate (`eqx_dodge.dodge("updates")` or
-        `"ema"`) into plain `optax.adam`: Adam's diagonal scaling times the rank-one
-        $uu^\top$ is not positive definite, so the descent guarantee is lost. Use
-        this transformation, which applies the scaling inside the direction.
-        Random-direction estimates are unbiased, so `optax.chain(dodge("random"),
-        optax.adam(...))` is sound (in expectation).
+    - `"random"` (no candidate): $m$ and $v$ are Adam's moments of the unbiased
+        DODGE estimates $\hat g = \sum_j w_j (g\cdot u_j)u_j$ along
+        `num_directions` random directions, and the output is Adam's step
+        $\hat m/(\sqrt{\hat v + \epsilon_{root}} + \epsilon)$: exactly
+        `optax.chain(eqx_dodge.dodge(key=...), optax.scale_by_adam(...))`, with
+        the key in the state. With exact estimates (`mode="partition"`,
+        `num_directions` = the number of parameters) it takes `optax.adam`'s
+        steps.
+    - `"updates"`: the incoming updates are a candidate gradient $c$ (a
+        truncated-BPTT or surrogate gradient). $m$ and $v$ are Adam's moments of
+        the candidates and $a = \hat m/(\sqrt{\hat v} + \epsilon)$ Adam's step.
+        Adam's diagonal scaling of a biased candidate is not a descent direction
+        in general; the DODGE paper's appendix A puts the scaling inside the
+        direction instead, $u = a/\sqrt{\hat m \cdot a}$ and output
+        $(g\cdot u)u = s\,a$ with $s = (g\cdot a)/(\hat m\cdot a)$, one jvp
+        along $a$. Then $g\cdot \text{output} = (g\cdot a)^2/(\hat m \cdot a)
+        \ge 0$: a descent direction for every candidate. Here $s$ is clipped to
+        $[-1, 1]$ so that the step never exceeds Adam's (unclipped, it grows like
+        $\|g\|/\|c\|$ when the candidates are small). When $c$ is the
+        gradient and $\hat m$ points where $g$ does (a linear loss), $s = 1$ and
+        the step is Adam's; on curved losses Adam's momentum $\hat m$ lags $g$,
+        $s < 1$, and the projected step is shorter than Adam's.
 
     **Arguments:**
 
     - `b1`, `b2`: the decay rates of the first and second moments, in $[0, 1)$.
     - `eps`: added to $\sqrt{\hat v}$, as in Adam.
     - `eps_root`: added to $\hat v$ inside the square root, as in Adam.
-    - `source`: `"updates"` or `"random"`, as above.
+    - `source`: `"random"` or `"updates"`, as above.
     - `key`: a PRNG key or an int seed, for `"random"` (rejected for `"updates"`).
-    - `num_directions`: the number of random exploration directions for `"random"`
-        (default 1); not used by `"updates"`.
+    - `num_directions`: the number of directions evaluated at each step; random
+        directions for `"random"`; `"updates"` evaluates its one direction.
     - `sampler`: `"rademacher"` or `"gaussian"`.
-    - `mode`: `"average"` or `"partition"`, how the random directions combine.
+    - `mode`: `"average"` or `"partition"`, how random directions combine.
 
     **Returns:**
 
@@ -142,93 +187,24 @@ def scale_by_adam_dodge(
     [`eqx_dodge.ScaleByAdamDodgeState`][]. Its output has the sign of the gradient,
     like `optax.scale_by_adam`: follow it by a negative scaling.
     """
-    if source not in ADAM_SOURCES:
-        raise ValueError(f"`source` must be one of {ADAM_SOURCES}, got {source!r}.")
-    _check_decay(b1, "b1")
-    _check_decay(b2, "b2")
-    _check_nonnegative(eps, "eps")
-    _check_nonnegative(eps_root, "eps_root")
-    if source == "updates":
-        if num_directions not in (None, 0):
-            raise ValueError(
-                "`num_directions` applies to `source='random'` only; the "
-                "`'updates'` source follows its candidates' moments alone."
-            )
-        num_directions = 0
-        check_exploration(num_directions, mode)
-        check_sampler(sampler)
-        data, impl = key_data(key, False, "with source 'updates'")
-    else:
-        num_directions = 1 if num_directions is None else num_directions
-        check_random_options(num_directions, sampler, mode)
-        data, impl = key_data(key, True, "for random directions")
-
-    def init_fn(params):
-        primal = trainable(params)
-        return ScaleByAdamDodgeState(
-            count=jnp.zeros((), jnp.int32),
-            mu=optax.tree.zeros_like(primal),
-            nu=optax.tree.zeros_like(primal),
-            key=data,
+    check_option("source", source, ADAM_SOURCES)
+    check_decay("b1", b1)
+    check_decay("b2", b2)
+    check_nonnegative("eps", eps)
+    check_nonnegative("eps_root", eps_root)
+    if source == "random":
+        return _scale_by_adam_dodge_random(
+            b1, b2, eps, eps_root, key, num_directions, sampler, mode
         )
-
-    def moments(mu, nu, count):
-        mu_hat = bias_corrected(mu, b1, count)
-        nu_hat = bias_corrected(nu, b2, count)
-        # `sqrt(c)`: the estimate `(g·u)u` with `u = sqrt(c)⊙unit(sqrt(c)⊙m̂)` is the
-        # `u` of eq 12.
-        scale = jax.tree.map(
-            lambda v: jax.lax.rsqrt(jnp.sqrt(v + eps_root) + eps), nu_hat
+    check_int("num_directions", num_directions, 1)
+    if num_directions != 1:
+        raise ValueError(
+            "`num_directions` must be 1 with `source='updates'`: it evaluates the "
+            "direction of Adam's step along the candidates' moments alone."
         )
-        return mu_hat, scale
-
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        fun, primal = loss_of_trainable(
-            "scale_by_adam_dodge", params, value_fn, extra_args
-        )
-        count = jnp.asarray(optax.safe_increment(state.count))
-        if source == "updates":
-            candidate_updates(updates, primal, source)
-            mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-            nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-            mu_hat, scale = moments(mu, nu, count)
-            output = projected_estimate(
-                fun,
-                primal,
-                mu_hat,
-                scale=scale,
-                key=None,
-                num_directions=0,
-                sampler=sampler,
-                mode=mode,
-            )
-            return output, ScaleByAdamDodgeState(count, mu, nu, None)
-
-        assert data is not None
-        next_key, step_key = split_key(state.key, impl)
-        first = state.count == 0
-        mu_hat, scale = moments(state.mu, state.nu, state.count)
-        scale = jax.tree.map(lambda s: jnp.where(first, jnp.ones_like(s), s), scale)
-        output = projected_estimate(
-            fun,
-            primal,
-            mu_hat,
-            scale=scale,
-            key=step_key,
-            num_directions=num_directions,
-            sampler=sampler,
-            mode=mode,
-        )
-        # `output = c ⊙ ĥ` in expectation `c ⊙ g`, so `output / c` is unbiased for g.
-        raw = jax.tree.map(lambda o, s: o / jnp.square(s), output, scale)
-        mu = optax.tree.update_moment(raw, state.mu, b1, 1)
-        nu = optax.tree.update_moment_per_elem_norm(raw, state.nu, b2, 2)
-        rms = _root_mean_square(output)
-        normaliser = jnp.where(first & (rms > 0), rms, 1)
-        output = jax.tree.map(lambda o: o / normaliser.astype(o.dtype), output)
-        return output, ScaleByAdamDodgeState(count, mu, nu, next_key)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    stored_key(key, False, "with source 'updates'")
+    check_random_options(num_directions, sampler, mode)
+    return _scale_by_adam_dodge_updates(b1, b2, eps, eps_root)
 
 
 def adam_dodge(
@@ -238,11 +214,11 @@ def adam_dodge(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     *,
-    source: AdamSource = "random",
+    source: str = "random",
     key: PRNGKeyArray | int | None = None,
-    num_directions: int | None = None,
-    sampler: Sampler = "rademacher",
-    mode: Mode = "average",
+    num_directions: int = 1,
+    sampler: str = "rademacher",
+    mode: str = "average",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam for DODGE: a drop-in replacement for `optax.adam` that needs no gradient.
 

@@ -7,27 +7,14 @@ stream either.
 """
 
 from collections.abc import Callable
-from typing import Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
-from ._online import (
-    _as_state_and_loss,
-    _check_reduction,
-    cut_gradient_every,
-    Reduction,
-    scan_window,
-)
-
-
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be at least 1, got {value}.")
+from ._checks import as_key, check_int, check_option, REDUCTIONS
+from ._online import _as_state_and_loss, cut_gradient_every, scan_window
 
 
 def tbptt_candidate(
@@ -36,15 +23,15 @@ def tbptt_candidate(
     state: PyTree,
     inputs: PyTree,
     *,
-    key: PRNGKeyArray,
-    max_trunc_len: int,
-    reduction: Reduction = "mean",
+    key: PRNGKeyArray | int,
+    max_truncation: int,
+    reduction: str = "mean",
     has_aux: bool = False,
 ) -> PyTree:
     """A candidate direction for a recurrent model: the truncated-BPTT gradient.
 
-    The truncation length `τ` is drawn uniformly from `1..max_trunc_len` with `key`
-    (randomising it helps DODGE most for short truncations, `max_trunc_len = 3` in
+    The truncation length `τ` is drawn uniformly from `1..max_truncation` with `key`
+    (randomising it helps DODGE most for short truncations, `max_truncation = 3` in
     the paper, §5.4.1), and the window's loss is backpropagated through at most the
     last `τ` steps before each loss: the state's gradient path is cut every `τ`
     steps. The state entering the window is treated as a constant.
@@ -60,8 +47,8 @@ def tbptt_candidate(
     - `model`: the model; its floating-point array leaves are differentiated.
     - `state`: the recurrent state entering the window.
     - `inputs`: the window's inputs, with a leading time axis.
-    - `key`: a PRNG key for the truncation length.
-    - `max_trunc_len`: the largest truncation length, a Python int `≥ 1`.
+    - `key`: a PRNG key (or an int seed) for the truncation length.
+    - `max_truncation`: the largest truncation length, a Python int `≥ 1`.
     - `reduction`: `"mean"` or `"sum"` of the per-step losses.
     - `has_aux`: whether `step` returns `(state, (loss, aux))`.
 
@@ -70,9 +57,11 @@ def tbptt_candidate(
     The truncated gradient, a PyTree like the model with `None` at its
     non-floating-point leaves.
     """
-    _check_positive_int(max_trunc_len, "max_trunc_len")
-    _check_reduction(reduction)
-    truncation = jax.random.randint(key, (), 1, max_trunc_len + 1, dtype=jnp.int32)
+    check_int("max_truncation", max_truncation, 1)
+    check_option("reduction", reduction, REDUCTIONS)
+    truncation = jax.random.randint(
+        as_key(key), (), 1, max_truncation + 1, dtype=jnp.int32
+    )
 
     def loss(_model):
         value, _ = scan_window(
@@ -193,15 +182,15 @@ def synthetic_gradient_candidate(
 
     with the state held constant after each cut. With a zero critic this is the
     TBPTT gradient with truncation `truncation`. Train the critic with
-    [`eqx_dodge.critic_loss`][]. The paper used a quadratic critic, truncation 5 and
-    scale 0.5 (§5.4.3).
+    [`eqx_dodge.recurrent.critic_loss`][]. The paper used a quadratic critic,
+    truncation 5 and scale 0.5 (§5.4.3).
 
     **Arguments:**
 
     - `step`: `step(model, state, input) -> (state, loss)`.
     - `model`: the model; its floating-point array leaves are differentiated.
-    - `critic`: `critic(state) -> scalar`, e.g. [`eqx_dodge.QuadraticCritic`][];
-        not differentiated here.
+    - `critic`: `critic(state) -> scalar`, e.g.
+        [`eqx_dodge.recurrent.QuadraticCritic`][]; not differentiated here.
     - `state`: the recurrent state entering the window (held constant).
     - `inputs`: the window's inputs, with a leading time axis.
     - `truncation`: steps between cuts, a Python int.
@@ -217,7 +206,7 @@ def synthetic_gradient_candidate(
     The candidate, a PyTree like the model with `None` at its non-floating-point
     leaves. The per-step losses are summed.
     """
-    _check_positive_int(truncation, "truncation")
+    check_int("truncation", truncation, 1)
 
     def surrogate(_model):
         losses, entering, final_state = _chunked_window(
@@ -272,19 +261,20 @@ def _chunk_gradient_targets(
 
 
 def critic_loss(
-    critic: Callable[[PyTree], Scalar],
     step: Callable,
     model: PyTree,
+    critic: Callable[[PyTree], Scalar],
     state: PyTree,
     inputs: PyTree,
     *,
     truncation: int = 5,
-    match: Literal["gradient", "value"] = "gradient",
+    match: str = "gradient",
     bootstrap_end: bool = True,
     batched: bool = False,
     has_aux: bool = False,
 ) -> Scalar:
-    r"""The loss that trains a critic for [`eqx_dodge.synthetic_gradient_candidate`][].
+    r"""The loss that trains the critic of
+    [`eqx_dodge.recurrent.synthetic_gradient_candidate`][].
 
     The window is cut into chunks of `truncation` steps starting at states
     $s_0, s_\tau, s_{2\tau}, \ldots$. With `match="gradient"` (synthetic gradients,
@@ -296,19 +286,18 @@ def critic_loss(
     target, $\tfrac12 \sum_k \big(V(s_k) - [\ell_k + V(s_{k+1})]\big)^2$. After the
     window, $V(s_{\text{end}})$ stands for the rest of the stream when
     `bootstrap_end=True`, and zero otherwise. Differentiate it with respect to
-    `critic` (`eqx.filter_grad(critic_loss)(critic, ...)`); the model is not trained
-    by it.
+    the critic, `eqx.filter_grad(lambda c: critic_loss(step, model, c, ...))(critic)`;
+    the model is not trained by it.
 
-    **Arguments:** as for [`eqx_dodge.synthetic_gradient_candidate`][], with `critic`
-    first, and `match`, `"gradient"` or `"value"`.
+    **Arguments:** as for [`eqx_dodge.recurrent.synthetic_gradient_candidate`][], in
+    the same order, and `match`, `"gradient"` or `"value"`.
 
     **Returns:**
 
     A scalar.
     """
-    _check_positive_int(truncation, "truncation")
-    if match not in ("gradient", "value"):
-        raise ValueError(f"`match` must be 'gradient' or 'value', got {match!r}.")
+    check_int("truncation", truncation, 1)
+    check_option("match", match, ("gradient", "value"))
     losses, entering, final_state = jax.lax.stop_gradient(
         _chunked_window(step, model, state, inputs, truncation, has_aux)
     )

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Key, PRNGKeyArray, PyTree, Scalar, UInt32
 
-from ._estimator import _accumulation_dtype
+from ._directions import accumulation_dtype
 
 
 def _dot(a: PyTree, b: PyTree, dtype) -> Scalar:
@@ -48,7 +48,7 @@ def cosine_similarity(estimate: PyTree, gradient: PyTree) -> Scalar:
             "`estimate` and `gradient` must have the same tree structure, got "
             f"{jax.tree.structure(estimate)} and {jax.tree.structure(gradient)}."
         )
-    dtype = _accumulation_dtype((estimate, gradient))
+    dtype = accumulation_dtype((estimate, gradient))
     norms = _dot(estimate, estimate, dtype) * _dot(gradient, gradient, dtype)
     positive = norms > 0
     inverse = jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, norms, 1)), 0)

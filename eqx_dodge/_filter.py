@@ -1,47 +1,90 @@
 """`filter_dodge` and `filter_value_and_dodge`: `eqx.filter_grad` with forward mode."""
 
-import functools as ft
+import abc
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import equinox as eqx
-from jaxtyping import PRNGKeyArray, PyTree
+from jaxtyping import Array, PRNGKeyArray, PyTree
 
-from ._estimator import check_random_options, value_and_estimate
+from ._checks import (
+    as_key,
+    check_callable,
+    check_one_source,
+    check_random_options,
+    first_argument,
+)
+from ._directions import trainable
+from ._estimator import value_and_estimate
+from ._tangents import draw_tangents, Layout, SINGLE_DEVICE, Tangents
 
 
 _sentinel: Any = object()
 
 
-def check_first_argument_by_position(args: tuple, kwargs: dict, names: str) -> None:
-    if len(args) == 0:
-        raise TypeError(
-            f"Functions wrapped with `eqx_dodge.{names}` must be given their first "
-            "argument by position, not by keyword "
-            + (f"(got only keywords {sorted(kwargs)}). " if kwargs else ". ")
-            + "This first argument is the one that is differentiated."
+class EstimatorOptions(eqx.Module):
+    """Where the directions come from and how the estimate is formed: the options
+    shared by `filter_*`, `sharded_*` and their decorator forms."""
+
+    key: PRNGKeyArray | int | None
+    direction: PyTree | None
+    num_directions: int = eqx.field(static=True)
+    sampler: str = eqx.field(static=True)
+    mode: str = eqx.field(static=True)
+    has_aux: bool = eqx.field(static=True)
+
+    def __check_init__(self):
+        check_random_options(self.num_directions, self.sampler, self.mode)
+        check_one_source(self.key, self.direction)
+        if self.key is not None:
+            as_key(self.key)
+        elif self.num_directions != 1 or self.mode != "average":
+            raise ValueError(
+                "`num_directions` and `mode` apply to random directions only; with a "
+                "candidate `direction` leave them at their defaults."
+            )
+
+    def tangents(self, primal: PyTree, layout: Layout = SINGLE_DEVICE) -> Tangents:
+        return draw_tangents(
+            primal,
+            key=None if self.key is None else as_key(self.key),
+            direction=self.direction,
+            num_directions=self.num_directions,
+            sampler=self.sampler,
+            mode=self.mode,
+            layout=layout,
         )
 
 
-class _ValueAndDodgeWrapper(eqx.Module):
-    _fun: Callable
-    _key: PRNGKeyArray | None
-    _direction: PyTree | None
-    _num_directions: int = eqx.field(static=True)
-    _sampler: str = eqx.field(static=True)
-    _mode: str = eqx.field(static=True)
-    _has_aux: bool = eqx.field(static=True)
+class WrapperMethods(eqx.Module):
+    """`__wrapped__` and method binding, as `eqx.filter_grad`'s wrappers have."""
+
+    _fun: eqx.AbstractVar[Callable]
+
+    @abc.abstractmethod
+    def __call__(self, *args, **kwargs) -> Any:
+        """Calls the wrapped function."""
 
     @property
     def __wrapped__(self):
         return self._fun
 
+    def __get__(self, instance, owner):
+        del owner
+        if instance is None:
+            return self
+        return eqx.Partial(self, instance)
+
+
+class _ValueAndDodgeWrapper(WrapperMethods):
+    _fun: Callable
+    _options: EstimatorOptions
+
     def __call__(self, *args, **kwargs):
-        check_first_argument_by_position(
-            args, kwargs, "filter_{dodge, value_and_dodge}"
-        )
+        first_argument(args, kwargs, "filter_{dodge, value_and_dodge}")
         x, *args = args
-        diff_x, nondiff_x = eqx.partition(x, eqx.is_inexact_array)
+        diff_x = trainable(x)
+        nondiff_x = eqx.filter(x, eqx.is_inexact_array, inverse=True)
 
         def fun_of_trainable(_diff_x):
             return self._fun(eqx.combine(_diff_x, nondiff_x), *args, **kwargs)
@@ -49,84 +92,78 @@ class _ValueAndDodgeWrapper(eqx.Module):
         value, estimate, aux = value_and_estimate(
             fun_of_trainable,
             diff_x,
-            key=self._key,
-            direction=self._direction,
-            num_directions=self._num_directions,
-            sampler=self._sampler,
-            mode=self._mode,
-            has_aux=self._has_aux,
+            self._options.tangents(diff_x),
+            has_aux=self._options.has_aux,
         )
-        return ((value, aux) if self._has_aux else value), estimate
-
-    def __get__(self, instance, owner):
-        del owner
-        if instance is None:
-            return self
-        return eqx.Partial(self, instance)
+        return ((value, aux) if self._options.has_aux else value), estimate
 
 
-class _DodgeWrapper(eqx.Module):
-    _fun_value_and_dodge: Callable  # returns `(value, estimate)`
+class _DodgeWrapper(WrapperMethods):
+    _fun: Callable  # returns `(value, estimate)`
     _has_aux: bool = eqx.field(static=True)
 
     @property
     def __wrapped__(self):
-        return getattr(self._fun_value_and_dodge, "__wrapped__")
+        return getattr(self._fun, "__wrapped__")
 
     def __call__(self, /, *args, **kwargs):
-        value, estimate = self._fun_value_and_dodge(*args, **kwargs)
+        value, estimate = self._fun(*args, **kwargs)
         if self._has_aux:
             _, aux = value
             return estimate, aux
         return estimate
 
-    def __get__(self, instance, owner):
-        del owner
-        if instance is None:
-            return self
-        return eqx.Partial(self, instance)
+
+def wrap(fun: Any, make: Callable[[Callable], eqx.Module]) -> Callable:
+    """`make(fun)`, or the decorator that applies it when `fun` is not given."""
+    if fun is _sentinel:
+        return lambda f: wrap(f, make)
+    check_callable("fun", fun)
+    return eqx.module_update_wrapper(make(fun))
 
 
-def _check_source(key: Any, direction: Any, num_directions: int, mode: str) -> None:
-    if key is None and direction is None:
-        raise ValueError(
-            "Pass exactly one of `key` (a PRNG key, for random directions) or "
-            "`direction` (a candidate direction PyTree); got neither."
-        )
-    if key is not None and direction is not None:
-        raise ValueError(
-            "Pass exactly one of `key` (a PRNG key, for random directions) or "
-            "`direction` (a candidate direction PyTree); got both."
-        )
-    if direction is not None and (num_directions != 1 or mode != "average"):
-        raise ValueError(
-            "`num_directions` and `mode` apply to random directions only; with a "
-            "candidate `direction` leave them at their defaults."
-        )
+@overload
+def filter_value_and_dodge(
+    *,
+    key: PRNGKeyArray | int | None = None,
+    direction: PyTree | None = None,
+    num_directions: int = 1,
+    sampler: str = "rademacher",
+    mode: str = "average",
+    has_aux: bool = False,
+) -> Callable[[Callable], Callable]: ...
 
 
-def _value_and_dodge_wrapper(
+@overload
+def filter_value_and_dodge(
     fun: Callable,
-    key: PRNGKeyArray | None,
-    direction: PyTree | None,
-    num_directions: int,
-    sampler: str,
-    mode: str,
-    has_aux: bool,
-) -> _ValueAndDodgeWrapper:
-    check_random_options(num_directions, sampler, mode)
-    _check_source(key, direction, num_directions, mode)
-    if not callable(fun):
-        raise TypeError(f"`fun` must be callable, got {type(fun).__name__}.")
-    return _ValueAndDodgeWrapper(
-        fun, key, direction, num_directions, sampler, mode, has_aux
-    )
+    *,
+    key: PRNGKeyArray | int | None = None,
+    direction: PyTree | None = None,
+    num_directions: int = 1,
+    sampler: str = "rademacher",
+    mode: str = "average",
+    has_aux: Literal[False] = False,
+) -> Callable[..., tuple[Array, PyTree]]: ...
+
+
+@overload
+def filter_value_and_dodge(
+    fun: Callable,
+    *,
+    key: PRNGKeyArray | int | None = None,
+    direction: PyTree | None = None,
+    num_directions: int = 1,
+    sampler: str = "rademacher",
+    mode: str = "average",
+    has_aux: Literal[True],
+) -> Callable[..., tuple[tuple[Array, Any], PyTree]]: ...
 
 
 def filter_value_and_dodge(
     fun: Callable = _sentinel,
     *,
-    key: PRNGKeyArray | None = None,
+    key: PRNGKeyArray | int | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
@@ -140,7 +177,7 @@ def filter_value_and_dodge(
     of the first positional argument, every other leaf gets `None`, and the other
     arguments pass through untouched. One `jax.jvp` gives the loss and the directional
     derivative $d = \nabla L \cdot u$ without a backward pass; the estimate is
-    $d\,u$ (DODGE eq 3).
+    $d\,u$.
 
     Exactly one source of directions must be given:
 
@@ -158,18 +195,18 @@ def filter_value_and_dodge(
 
     - `fun`: a pure function whose first argument is differentiated and which returns
         a scalar (or `(scalar, aux)` when `has_aux=True`).
-    - `key`: a PRNG key for random directions. Use a fresh key at every step.
+    - `key`: a PRNG key (`jax.random.key`, a legacy `jax.random.PRNGKey`) or an int
+        seed, for random directions. Use a fresh key at every step.
     - `direction`: a candidate direction, instead of `key`.
-    - `num_directions`: the number `k` of random directions, computed in one
-        vectorised forward pass.
+    - `num_directions`: the number `k` of directions evaluated, in one vectorised
+        forward pass (a few at a time on CPU).
     - `sampler`: `"rademacher"` or `"gaussian"` entries for random directions.
     - `mode`: how `k > 1` random directions combine. `"average"` averages `k`
-        independent estimates (DODGE eq 9), dividing the added variance by `k`.
-        `"partition"` splits one random direction into `k` zero-padded parts over
-        contiguous blocks of the flattened parameters and sums their estimates
-        (DODGE eq 10): the variance of coordinate $i$ only involves the other
-        coordinates of its block, and `k = p` gives the exact gradient (with
-        Rademacher entries).
+        independent estimates, dividing the added variance by `k`. `"partition"`
+        splits one random direction into `k` zero-padded parts over contiguous
+        blocks of the flattened parameters and sums their estimates: the variance
+        of coordinate $i$ only involves the other coordinates of its block, and
+        `k = p` gives the exact gradient (with Rademacher entries).
     - `has_aux`: if `True`, `fun` returns `(value, aux)` and `aux` is passed back.
 
     **Returns:**
@@ -181,27 +218,14 @@ def filter_value_and_dodge(
 
     Can be used as a decorator, `@filter_value_and_dodge(key=key)`, also on methods.
     """
-    if fun is _sentinel:
-        return ft.partial(
-            filter_value_and_dodge,
-            key=key,
-            direction=direction,
-            num_directions=num_directions,
-            sampler=sampler,
-            mode=mode,
-            has_aux=has_aux,
-        )
-    return eqx.module_update_wrapper(
-        _value_and_dodge_wrapper(
-            fun, key, direction, num_directions, sampler, mode, has_aux
-        )
-    )
+    options = EstimatorOptions(key, direction, num_directions, sampler, mode, has_aux)
+    return wrap(fun, lambda f: _ValueAndDodgeWrapper(f, options))
 
 
 def filter_dodge(
     fun: Callable = _sentinel,
     *,
-    key: PRNGKeyArray | None = None,
+    key: PRNGKeyArray | int | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
@@ -218,19 +242,9 @@ def filter_dodge(
     grads = eqx_dodge.filter_dodge(loss, key=step_key)(model, x, y)  # after
     ```
 
-    See [`eqx_dodge.filter_value_and_dodge`][] for the estimator and its arguments;
-    they are the same here.
-
-    **Arguments:**
-
-    - `fun`: a pure function whose first argument is differentiated and which returns
-        a scalar (or `(scalar, aux)` when `has_aux=True`).
-    - `key`: a PRNG key for random directions.
-    - `direction`: a candidate direction, instead of `key`.
-    - `num_directions`: the number `k` of random directions.
-    - `sampler`: `"rademacher"` or `"gaussian"`.
-    - `mode`: `"average"` or `"partition"`.
-    - `has_aux`: if `True`, `fun` returns `(value, aux)`.
+    **Arguments:** the same as [`eqx_dodge.filter_value_and_dodge`][]'s: `fun`, and
+    one of `key` (random directions) or `direction` (a candidate), `num_directions`,
+    `sampler`, `mode`, `has_aux`.
 
     **Returns:**
 
@@ -238,17 +252,7 @@ def filter_dodge(
     the first argument with `None` at its non-floating-point leaves; or
     `(estimate, aux)` when `has_aux=True`, as `eqx.filter_grad` does.
     """
-    if fun is _sentinel:
-        return ft.partial(
-            filter_dodge,
-            key=key,
-            direction=direction,
-            num_directions=num_directions,
-            sampler=sampler,
-            mode=mode,
-            has_aux=has_aux,
-        )
-    value_and_dodge = _value_and_dodge_wrapper(
-        fun, key, direction, num_directions, sampler, mode, has_aux
+    options = EstimatorOptions(key, direction, num_directions, sampler, mode, has_aux)
+    return wrap(
+        fun, lambda f: _DodgeWrapper(_ValueAndDodgeWrapper(f, options), has_aux)
     )
-    return eqx.module_update_wrapper(_DodgeWrapper(value_and_dodge, has_aux))

@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ._directions import check_sampler, random_direction, Sampler, trainable
+from ._checks import check_option, SAMPLERS
+from ._directions import random_direction, trainable
 
 
 class _Stage(NamedTuple):
@@ -191,7 +192,7 @@ def _check_batch(x: Any, name: str = "x") -> None:
 
 
 def activation_guess(
-    key: PRNGKeyArray, model: PyTree, x: Array, *, sampler: Sampler = "rademacher"
+    key: PRNGKeyArray | int, model: PyTree, x: Array, *, sampler: str = "rademacher"
 ) -> PyTree:
     r"""A guess of the gradient whose weights lie in the span of the batch's
     activations (Singhal et al. 2023).
@@ -222,7 +223,7 @@ def activation_guess(
 
     **Arguments:**
 
-    - `key`: a JAX PRNG key; use a fresh one at every step.
+    - `key`: a PRNG key or an int seed; use a fresh one at every step.
     - `model`: an `eqx.nn.Linear`, an `eqx.nn.MLP` (with `scan=False`), or an
         `eqx.nn.Sequential` of Linear layers and elementwise layers. For other models
         see [`eqx_dodge.layer_activation_guess`][].
@@ -236,7 +237,7 @@ def activation_guess(
     A PyTree like `eqx.filter(model, eqx.is_inexact_array)` (the structure of the
     output of `eqx.filter_grad`), ready to pass as `direction=`.
     """
-    check_sampler(sampler)
+    check_option("sampler", sampler, SAMPLERS)
     _check_batch(x)
     stages, records = _forward(model, x)
     noise = random_direction(key, [r.outputs for r in records], sampler=sampler)
@@ -250,7 +251,7 @@ def activation_guess(
 
 
 def transpose_guess(
-    key: PRNGKeyArray, model: PyTree, x: Array, *, sampler: Sampler = "rademacher"
+    key: PRNGKeyArray | int, model: PyTree, x: Array, *, sampler: str = "rademacher"
 ) -> PyTree:
     r"""The $W^\top$ guess of the gradient (Singhal et al. 2023): a random output
     perturbation of the next layer, pulled back through its transposed weights.
@@ -280,7 +281,7 @@ def transpose_guess(
 
     **Arguments:**
 
-    - `key`: a JAX PRNG key; use a fresh one at every step.
+    - `key`: a PRNG key or an int seed; use a fresh one at every step.
     - `model`: an `eqx.nn.Linear`, an `eqx.nn.MLP` (with `scan=False`), or an
         `eqx.nn.Sequential` of Linear layers and elementwise layers.
     - `x`: the batch, of shape `(batch, *input_shape)`.
@@ -292,7 +293,7 @@ def transpose_guess(
     A PyTree like `eqx.filter(model, eqx.is_inexact_array)`, ready to pass as
     `direction=`.
     """
-    check_sampler(sampler)
+    check_option("sampler", sampler, SAMPLERS)
     _check_batch(x)
     stages, records = _forward(model, x)
     noise = random_direction(key, [r.outputs for r in records], sampler=sampler)
@@ -312,11 +313,11 @@ def transpose_guess(
 
 
 def layer_activation_guess(
-    key: PRNGKeyArray,
+    key: PRNGKeyArray | int,
     model: PyTree,
     layer_inputs: Sequence[tuple[Callable[[PyTree], eqx.nn.Linear], Array]],
     *,
-    sampler: Sampler = "rademacher",
+    sampler: str = "rademacher",
 ) -> PyTree:
     r"""The activation-subspace guess for any model, given the inputs of its Linear
     layers.
@@ -344,7 +345,7 @@ def layer_activation_guess(
 
     **Arguments:**
 
-    - `key`: a JAX PRNG key.
+    - `key`: a PRNG key or an int seed.
     - `model`: any PyTree, e.g. an Equinox model.
     - `layer_inputs`: pairs `(where, inputs)`: `where(model)` is an `eqx.nn.Linear`
         of `model` and `inputs` the batch of its inputs, of shape
@@ -355,7 +356,7 @@ def layer_activation_guess(
 
     A PyTree like `eqx.filter(model, eqx.is_inexact_array)`.
     """
-    check_sampler(sampler)
+    check_option("sampler", sampler, SAMPLERS)
     layers = []
     for position, (where, inputs) in enumerate(layer_inputs):
         layer = where(model)

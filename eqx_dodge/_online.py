@@ -10,31 +10,23 @@ time step. With one-hot directions (`k = p`) this is real-time recurrent learnin
 """
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
-from ._directions import (
-    partition_direction,
-    random_direction,
-    random_directions,
-    Sampler,
-    trainable,
-)
-from ._estimator import (
-    check_direction,
-    check_num_parts,
+from ._checks import (
+    as_key,
+    check_callable,
+    check_one_source,
+    check_option,
     check_random_options,
-    Mode,
-    unit_direction,
+    REDUCTIONS,
 )
-
-
-Reduction: TypeAlias = Literal["mean", "sum"]
-REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+from ._directions import check_direction, trainable
+from ._tangents import draw_tangents
 
 
 class OnlineDodgeState(NamedTuple):
@@ -106,7 +98,7 @@ def scan_window(
     state: PyTree,
     inputs: PyTree,
     *,
-    reduction: Reduction = "mean",
+    reduction: str = "mean",
     has_aux: bool = False,
     truncation: Int[Array, ""] | int | None = None,
 ) -> tuple[Scalar, tuple[PyTree, Any]]:
@@ -141,11 +133,6 @@ def cut_gradient_every(truncation: int | Array, t: Array, state: PyTree) -> PyTr
     return jax.tree.map(
         lambda leaf: jnp.where(cut, jax.lax.stop_gradient(leaf), leaf), state
     )
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
 
 
 class OnlineDodge(eqx.Module):
@@ -196,87 +183,55 @@ class OnlineDodge(eqx.Module):
         updates, opt_state = optimizer.update(estimate, opt_state)
         model = eqx.apply_updates(model, updates)
     ```
+
+    **Arguments:**
+
+    - `step`: `step(model, state, input) -> (state, loss)`, one time step of the
+        recurrent model; `state` is a PyTree of floating-point arrays and `loss` a
+        scalar. With `has_aux=True` it returns `(state, (loss, aux))`.
+    - `num_directions`: the number `k` of directions evaluated (a candidate is one
+        direction: it ignores this).
+    - `sampler`: `"rademacher"` or `"gaussian"` entries for random directions.
+    - `mode`: `"average"` of `k` independent directions, or `"partition"` of one
+        direction into `k` parts over contiguous blocks of the flattened parameters
+        (`k = p` gives RTRL).
+    - `reduction`: the window loss is the `"mean"` or `"sum"` of the per-step losses.
+    - `has_aux`: whether `step` returns auxiliary per-step outputs.
     """
 
     step: Callable
-    num_directions: int = eqx.field(static=True)
-    sampler: Sampler = eqx.field(static=True)
-    mode: Mode = eqx.field(static=True)
-    reduction: Reduction = eqx.field(static=True)
-    has_aux: bool = eqx.field(static=True)
+    num_directions: int = eqx.field(default=1, static=True, kw_only=True)
+    sampler: str = eqx.field(default="rademacher", static=True, kw_only=True)
+    mode: str = eqx.field(default="average", static=True, kw_only=True)
+    reduction: str = eqx.field(default="mean", static=True, kw_only=True)
+    has_aux: bool = eqx.field(default=False, static=True, kw_only=True)
 
-    def __init__(
-        self,
-        step: Callable,
-        *,
-        num_directions: int = 1,
-        sampler: Sampler = "rademacher",
-        mode: Mode = "average",
-        reduction: Reduction = "mean",
-        has_aux: bool = False,
-    ):
-        """**Arguments:**
-
-        - `step`: `step(model, state, input) -> (state, loss)`, one time step of
-            the recurrent model; `state` is a PyTree of floating-point arrays and
-            `loss` a scalar. With `has_aux=True` it returns `(state, (loss, aux))`.
-        - `num_directions`: the number `k` of random directions (ignored by
-            candidates, which are one direction).
-        - `sampler`: `"rademacher"` or `"gaussian"` entries for random directions.
-        - `mode`: `"average"` of `k` independent directions, or `"partition"` of one
-            direction into `k` parts over contiguous blocks of the flattened
-            parameters (`k = p` gives RTRL).
-        - `reduction`: the window loss is the `"mean"` or `"sum"` of the per-step
-            losses.
-        - `has_aux`: whether `step` returns auxiliary per-step outputs.
-        """
-        check_random_options(num_directions, sampler, mode)
-        _check_reduction(reduction)
-        if not callable(step):
-            raise TypeError(f"`step` must be callable, got {type(step).__name__}.")
-        self.step = step
-        self.num_directions = num_directions
-        self.sampler = sampler
-        self.mode = mode
-        self.reduction = reduction
-        self.has_aux = has_aux
+    def __check_init__(self):
+        check_callable("step", self.step)
+        check_random_options(self.num_directions, self.sampler, self.mode)
+        check_option("reduction", self.reduction, REDUCTIONS)
 
     def _directions(
-        self,
-        model: PyTree,
-        key: PRNGKeyArray | None,
-        direction: PyTree | None,
+        self, model: PyTree, key: PRNGKeyArray | int | None, direction: PyTree | None
     ) -> PyTree:
+        check_one_source(key, direction)
         primal = trainable(model)
-        if (key is None) == (direction is None):
-            raise ValueError(
-                "Pass exactly one of `key` (a PRNG key, for random directions) or "
-                "`direction` (a candidate direction PyTree); got "
-                + ("neither." if key is None else "both.")
-            )
-        if direction is not None:
-            check_direction(direction, primal)
-            return jax.tree.map(lambda leaf: leaf[None], unit_direction(direction))
-        assert key is not None
-        k = self.num_directions
-        if self.mode == "partition":
-            check_num_parts(primal, k)
-            base = random_direction(key, primal, sampler=self.sampler)
-            return partition_direction(base, k)
-        if k == 1:
-            # The direction `random_direction(key, model)`, as in `filter_dodge`.
-            return jax.tree.map(
-                lambda leaf: leaf[None],
-                random_direction(key, primal, sampler=self.sampler),
-            )
-        return random_directions(key, primal, k, self.sampler)
+        tangents = draw_tangents(
+            primal,
+            key=None if key is None else as_key(key),
+            direction=direction,
+            num_directions=self.num_directions,
+            sampler=self.sampler,
+            mode=self.mode,
+        )
+        return tangents.draw(tangents.seeds)
 
     def init(
         self,
         model: PyTree,
         state: PyTree,
         *,
-        key: PRNGKeyArray | None = None,
+        key: PRNGKeyArray | int | None = None,
         direction: PyTree | None = None,
     ) -> OnlineDodgeState:
         """Starts a stream at `state`, with a zero tangent.
@@ -285,7 +240,7 @@ class OnlineDodge(eqx.Module):
 
         - `model`: the model whose floating-point array leaves are differentiated.
         - `state`: the initial recurrent state (taken not to depend on the model).
-        - `key`: a PRNG key drawing the random directions; or
+        - `key`: a PRNG key (or an int seed) drawing the random directions; or
         - `direction`: a candidate direction, shaped like `eqx.filter_grad`'s output.
 
         **Returns:**
@@ -305,7 +260,7 @@ class OnlineDodge(eqx.Module):
         model: PyTree,
         carry: OnlineDodgeState,
         *,
-        key: PRNGKeyArray | None = None,
+        key: PRNGKeyArray | int | None = None,
         direction: PyTree | None = None,
     ) -> OnlineDodgeState:
         """New directions (from `key`, or a candidate `direction`) for the stream in

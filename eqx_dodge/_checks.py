@@ -1,0 +1,179 @@
+"""Argument checks shared by every public function, written once.
+
+One convention throughout, as in Equinox's `nn/_conv.py`: options are plain strings
+checked at run time, and a bad value raises a `ValueError` (a bad type a `TypeError`)
+that names the argument and says what it should be.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
+
+
+SAMPLERS: tuple[str, ...] = ("rademacher", "gaussian")
+MODES: tuple[str, ...] = ("average", "partition")
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+
+
+def _static_hint(name: str, value: Any) -> str:
+    # `optax.inject_hyperparams` turns every numeric argument into an array; the
+    # structural ones must stay Python values.
+    if isinstance(value, jax.Array):
+        return (
+            f" `{name}` decides the shapes of the computation, so it cannot be an "
+            "array; with `optax.inject_hyperparams`, list it in "
+            f"`static_args=({name!r},)`."
+        )
+    return ""
+
+
+def check_option(name: str, value: Any, options: Sequence[str]) -> None:
+    """`value` must be one of the strings `options`."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(
+            f"`{name}` must be one of {tuple(options)}, got {value!r}."
+            + _static_hint(name, value)
+        )
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """`value` must be a Python int (not a bool, not an array) `≥ minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"`{name}` must be a Python int, got {value!r}." + _static_hint(name, value)
+        )
+    if value < minimum:
+        raise ValueError(f"`{name}` must be at least {minimum}, got {value}.")
+
+
+def check_decay(name: str, value: Any, *, allow_one: bool = False) -> None:
+    """A decay rate: a float in `[0, 1)` (`[0, 1]` with `allow_one`), or an array
+    (a traced hyperparameter, as `optax.inject_hyperparams` passes it)."""
+    interval = "[0, 1]" if allow_one else "[0, 1)"
+    if isinstance(value, bool) or not isinstance(value, int | float | jax.Array):
+        raise TypeError(f"`{name}` must be a float in {interval}, got {value!r}.")
+    if isinstance(value, int | float) and not (
+        0 <= value <= 1 if allow_one else 0 <= value < 1
+    ):
+        raise ValueError(f"`{name}` must lie in {interval}, got {value}.")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | jax.Array):
+        raise TypeError(f"`{name}` must be a non-negative float, got {value!r}.")
+    if isinstance(value, int | float) and value < 0:
+        raise ValueError(f"`{name}` must be non-negative, got {value}.")
+
+
+def check_callable(name: str, value: Any) -> None:
+    if not callable(value):
+        raise TypeError(f"`{name}` must be callable, got {type(value).__name__}.")
+
+
+def check_random_options(num_directions: Any, sampler: Any, mode: Any) -> None:
+    check_int("num_directions", num_directions, 1)
+    check_option("sampler", sampler, SAMPLERS)
+    check_option("mode", mode, MODES)
+
+
+def as_key(key: Any, name: str = "key") -> PRNGKeyArray:
+    """A typed PRNG key from any of the forms every eqx_dodge function accepts: a
+    typed key (`jax.random.key`), a legacy `uint32[2]` key (`jax.random.PRNGKey`), a
+    Python int seed, or a 0-d integer array seed (as `optax.inject_hyperparams` turns
+    an int into). Works on traced values."""
+    if isinstance(key, bool):
+        raise TypeError(f"`{name}` must be a PRNG key or an int seed, got {key!r}.")
+    if isinstance(key, int):
+        return jax.random.key(key)
+    if not isinstance(key, jax.Array):
+        raise TypeError(
+            f"`{name}` must be a PRNG key (`jax.random.key(seed)`) or an int seed, "
+            f"got {type(key).__name__}."
+        )
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        typed = key
+    elif key.dtype == jnp.uint32 and key.shape[-1:] == (2,):
+        # A legacy `jax.random.PRNGKey`: raw data of the default implementation.
+        typed = jax.random.wrap_key_data(key)
+    elif jnp.issubdtype(key.dtype, jnp.integer) and key.shape == ():
+        typed = jax.random.key(key)
+    else:
+        raise TypeError(
+            f"`{name}` must be a PRNG key (`jax.random.key(seed)`), a legacy "
+            "`jax.random.PRNGKey`, or an int seed (a Python int or a 0-d integer "
+            f"array); got an array of shape {key.shape} and dtype {key.dtype}."
+        )
+    if typed.shape != ():
+        raise ValueError(
+            f"`{name}` must be a single PRNG key, got a key array of shape "
+            f"{typed.shape}."
+        )
+    return typed
+
+
+def check_one_source(key: Any, direction: Any) -> None:
+    """Exactly one of a PRNG `key` (random directions) or a candidate `direction`."""
+    if (key is None) == (direction is None):
+        raise ValueError(
+            "Pass exactly one of `key` (a PRNG key, for random directions) or "
+            "`direction` (a candidate direction PyTree); got "
+            + ("neither." if key is None else "both.")
+        )
+
+
+def check_scalar_loss(value: Any, name: str, has_aux: bool = False) -> jax.Array:
+    """`value` as a floating-point 0-d array, or a `TypeError` naming `name`."""
+    if (
+        not isinstance(value, jax.Array | float)
+        or jnp.shape(value) != ()
+        or not jnp.issubdtype(jnp.result_type(value), jnp.floating)
+    ):
+        where = " as the first element of its `(value, aux)` pair" if has_aux else ""
+        got = type(value).__name__
+        if isinstance(value, jax.Array | float | int):
+            got += f" of shape {jnp.shape(value)} and dtype {jnp.result_type(value)}"
+        raise TypeError(
+            f"`{name}` must return the loss as a floating-point scalar (a float or a "
+            f"0-d floating array){where}, got {got}."
+        )
+    return jnp.asarray(value)
+
+
+def first_argument(args: tuple, kwargs: dict, names: str) -> None:
+    """The differentiated argument must come by position, as in `eqx.filter_grad`."""
+    if len(args) == 0:
+        raise TypeError(
+            f"Functions wrapped with `eqx_dodge.{names}` must be given their first "
+            "argument by position, not by keyword "
+            + (f"(got only keywords {sorted(kwargs)}). " if kwargs else ". ")
+            + "This first argument is the one that is differentiated."
+        )
+
+
+def stored_key(key: Any, needed: bool, why: str) -> tuple[jax.Array | None, Any]:
+    """`(raw key data, key implementation)` for an optax transform's state, or
+    `(None, None)` when no random direction is drawn. Raw data rather than a typed
+    key, so that `eqx.tree_serialise_leaves` can save the state."""
+    if not needed:
+        if key is not None:
+            raise ValueError(
+                f"`key` is unused {why}; pass `key=None`, or ask for random "
+                "directions with `num_directions`."
+            )
+        return None, None
+    if key is None:
+        raise ValueError(
+            f"`key` is required {why}: pass a PRNG key, e.g. `key=jax.random.key(0)`, "
+            "or an int seed."
+        )
+    typed = as_key(key)
+    return jax.random.key_data(typed), jax.random.key_impl(typed)
+
+
+def split_stored_key(data: jax.Array, impl: Any) -> tuple[jax.Array, PRNGKeyArray]:
+    """Splits a stored key: `(raw data of the next state's key, key for this step)`."""
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(data, impl=impl))
+    return jax.random.key_data(next_key), step_key

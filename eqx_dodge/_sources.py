@@ -1,0 +1,267 @@
+"""One optax builder per source of directions, each with its own state:
+`dodge_random`, `dodge_updates` and `dodge_ema`. `dodge` dispatches among them."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from ._checks import (
+    check_decay,
+    check_random_options,
+    split_stored_key,
+    stored_key,
+)
+from ._directions import check_direction, num_coordinates, trainable
+from ._estimator import value_and_estimate
+from ._tangents import explored_tangents, random_tangents, Tangents
+from ._value_fn import candidate_of, loss_of_trainable
+
+
+def _estimate(fun, primal: PyTree, tangents: Tangents) -> PyTree:
+    _, estimate, _ = value_and_estimate(fun, primal, tangents, has_aux=False)
+    return estimate
+
+
+def _step_keys(data: Array | None, impl: Any) -> tuple[Array | None, Any]:
+    return (None, None) if data is None else split_stored_key(data, impl)
+
+
+def _exploration_key(key: Any, num_directions: int, source: str):
+    why = (
+        f"for the {num_directions - 1} random exploration direction(s) of source "
+        f"{source!r} (`num_directions=1` evaluates the candidate alone)"
+        if num_directions > 1
+        else f"with source {source!r} and `num_directions=1` (the candidate alone)"
+    )
+    return stored_key(key, num_directions > 1, why)
+
+
+class DodgeRandomState(NamedTuple):
+    """State of [`eqx_dodge.dodge_random`][].
+
+    - `count`: the number of updates taken so far (int32 scalar).
+    - `key`: the raw data (`jax.random.key_data`) of the PRNG key, split at every
+        update; raw data so that `eqx.tree_serialise_leaves` can save it.
+    - `baseline`: the moving average `b` of past estimates (`None` without
+        `baseline_decay`).
+    """
+
+    count: Array
+    key: PyTree
+    baseline: PyTree
+
+
+def baseline_contraction(p: int, num_directions: int, sampler: str, mode: str) -> float:
+    """`q` such that `E‖Σ_j w_j (e·u_j)u_j‖² = q‖e‖²` for the random directions."""
+    extra = 2 if sampler == "gaussian" else 0
+    if mode == "partition":
+        return float(-(-p // num_directions) + extra)
+    return (p + num_directions - 1 + extra) / num_directions
+
+
+def _check_baseline(decay: Any, primal: PyTree, k: int, sampler: str, mode: str):
+    p = num_coordinates(primal)
+    q = baseline_contraction(p, k, sampler, mode)
+    if isinstance(decay, int | float) and 1 - decay >= 2 / q:
+        raise ValueError(
+            f"`baseline_decay={decay}` makes the baseline diverge for these {p} "
+            f"parameters: with rate β = 1 − baseline_decay its error is multiplied "
+            f"by 1 − 2β + β²·{q:g} per step in mean square, so β must be below "
+            f"{2 / q:.3g} (`baseline_decay` above {1 - 2 / q:.6g}); β = {1 / q:.3g} "
+            "converges fastest."
+        )
+
+
+def dodge_random(
+    key: PRNGKeyArray | int,
+    *,
+    num_directions: int = 1,
+    sampler: str = "rademacher",
+    mode: str = "average",
+    baseline_decay: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""DODGE with fresh random directions at every step: `dodge(source="random")`.
+
+    The unbiased estimate $\sum_j w_j (g\cdot u_j) u_j$ of the gradient of
+    `value_fn` at `params`; see [`eqx_dodge.dodge`][] for how to call `update` and
+    for `baseline_decay`.
+
+    **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `baseline_decay`, as
+    for [`eqx_dodge.dodge`][].
+
+    **Returns:**
+
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    [`eqx_dodge.DodgeRandomState`][].
+    """
+    check_random_options(num_directions, sampler, mode)
+    if baseline_decay is not None:
+        check_decay("baseline_decay", baseline_decay)
+    data, impl = stored_key(key, True, "for random directions")
+
+    def init_fn(params):
+        primal = trainable(params)
+        baseline = None
+        if baseline_decay is not None:
+            _check_baseline(baseline_decay, primal, num_directions, sampler, mode)
+            baseline = optax.tree.zeros_like(primal)
+        return DodgeRandomState(jnp.zeros((), jnp.int32), data, baseline)
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        fun, primal = loss_of_trainable("dodge_random", params, value_fn, extra_args)
+        if updates is not None:
+            check_direction(updates, primal, name="updates")
+        next_key, step_key = split_stored_key(state.key, impl)
+        tangents = random_tangents(step_key, primal, num_directions, sampler, mode)
+        baseline = state.baseline
+        if baseline is None:
+            estimate = _estimate(fun, primal, tangents)
+        else:
+            # Differentiate L(w) − b·w, whose directional derivative is (g − b)·u,
+            # then add b back: unbiased, since b depends on past directions only.
+            def shifted(_primal):
+                value = fun(_primal)
+                shift = jnp.asarray(optax.tree.vdot(baseline, _primal))
+                return value - shift.astype(value.dtype)
+
+            estimate = optax.tree.add(_estimate(shifted, primal, tangents), baseline)
+            baseline = optax.tree.update_moment(estimate, baseline, baseline_decay, 1)
+        count = jnp.asarray(optax.safe_increment(state.count))
+        return estimate, DodgeRandomState(count, next_key, baseline)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class DodgeUpdatesState(NamedTuple):
+    """State of [`eqx_dodge.dodge_updates`][].
+
+    - `count`: the number of updates taken so far (int32 scalar).
+    - `key`: raw PRNG key data for the exploration directions (`None` when
+        `num_directions=1`).
+    """
+
+    count: Array
+    key: PyTree
+
+
+def dodge_updates(
+    *,
+    key: PRNGKeyArray | int | None = None,
+    num_directions: int = 1,
+    sampler: str = "rademacher",
+    mode: str = "average",
+) -> optax.GradientTransformationExtraArgs:
+    r"""DODGE along the incoming updates as a candidate: `dodge(source="updates")`.
+
+    The estimate $(g\cdot\hat c)\hat c$ for the candidate $c$ passed as `updates`,
+    plus `num_directions − 1` random exploration directions orthogonal to it; see
+    [`eqx_dodge.dodge`][].
+
+    **Arguments:** `key`, `num_directions`, `sampler`, `mode`, as for
+    [`eqx_dodge.dodge`][].
+
+    **Returns:**
+
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    [`eqx_dodge.DodgeUpdatesState`][].
+    """
+    check_random_options(num_directions, sampler, mode)
+    data, impl = _exploration_key(key, num_directions, "updates")
+
+    def init_fn(params):
+        del params
+        return DodgeUpdatesState(jnp.zeros((), jnp.int32), data)
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        fun, primal = loss_of_trainable("dodge_updates", params, value_fn, extra_args)
+        candidate = candidate_of(updates, primal, "updates")
+        next_key, step_key = _step_keys(state.key, impl)
+        tangents = explored_tangents(
+            primal,
+            candidate,
+            key=step_key,
+            num_directions=num_directions,
+            sampler=sampler,
+            mode=mode,
+        )
+        count = jnp.asarray(optax.safe_increment(state.count))
+        return _estimate(fun, primal, tangents), DodgeUpdatesState(count, next_key)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class DodgeEmaState(NamedTuple):
+    """State of [`eqx_dodge.dodge_ema`][].
+
+    - `count`: the number of updates taken so far (int32 scalar).
+    - `key`: raw PRNG key data for the exploration directions (`None` when
+        `num_directions=1`).
+    - `average`: the moving average `ḡ` of gradient guesses.
+    - `estimate`: the previous estimate, the guess used when no candidate comes in.
+    """
+
+    count: Array
+    key: PyTree
+    average: PyTree
+    estimate: PyTree
+
+
+def _all_zero(tree: PyTree) -> Array:
+    return jnp.all(
+        jnp.stack([jnp.all(leaf == 0) for leaf in jax.tree.leaves(tree)] or [True])
+    )
+
+
+def dodge_ema(
+    *,
+    key: PRNGKeyArray | int | None = None,
+    num_directions: int = 1,
+    sampler: str = "rademacher",
+    mode: str = "average",
+    ema_decay: float = 0.9,
+) -> optax.GradientTransformationExtraArgs:
+    r"""DODGE along a moving average of gradient guesses: `dodge(source="ema")`.
+
+    See [`eqx_dodge.dodge`][].
+
+    **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `ema_decay`, as for
+    [`eqx_dodge.dodge`][].
+
+    **Returns:**
+
+    An `optax.GradientTransformationExtraArgs` whose state is a
+    [`eqx_dodge.DodgeEmaState`][].
+    """
+    check_random_options(num_directions, sampler, mode)
+    check_decay("ema_decay", ema_decay)
+    data, impl = _exploration_key(key, num_directions, "ema")
+
+    def init_fn(params):
+        zeros = optax.tree.zeros_like(trainable(params))
+        return DodgeEmaState(jnp.zeros((), jnp.int32), data, zeros, zeros)
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        fun, primal = loss_of_trainable("dodge_ema", params, value_fn, extra_args)
+        guess = state.estimate
+        if updates is not None:
+            check_direction(updates, primal, name="updates")
+            empty = _all_zero(updates)
+            guess = jax.tree.map(lambda u, e: jnp.where(empty, e, u), updates, guess)
+        average = optax.tree.update_moment(guess, state.average, ema_decay, 1)
+        next_key, step_key = _step_keys(state.key, impl)
+        tangents = explored_tangents(
+            primal,
+            average,
+            key=step_key,
+            num_directions=num_directions,
+            sampler=sampler,
+            mode=mode,
+        )
+        estimate = _estimate(fun, primal, tangents)
+        count = jnp.asarray(optax.safe_increment(state.count))
+        return estimate, DodgeEmaState(count, next_key, average, estimate)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,250 @@
+"""The tangents of one DODGE estimate: what they are drawn from and how the directional
+derivatives along them combine. Every estimator (the function wrappers, the optax
+transforms, `OnlineDodge`, the sharded wrappers) gets its tangents from
+`draw_tangents` or `explored_tangents`.
+"""
+
+import abc
+from collections.abc import Set
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
+
+from ._directions import (
+    check_direction,
+    check_num_parts,
+    num_coordinates,
+    part_indices,
+    sample_direction,
+    scale_to_unit,
+    select_part,
+    squared_norm,
+)
+
+
+# On XLA:CPU, k directions cost less when run a few at a time, one chunk after
+# another, than all at once in one `vmap`: the k tangents of the parameters and of
+# every activation no longer spill out of the caches, and the peak memory drops from
+# k tangents to `CPU_CHUNK`. A loss with a loop of its own (a recurrent model) keeps
+# all k directions in one `vmap`: chunks would repeat its sequential steps with k/c
+# times smaller matmuls. Measured in benchmarks/k_formulations.py; other backends
+# keep one `vmap` over all k.
+CPU_CHUNK = 4
+MAX_CHUNKS = 16
+
+
+class Layout(eqx.Module):
+    """Where the trainable leaves live: how a direction is drawn, norms summed and
+    partition blocks assigned. This one is for leaves held whole on one device;
+    `_sharded_layout.py` has one for leaves split over the devices of a mesh."""
+
+    def direction(self, key: PRNGKeyArray, primal: PyTree, sampler: str) -> PyTree:
+        return sample_direction(key, primal, sampler)
+
+    def squared_norm(self, tree: PyTree) -> Scalar:
+        return squared_norm(tree)
+
+    def part_indices(self, primal: PyTree, num_parts: int) -> PyTree:
+        return part_indices(primal, num_parts)
+
+    def check_num_parts(self, primal: PyTree, num_parts: int) -> None:
+        check_num_parts(num_coordinates(primal), num_parts)
+
+    def chunk_size(self, num_directions: int, primitives: Set[str]) -> int:
+        """How many of the k directions one vectorised jvp carries."""
+        if jax.default_backend() != "cpu" or primitives & {"scan", "while"}:
+            return num_directions
+        return max(CPU_CHUNK, -(-num_directions // MAX_CHUNKS))
+
+
+SINGLE_DEVICE = Layout()
+
+
+class Tangents(eqx.Module):
+    """k tangents, drawn a chunk at a time from `seeds` (one entry per tangent along
+    the leading axis), and the weights `w_j` of the estimate `Σ_j w_j d_j t_j`."""
+
+    seeds: eqx.AbstractVar[PyTree]
+
+    @property
+    def num(self) -> int:
+        return jax.tree.leaves(self.seeds)[0].shape[0]
+
+    @abc.abstractmethod
+    def draw(self, seeds: PyTree) -> PyTree:
+        """The tangents of a chunk of `seeds`, stacked along a leading axis."""
+
+    @abc.abstractmethod
+    def weights(self, seeds: PyTree) -> Float[Array, " c"]:
+        """The weights of the tangents of a chunk of `seeds`."""
+
+    @property
+    def accumulates(self) -> bool:
+        """Whether the estimate is the weighted sum of the tangents, accumulated chunk
+        by chunk; if not, `gather` forms it from all the derivatives at the end."""
+        return True
+
+    def gather(self, derivatives: Array) -> PyTree:
+        del derivatives
+        raise TypeError(f"{type(self).__name__} accumulates its estimate.")
+
+
+class RandomTangents(Tangents):
+    """Independent random directions, one per key (`mode="average"`)."""
+
+    seeds: PRNGKeyArray
+    template: PyTree
+    layout: Layout
+    sampler: str = eqx.field(static=True)
+
+    def draw(self, seeds: PRNGKeyArray) -> PyTree:
+        return jax.vmap(
+            lambda k: self.layout.direction(k, self.template, self.sampler)
+        )(seeds)
+
+    def weights(self, seeds: PRNGKeyArray) -> Float[Array, " c"]:
+        return jnp.full(seeds.shape, 1 / self.num, jnp.float32)
+
+
+class PartitionTangents(Tangents):
+    """The `k` zero-padded parts of one random direction (`mode="partition"`)."""
+
+    seeds: Int[Array, " k"]
+    base: PyTree
+    indices: PyTree
+
+    def draw(self, seeds: Int[Array, " c"]) -> PyTree:
+        return jax.vmap(lambda j: select_part(self.base, self.indices, j))(seeds)
+
+    def weights(self, seeds: Int[Array, " c"]) -> Float[Array, " c"]:
+        return jnp.ones(seeds.shape, jnp.float32)
+
+    @property
+    def accumulates(self) -> bool:
+        return False
+
+    def gather(self, derivatives: Array) -> PyTree:
+        # Coordinate i lies in exactly one part j, so Σ_j d_j u_j(i) = d_{j(i)} u(i):
+        # a gather instead of a k-fold sum over mostly-zero parts.
+        return jax.tree.map(
+            lambda u, part: derivatives[part].astype(u.dtype) * u,
+            self.base,
+            self.indices,
+        )
+
+
+class FixedTangents(Tangents):
+    """Tangents formed up front: a candidate, possibly with exploration."""
+
+    seeds: Int[Array, " k"]
+    stacked: PyTree
+    coefficients: Float[Array, " k"]
+
+    def draw(self, seeds: Int[Array, " c"]) -> PyTree:
+        return jax.tree.map(lambda t: t[seeds], self.stacked)
+
+    def weights(self, seeds: Int[Array, " c"]) -> Float[Array, " c"]:
+        return self.coefficients[seeds]
+
+
+def fixed_tangents(stacked: PyTree, weights: Float[Array, " k"]) -> FixedTangents:
+    num = weights.shape[0]
+    return FixedTangents(jnp.arange(num, dtype=jnp.int32), stacked, weights)
+
+
+def unit(candidate: PyTree, layout: Layout = SINGLE_DEVICE) -> PyTree:
+    """`candidate / ‖candidate‖` (its global norm), zeros for a zero candidate."""
+    return scale_to_unit(candidate, layout.squared_norm(candidate))
+
+
+def random_tangents(
+    key: PRNGKeyArray,
+    primal: PyTree,
+    num_directions: int,
+    sampler: str,
+    mode: str,
+    layout: Layout = SINGLE_DEVICE,
+) -> Tangents:
+    """`num_directions` random tangents. One direction is the direction
+    `random_direction(key, primal)` draws (the paper's Listing 1); `k > 1` average
+    the directions of `jax.random.split(key, k)`, or partition the one direction."""
+    if mode == "partition" and num_directions > 1:
+        layout.check_num_parts(primal, num_directions)
+        return PartitionTangents(
+            jnp.arange(num_directions, dtype=jnp.int32),
+            layout.direction(key, primal, sampler),
+            layout.part_indices(primal, num_directions),
+        )
+    keys = key[None] if num_directions == 1 else jax.random.split(key, num_directions)
+    return RandomTangents(keys, primal, layout, sampler)
+
+
+def draw_tangents(
+    primal: PyTree,
+    *,
+    key: PRNGKeyArray | None,
+    direction: PyTree | None,
+    num_directions: int,
+    sampler: str,
+    mode: str,
+    layout: Layout = SINGLE_DEVICE,
+) -> Tangents:
+    """The tangents for a candidate `direction` (one unit tangent) or for
+    `num_directions` random directions from `key`."""
+    if direction is not None:
+        check_direction(direction, primal)
+        stacked = jax.tree.map(lambda u: u[None], unit(direction, layout))
+        return fixed_tangents(stacked, jnp.ones((1,), jnp.float32))
+    assert key is not None
+    return random_tangents(key, primal, num_directions, sampler, mode, layout)
+
+
+def explored_tangents(
+    primal: PyTree,
+    candidate: PyTree,
+    *,
+    key: PRNGKeyArray | None,
+    num_directions: int,
+    sampler: str,
+    mode: str,
+) -> FixedTangents:
+    """The unit candidate `ĉ` and `num_directions − 1` random directions projected
+    orthogonally to it, `r̃_j = r_j − (r_j·ĉ)ĉ`.
+
+    The estimate `(g·ĉ)ĉ + w Σ_j (g·r̃_j)r̃_j` (`w = 1/(k−1)` averaged, 1 for the
+    parts of one direction) has mean `g` for any candidate, because
+    `E[r̃ r̃ᵀ] = I − ĉĉᵀ` completes `ĉĉᵀ` to the identity, and its dot product with
+    `g` is a sum of squares: a descent direction.
+    """
+    lead = unit(candidate)
+    if num_directions == 1:
+        stacked = jax.tree.map(lambda u: u[None], lead)
+        return fixed_tangents(stacked, jnp.ones((1,), jnp.float32))
+    assert key is not None
+    random = random_tangents(key, primal, num_directions - 1, sampler, mode)
+    directions = random.draw(random.seeds)
+    overlaps = jax.vmap(lambda r: jnp.asarray(optax.tree.vdot(r, lead)))(directions)
+
+    def stack(u, r):
+        overlap = overlaps.astype(r.dtype).reshape((-1,) + (1,) * u.ndim)
+        return jnp.concatenate([u[None], r - overlap * u[None]])
+
+    stacked = jax.tree.map(stack, lead, directions)
+    weights = jnp.concatenate(
+        [jnp.ones((1,), jnp.float32), random.weights(random.seeds)]
+    )
+    return fixed_tangents(stacked, weights)
+
+
+def weighted_sum(tangents: PyTree, coefficients: Float[Array, " c"]) -> PyTree:
+    """`Σ_j c_j t_j` over the leading axis, summed in at least float32 so that
+    low-precision leaves lose no more than the one final rounding."""
+
+    def leaf_sum(t):
+        dtype = jnp.float32 if jnp.finfo(t.dtype).bits < 32 else t.dtype
+        return jnp.tensordot(coefficients.astype(dtype), t.astype(dtype), axes=1)
+
+    return jax.tree.map(leaf_sum, tangents)

@@ -1,0 +1,81 @@
+"""The Rademacher sampler: random signs as bits of Threefry-2x32, JAX's default hash.
+
+Signs are generated where they are used, one bit each and 64 per hash call, with a
+counter range of its own for every leaf. `jax.random.rademacher` spends 32 bits per
+sign and `jax.random.bits` one hash per 32-bit word; on a 2-core CPU the former costs
+more than the jvp it feeds. The layout of the signs (leaf `l` uses counters
+`offset_l, …, offset_l + ⌈size_l/64⌉ − 1`, both output words, bits from least
+significant) is pinned by golden-value tests: changing it changes every direction
+drawn from a given key, and is recorded in the CHANGELOG when done on purpose.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PRNGKeyArray, PyTree, UInt32
+
+
+# Threefry-2x32 with 20 rounds (Salmon et al., SC 2011): the rotation constants and
+# key schedule of Random123's threefry2x32, as in `jax.extend.random.threefry_2x32`.
+_ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)
+_ROUNDS = 20
+_PARITY = 0x1BD11BDA
+_BITS_PER_WORD = 32
+_MAX_COUNTERS = 2**32
+
+
+def threefry_2x32(
+    key_words: UInt32[Array, "2"], counters: UInt32[Array, " n"]
+) -> tuple[UInt32[Array, " n"], UInt32[Array, " n"]]:
+    """Threefry-2x32-20 of the counter pairs `(counters, 0)` under the key `key_words`:
+    what `jax.extend.random.threefry_2x32` computes, written with `jnp` so that XLA
+    fuses it with the sign unpacking that consumes it."""
+    k0, k1 = key_words[0], key_words[1]
+    schedule = (k0, k1, k0 ^ k1 ^ jnp.uint32(_PARITY))
+    x0 = counters + schedule[0]
+    x1 = jnp.broadcast_to(schedule[1], counters.shape)
+    for r in range(_ROUNDS):
+        rotation = _ROTATIONS[r % len(_ROTATIONS)]
+        x0 = x0 + x1
+        x1 = (x1 << jnp.uint32(rotation)) | (x1 >> jnp.uint32(32 - rotation))
+        x1 = x1 ^ x0
+        if r % 4 == 3:
+            injection = r // 4 + 1
+            x0 = x0 + schedule[injection % 3]
+            x1 = x1 + schedule[(injection + 1) % 3] + jnp.uint32(injection)
+    return x0, x1
+
+
+def is_threefry(key: PRNGKeyArray) -> bool:
+    return str(jax.random.key_impl(key)) == "threefry2x32"
+
+
+def _leaf_words(
+    key: PRNGKeyArray, index: int, offset: int, num_pairs: int
+) -> UInt32[Array, "n 2"]:
+    if is_threefry(key):
+        if offset + num_pairs > _MAX_COUNTERS:
+            raise ValueError("Rademacher directions support at most 2³⁸ coordinates.")
+        counters = jnp.arange(offset, offset + num_pairs, dtype=jnp.uint32)
+        return jnp.stack(threefry_2x32(jax.random.key_data(key), counters), axis=1)
+    # Keys of other implementations (`impl="rbg"`, ...) use their own generator.
+    return jax.random.bits(jax.random.fold_in(key, index), (num_pairs, 2), jnp.uint32)
+
+
+def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
+    """Independent ±1 entries shaped and typed like every leaf of `tree`."""
+    leaves, treedef = jax.tree.flatten(tree)
+    shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32).reshape(1, 1, -1)
+    signs = []
+    offset = 0  # the first counter of the current leaf
+    for index, leaf in enumerate(leaves):
+        size = math.prod(leaf.shape)
+        num_pairs = -(-size // (2 * _BITS_PER_WORD))
+        words = _leaf_words(key, index, offset, num_pairs)
+        bits = (words[..., None] >> shifts) & jnp.uint32(1)
+        leaf_bits = bits.reshape(-1)[:size].reshape(leaf.shape)
+        # 1 - 2·bit maps {0, 1} to {+1, -1}, exactly, in every floating dtype.
+        signs.append((1 - 2 * leaf_bits.astype(jnp.int32)).astype(leaf.dtype))
+        offset += num_pairs
+    return jax.tree.unflatten(treedef, signs)
