@@ -5,7 +5,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, PyTree
 
 from ._checks import (
     check_decay,
@@ -13,6 +13,7 @@ from ._checks import (
     check_nonnegative,
     check_option,
     check_random_options,
+    KeyLike,
     split_stored_key,
     stored_key,
 )
@@ -134,7 +135,7 @@ def scale_by_adam_dodge(
     eps_root: float = 0.0,
     *,
     source: str = "random",
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",
@@ -215,7 +216,7 @@ def adam_dodge(
     eps_root: float = 0.0,
     *,
     source: str = "random",
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",

@@ -11,9 +11,9 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Float, PyTree, Scalar
 
-from ._checks import as_key, check_int, check_option, REDUCTIONS
+from ._checks import as_key, check_int, check_option, KeyLike, REDUCTIONS
 from ._online import _as_state_and_loss, cut_gradient_every, scan_window
 
 
@@ -23,7 +23,7 @@ def tbptt_candidate(
     state: PyTree,
     inputs: PyTree,
     *,
-    key: PRNGKeyArray | int,
+    key: KeyLike,
     max_truncation: int,
     reduction: str = "mean",
     has_aux: bool = False,

@@ -10,9 +10,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, Int, PRNGKeyArray
 
 
+# Every form of key the public functions accept (see `as_key`).
+KeyLike = PRNGKeyArray | int | Int[Array, ""]
 SAMPLERS: tuple[str, ...] = ("rademacher", "gaussian")
 MODES: tuple[str, ...] = ("average", "partition")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")

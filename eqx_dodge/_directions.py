@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
-from ._checks import as_key, check_int, check_option, SAMPLERS
+from ._checks import as_key, check_int, check_option, KeyLike, SAMPLERS
 from ._threefry import rademacher_like
 
 
@@ -93,7 +93,7 @@ def sample_direction(key: PRNGKeyArray, primal: PyTree, sampler: str) -> PyTree:
 
 
 def random_direction(
-    key: PRNGKeyArray | int, tree: PyTree, *, sampler: str = "rademacher"
+    key: KeyLike, tree: PyTree, *, sampler: str = "rademacher"
 ) -> PyTree:
     """Draws one random direction shaped like the trainable part of `tree`.
 

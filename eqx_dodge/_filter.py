@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import Any, Literal, overload
 
 import equinox as eqx
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, PyTree
 
 from ._checks import (
     as_key,
@@ -13,6 +13,7 @@ from ._checks import (
     check_one_source,
     check_random_options,
     first_argument,
+    KeyLike,
 )
 from ._directions import trainable
 from ._estimator import value_and_estimate
@@ -26,7 +27,7 @@ class EstimatorOptions(eqx.Module):
     """Where the directions come from and how the estimate is formed: the options
     shared by `filter_*`, `sharded_*` and their decorator forms."""
 
-    key: PRNGKeyArray | int | None
+    key: KeyLike | None
     direction: PyTree | None
     num_directions: int = eqx.field(static=True)
     sampler: str = eqx.field(static=True)
@@ -125,7 +126,7 @@ def wrap(fun: Any, make: Callable[[Callable], eqx.Module]) -> Callable:
 @overload
 def filter_value_and_dodge(
     *,
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
@@ -138,7 +139,7 @@ def filter_value_and_dodge(
 def filter_value_and_dodge(
     fun: Callable,
     *,
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
@@ -151,7 +152,7 @@ def filter_value_and_dodge(
 def filter_value_and_dodge(
     fun: Callable,
     *,
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
@@ -163,7 +164,7 @@ def filter_value_and_dodge(
 def filter_value_and_dodge(
     fun: Callable = _sentinel,
     *,
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
@@ -225,7 +226,7 @@ def filter_value_and_dodge(
 def filter_dodge(
     fun: Callable = _sentinel,
     *,
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",

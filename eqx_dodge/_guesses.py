@@ -34,9 +34,9 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, PyTree
 
-from ._checks import check_option, SAMPLERS
+from ._checks import check_option, KeyLike, SAMPLERS
 from ._directions import random_direction, trainable
 
 
@@ -192,7 +192,7 @@ def _check_batch(x: Any, name: str = "x") -> None:
 
 
 def activation_guess(
-    key: PRNGKeyArray | int, model: PyTree, x: Array, *, sampler: str = "rademacher"
+    key: KeyLike, model: PyTree, x: Array, *, sampler: str = "rademacher"
 ) -> PyTree:
     r"""A guess of the gradient whose weights lie in the span of the batch's
     activations (Singhal et al. 2023).
@@ -251,7 +251,7 @@ def activation_guess(
 
 
 def transpose_guess(
-    key: PRNGKeyArray | int, model: PyTree, x: Array, *, sampler: str = "rademacher"
+    key: KeyLike, model: PyTree, x: Array, *, sampler: str = "rademacher"
 ) -> PyTree:
     r"""The $W^\top$ guess of the gradient (Singhal et al. 2023): a random output
     perturbation of the next layer, pulled back through its transposed weights.
@@ -313,7 +313,7 @@ def transpose_guess(
 
 
 def layer_activation_guess(
-    key: PRNGKeyArray | int,
+    key: KeyLike,
     model: PyTree,
     layer_inputs: Sequence[tuple[Callable[[PyTree], eqx.nn.Linear], Array]],
     *,

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Int, PyTree, Scalar
 
 from ._checks import (
     as_key,
@@ -23,6 +23,7 @@ from ._checks import (
     check_one_source,
     check_option,
     check_random_options,
+    KeyLike,
     REDUCTIONS,
 )
 from ._directions import check_direction, trainable
@@ -212,7 +213,7 @@ class OnlineDodge(eqx.Module):
         check_option("reduction", self.reduction, REDUCTIONS)
 
     def _directions(
-        self, model: PyTree, key: PRNGKeyArray | int | None, direction: PyTree | None
+        self, model: PyTree, key: KeyLike | None, direction: PyTree | None
     ) -> PyTree:
         check_one_source(key, direction)
         primal = trainable(model)
@@ -231,7 +232,7 @@ class OnlineDodge(eqx.Module):
         model: PyTree,
         state: PyTree,
         *,
-        key: PRNGKeyArray | int | None = None,
+        key: KeyLike | None = None,
         direction: PyTree | None = None,
     ) -> OnlineDodgeState:
         """Starts a stream at `state`, with a zero tangent.
@@ -260,7 +261,7 @@ class OnlineDodge(eqx.Module):
         model: PyTree,
         carry: OnlineDodgeState,
         *,
-        key: PRNGKeyArray | int | None = None,
+        key: KeyLike | None = None,
         direction: PyTree | None = None,
     ) -> OnlineDodgeState:
         """New directions (from `key`, or a candidate `direction`) for the stream in

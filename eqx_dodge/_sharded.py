@@ -14,9 +14,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-from jaxtyping import PRNGKeyArray, PyTree
+from jaxtyping import PyTree
 
-from ._checks import as_key, check_option, first_argument, REDUCTIONS
+from ._checks import as_key, check_option, first_argument, KeyLike, REDUCTIONS
 from ._directions import check_direction, check_num_parts, num_coordinates, trainable
 from ._estimator import value_and_estimate
 from ._filter import _DodgeWrapper, _sentinel, EstimatorOptions, wrap, WrapperMethods
@@ -175,7 +175,7 @@ def sharded_value_and_dodge(
     mesh: Mesh,
     data_axis: AxisNames = "data",
     param_specs: PyTree | None = None,
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
@@ -295,7 +295,7 @@ def sharded_dodge(
     mesh: Mesh,
     data_axis: AxisNames = "data",
     param_specs: PyTree | None = None,
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     direction: PyTree | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",

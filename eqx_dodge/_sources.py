@@ -6,11 +6,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, PyTree
 
 from ._checks import (
     check_decay,
     check_random_options,
+    KeyLike,
     split_stored_key,
     stored_key,
 )
@@ -76,7 +77,7 @@ def _check_baseline(decay: Any, primal: PyTree, k: int, sampler: str, mode: str)
 
 
 def dodge_random(
-    key: PRNGKeyArray | int,
+    key: KeyLike,
     *,
     num_directions: int = 1,
     sampler: str = "rademacher",
@@ -149,7 +150,7 @@ class DodgeUpdatesState(NamedTuple):
 
 def dodge_updates(
     *,
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",
@@ -217,7 +218,7 @@ def _all_zero(tree: PyTree) -> Array:
 
 def dodge_ema(
     *,
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",

@@ -11,7 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree, Scalar
 
 from ._directions import (
     check_direction,
@@ -95,17 +95,17 @@ class Tangents(eqx.Module):
 class RandomTangents(Tangents):
     """Independent random directions, one per key (`mode="average"`)."""
 
-    seeds: PRNGKeyArray
+    seeds: Key[Array, " k"]
     template: PyTree
     layout: Layout
     sampler: str = eqx.field(static=True)
 
-    def draw(self, seeds: PRNGKeyArray) -> PyTree:
+    def draw(self, seeds: Key[Array, " c"]) -> PyTree:
         return jax.vmap(
             lambda k: self.layout.direction(k, self.template, self.sampler)
         )(seeds)
 
-    def weights(self, seeds: PRNGKeyArray) -> Float[Array, " c"]:
+    def weights(self, seeds: Key[Array, " c"]) -> Float[Array, " c"]:
         return jnp.full(seeds.shape, 1 / self.num, jnp.float32)
 
 

@@ -4,9 +4,8 @@ builder per source of directions (as optax's `alias.py` composes its builders)."
 from typing import Any
 
 import optax
-from jaxtyping import PRNGKeyArray
 
-from ._checks import check_option
+from ._checks import check_option, KeyLike
 from ._sources import dodge_ema, dodge_random, dodge_updates
 
 
@@ -16,7 +15,7 @@ SOURCES: tuple[str, ...] = ("random", "updates", "ema")
 def dodge(
     *,
     source: str = "random",
-    key: PRNGKeyArray | int | None = None,
+    key: KeyLike | None = None,
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",

@@ -1,0 +1,90 @@
+"""The Rademacher sampler's hash and sign layout, pinned.
+
+`threefry_2x32` must equal JAX's own Threefry bit for bit, and the signs a key gives
+must not change by accident: the golden strings below are the exact signs of a small
+MLP for two keys. A deliberate change of the layout updates them in the same commit,
+with a CHANGELOG line saying that directions for a given key changed.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.random import threefry_2x32 as jax_threefry_2x32
+
+import eqx_dodge
+from eqx_dodge._threefry import threefry_2x32
+
+
+COUNTER_RANGES = [(0, 1000), (2**31 - 500, 2**31 + 500), (2**32 - 1000, 2**32)]
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1])
+@pytest.mark.parametrize("start, stop", COUNTER_RANGES)
+def test_threefry_equals_jax_threefry(seed, start, stop):
+    """Catches a wrong rotation constant, key schedule or round count."""
+    key_words = jax.random.key_data(jax.random.key(seed))
+    counters = jnp.arange(start, stop, dtype=jnp.uint32)
+    ours = jax.jit(threefry_2x32)(key_words, counters)
+    expected = jax_threefry_2x32(
+        key_words, jnp.concatenate([counters, jnp.zeros_like(counters)])
+    )
+    assert jnp.array_equal(jnp.concatenate(ours), expected)
+
+
+def _signs_by_documented_layout(key, sizes):
+    """The documented layout, rebuilt from JAX's hash: leaf `l` hashes the counters
+    `offset_l … offset_l + ⌈size_l/64⌉ − 1`, takes both output words of each, and
+    reads their bits from the least significant; bit 1 is the sign −1."""
+    key_words = jax.random.key_data(key)
+    signs, offset = [], 0
+    for size in sizes:
+        calls = -(-size // 64)
+        counters = jnp.arange(offset, offset + calls, dtype=jnp.uint32)
+        words = jax_threefry_2x32(
+            key_words, jnp.concatenate([counters, jnp.zeros_like(counters)])
+        )
+        pairs = np.stack([np.asarray(words[:calls]), np.asarray(words[calls:])], 1)
+        bits = (pairs.reshape(-1)[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+        signs.append(1 - 2 * bits.reshape(-1)[:size].astype(np.int32))
+        offset += calls
+    return signs
+
+
+def test_signs_follow_the_documented_layout():
+    """Catches signs drawn from other counters, words or bit positions."""
+    tree = {"a": jnp.zeros((130,)), "b": jnp.zeros((3, 7)), "c": jnp.zeros((64,))}
+    key = jax.random.key(11)
+    direction = eqx_dodge.random_direction(key, tree)
+    leaves = jax.tree.leaves(direction)
+    expected = _signs_by_documented_layout(key, [math.prod(x.shape) for x in leaves])
+    for leaf, signs in zip(leaves, expected):
+        np.testing.assert_array_equal(np.ravel(leaf), signs)
+
+
+# The exact signs (1 for −1) of `eqx.nn.MLP(2, 2, 3, 1, key=jax.random.key(0))`'s
+# leaves, flattened in leaf order, for two keys.
+GOLDEN = {0: "10011000100110110", 2026: "10000010100100101"}
+
+
+@pytest.mark.parametrize("seed", sorted(GOLDEN))
+def test_golden_signs(seed):
+    """Catches any change of the directions a given key draws."""
+    model = eqx.nn.MLP(2, 2, 3, 1, key=jax.random.key(0))
+    forms = [jax.random.key(seed), jax.random.PRNGKey(seed), seed, jnp.int32(seed)]
+    for key in forms:
+        direction = eqx_dodge.random_direction(key, model)
+        flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(direction)])
+        assert "".join("1" if v < 0 else "0" for v in flat.tolist()) == GOLDEN[seed]
+    # `filter_dodge` uses the same direction: for the loss Σ w, g = 1 and the
+    # estimate is (Σ_i u_i) u.
+    signs = jnp.asarray([1.0 - 2 * int(bit) for bit in GOLDEN[seed]])
+    estimate = eqx_dodge.filter_dodge(
+        lambda m: sum(jnp.sum(x) for x in jax.tree.leaves(eqx.filter(m, eqx.is_array))),
+        key=jax.random.key(seed),
+    )(model)
+    flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(estimate)])
+    assert jnp.array_equal(flat, jnp.sum(signs) * signs)
