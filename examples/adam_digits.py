@@ -7,9 +7,11 @@ with scikit-learn) with five optimizers, for the same number of steps:
 - `eqx_dodge.adam_dodge(source="updates")` given the same backpropagated gradients
     as candidates (equal to Adam when the gradient is the candidate and the loss is
     linear; a rank-one version of Adam otherwise);
-- `eqx_dodge.adam_dodge` with random directions: forward mode only, no backward pass;
-- `optax.chain(eqx_dodge.dodge("random"), optax.adam(...))`: forward mode only;
-- `optax.chain(eqx_dodge.dodge("random"), optax.sgd(...))`: forward mode only.
+- `eqx_dodge.adam_dodge` with random directions: forward mode only, no backward pass
+    (Adam's moments of the unbiased DODGE estimates, with the key in the state);
+- `optax.chain(eqx_dodge.dodge(key=...), optax.adam(...))`: forward mode only (the
+    same method as the line above, composed by hand);
+- `optax.chain(eqx_dodge.dodge(key=...), optax.sgd(...))`: forward mode only.
 
 The training step is the ordinary optax loop; only the optimizer and the `value_fn`
 keyword change:
@@ -83,14 +85,14 @@ def optimizers(
         ),
         "dodge(random) + optax.adam": (
             optax.chain(
-                eqx_dodge.dodge("random", key=seed, num_directions=k),
+                eqx_dodge.dodge(key=seed, num_directions=k),
                 optax.adam(3e-3),
             ),
             False,
         ),
         "dodge(random) + optax.sgd": (
             optax.chain(
-                eqx_dodge.dodge("random", key=seed, num_directions=k),
+                eqx_dodge.dodge(key=seed, num_directions=k),
                 optax.sgd(0.02),  # 0.05 diverges: the estimate is ~sqrt(p/k) times g
             ),
             False,
