@@ -10,13 +10,13 @@ An LSTM, a linear readout, Adam, one batch of fresh sequences per step, from a z
 state. Methods:
 
 - `bptt`: the exact gradient (`eqx.filter_value_and_grad` through the sequence);
-- `tbptt`: the truncated gradient, truncation uniform in `1..max_trunc_len`
-    (`eqx_dodge.tbptt_candidate`);
+- `tbptt`: the truncated gradient, truncation uniform in `1..max_truncation`
+    (`eqx_dodge.recurrent.tbptt_candidate`);
 - `dodge_k1`, `dodge_k8`, `dodge_k64`: `eqx_dodge.OnlineDodge` with random directions;
 - `dodge_tbptt`: `OnlineDodge` along the TBPTT candidate, `(g·ĉ)ĉ`;
-- `synthetic`: synthetic gradients (`eqx_dodge.synthetic_gradient_candidate`, a
+- `synthetic`: synthetic gradients (`eqx_dodge.recurrent.synthetic_gradient_candidate`, a
     quadratic critic per example, truncation 5, scale 0.5; the critic trained with
-    `eqx_dodge.critic_loss` and Adam alongside the model);
+    `eqx_dodge.recurrent.critic_loss` and Adam alongside the model);
 - `dodge_synthetic`: `OnlineDodge` along that candidate.
 
 The default configuration is sized for a 2-core CPU (about 20 minutes); `--full` is the
@@ -65,7 +65,7 @@ class Config:
     steps: int = 3000
     learning_rates: tuple[float, ...] = (1e-3,)
     seeds: tuple[int, ...] = (0,)
-    max_trunc_len: int = 3
+    max_truncation: int = 3
     critic_truncation: int = 5
     critic_scale: float = 0.5
     critic_learning_rate: float = 1e-3
@@ -163,7 +163,7 @@ def gradient_estimate(method: str, model, critic, key, inputs, config: Config):
     state = zero_state(model.cell.hidden_size, config.batch)
     candidate_key, direction_key = jax.random.split(key)
     if method in CRITIC_METHODS:
-        candidate = eqx_dodge.synthetic_gradient_candidate(
+        candidate = eqx_dodge.recurrent.synthetic_gradient_candidate(
             step,
             model,
             critic,
@@ -191,13 +191,13 @@ def gradient_estimate(method: str, model, critic, key, inputs, config: Config):
 
         return eqx.filter_grad(loss)(model)
     if method in ("tbptt", "dodge_tbptt"):
-        candidate = eqx_dodge.tbptt_candidate(
+        candidate = eqx_dodge.recurrent.tbptt_candidate(
             step,
             model,
             state,
             inputs,
             key=candidate_key,
-            max_trunc_len=config.max_trunc_len,
+            max_truncation=config.max_truncation,
             reduction="sum",
             has_aux=True,
         )
@@ -223,7 +223,7 @@ def train(method: str, learning_rate: float, seed: int, config: Config):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     opt_state = optimizer.init(params)
     # One quadratic critic applied to each example's (h, c).
-    critic = eqx_dodge.QuadraticCritic(2 * config.hidden)
+    critic = eqx_dodge.recurrent.QuadraticCritic(2 * config.hidden)
     critic_optimizer = optax.adam(config.critic_learning_rate)
     critic_opt_state = critic_optimizer.init(eqx.filter(critic, eqx.is_array))
 
@@ -235,17 +235,19 @@ def train(method: str, learning_rate: float, seed: int, config: Config):
         grads = gradient_estimate(method, model, critic, estimate_key, inputs, config)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         if method in CRITIC_METHODS:
-            critic_grads = eqx.filter_grad(eqx_dodge.critic_loss)(
-                critic,
-                step,
-                model,
-                zero_state(config.hidden, config.batch),
-                inputs,
-                truncation=config.critic_truncation,
-                bootstrap_end=False,
-                batched=True,
-                has_aux=True,
-            )
+            critic_grads = eqx.filter_grad(
+                lambda _critic: eqx_dodge.recurrent.critic_loss(
+                    step,
+                    model,
+                    _critic,
+                    zero_state(config.hidden, config.batch),
+                    inputs,
+                    truncation=config.critic_truncation,
+                    bootstrap_end=False,
+                    batched=True,
+                    has_aux=True,
+                )
+            )(critic)
             critic_updates, critic_opt_state = critic_optimizer.update(
                 critic_grads, critic_opt_state
             )

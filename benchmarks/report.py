@@ -338,7 +338,7 @@ def _copy_label(key: str, config: dict[str, Any]) -> str:
         return f"DODGE, {k} random direction{'s' if k > 1 else ''}"
     labels = {
         "bptt": "BPTT",
-        "tbptt": f"TBPTT, truncation uniform in 1..{config['max_trunc_len']}",
+        "tbptt": f"TBPTT, truncation uniform in 1..{config['max_truncation']}",
         "dodge_tbptt": "DODGE along the TBPTT candidate",
         "synthetic": "synthetic gradients (quadratic critic, truncation "
         f"{config['critic_truncation']}, scale {config['critic_scale']})",
