@@ -14,6 +14,7 @@ from ._checks import (
     check_option,
     check_random_options,
     KeyLike,
+    ScalarLike,
     split_stored_key,
     stored_key,
 )
@@ -122,17 +123,17 @@ def _scale_by_adam_dodge_updates(
             candidate, state, b1, b2, eps, eps_root
         )
         scale = _descent_scale(fun, primal, step, mu_hat)
-        output = jax.tree.map(lambda a: (scale * a).astype(a.dtype), step)
+        output = jax.tree.map(lambda a: scale.astype(a.dtype) * a, step)
         return output, ScaleByAdamDodgeState(count, mu, nu, None)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_adam_dodge(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: ScalarLike = 0.9,
+    b2: ScalarLike = 0.999,
+    eps: ScalarLike = 1e-8,
+    eps_root: ScalarLike = 0.0,
     *,
     source: str = "random",
     key: KeyLike | None = None,
@@ -210,10 +211,10 @@ def scale_by_adam_dodge(
 
 def adam_dodge(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: ScalarLike = 0.9,
+    b2: ScalarLike = 0.999,
+    eps: ScalarLike = 1e-8,
+    eps_root: ScalarLike = 0.0,
     *,
     source: str = "random",
     key: KeyLike | None = None,

@@ -10,11 +10,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 
 # Every form of key the public functions accept (see `as_key`).
 KeyLike = PRNGKeyArray | int | Int[Array, ""]
+# A float hyperparameter; an array when `optax.inject_hyperparams` passes it.
+ScalarLike = float | Float[Array, ""]
 SAMPLERS: tuple[str, ...] = ("rademacher", "gaussian")
 MODES: tuple[str, ...] = ("average", "partition")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")

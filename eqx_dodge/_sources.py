@@ -12,6 +12,7 @@ from ._checks import (
     check_decay,
     check_random_options,
     KeyLike,
+    ScalarLike,
     split_stored_key,
     stored_key,
 )
@@ -82,7 +83,7 @@ def dodge_random(
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",
-    baseline_decay: float | None = None,
+    baseline_decay: ScalarLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE with fresh random directions at every step: `dodge(source="random")`.
 
@@ -222,7 +223,7 @@ def dodge_ema(
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",
-    ema_decay: float = 0.9,
+    ema_decay: ScalarLike = 0.9,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE along a moving average of gradient guesses: `dodge(source="ema")`.
 

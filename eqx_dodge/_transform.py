@@ -5,7 +5,7 @@ from typing import Any
 
 import optax
 
-from ._checks import check_option, KeyLike
+from ._checks import check_option, KeyLike, ScalarLike
 from ._sources import dodge_ema, dodge_random, dodge_updates
 
 
@@ -19,8 +19,8 @@ def dodge(
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",
-    ema_decay: float | None = None,
-    baseline_decay: float | None = None,
+    ema_decay: ScalarLike | None = None,
+    baseline_decay: ScalarLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The DODGE gradient estimator as an optax transformation.
 

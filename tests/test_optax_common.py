@@ -1,0 +1,328 @@
+"""optax's common optimizer tests (optax `_src/alias_test.py`), run on every eqx_dodge
+optimizer, and the boundedness of `adam_dodge`'s steps.
+
+The convergence problems and tolerances are optax's own: the parabola from
+(−1, 10, 1) and Rosenbrock from (0, 0), 10 000 steps, `rtol = atol = 3e-2`.
+"""
+
+import functools as ft
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqx_dodge
+from eqx_dodge._checks import check_int
+
+
+STEPS = 10_000
+TARGET = jnp.array([1.0, -1.0, 2.0])
+
+
+def parabola(params):
+    return jnp.sum(jnp.square(params["w"] - TARGET))
+
+
+def rosenbrock(params):
+    x, y = params["w"][0], params["w"][1]
+    return jnp.square(1 - x) + 100 * jnp.square(y - x**2)
+
+
+PROBLEMS = {
+    "parabola": (parabola, jnp.array([-1.0, 10.0, 1.0]), TARGET),
+    "rosenbrock": (rosenbrock, jnp.array([0.0, 0.0]), jnp.array([1.0, 1.0])),
+}
+
+# (name, factory(p), whether `update` gets the exact gradient as `updates`). The
+# learning rates of one random direction are the documented rule (docs, "Choosing
+# hyperparameters"): ten times below optax's for Adam, optax's own for SGD.
+OPTIMIZERS = {
+    "adam_dodge exact": (
+        lambda p: eqx_dodge.adam_dodge(1e-1, key=0, num_directions=p, mode="partition"),
+        False,
+    ),
+    "adam_dodge one direction": (lambda p: eqx_dodge.adam_dodge(1e-2, key=0), False),
+    "adam_dodge updates": (
+        lambda p: eqx_dodge.adam_dodge(1e-1, source="updates"),
+        True,
+    ),
+    "dodge + sgd exact": (
+        lambda p: optax.chain(
+            eqx_dodge.dodge(key=0, num_directions=p, mode="partition"),
+            optax.sgd(1e-3, momentum=0.9),
+        ),
+        False,
+    ),
+    "dodge + sgd one direction": (
+        lambda p: optax.chain(eqx_dodge.dodge(key=0), optax.sgd(1e-3)),
+        False,
+    ),
+}
+
+
+def _run(optimizer, loss, initial, exact_gradient, steps=STEPS):
+    params = {"w": initial}
+    state = optimizer.init(params)
+
+    def step(carry, _):
+        params, state = carry
+        updates = jax.grad(loss)(params) if exact_gradient else None
+        updates, state = optimizer.update(updates, state, params, value_fn=loss)
+        return (optax.apply_updates(params, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, state), length=steps)
+    return params["w"]
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_converges_on_optax_problems(name, problem):
+    """Catches an optimizer that does not descend, or whose steps blow up (0.1's
+    random-source `adam_dodge` ended at (45, 615) on Rosenbrock)."""
+    loss, initial, optimum = PROBLEMS[problem]
+    factory, exact_gradient = OPTIMIZERS[name]
+    optimizer = factory(initial.shape[0])
+    final = jax.jit(ft.partial(_run, optimizer, loss, exact_gradient=exact_gradient))(
+        initial
+    )
+    np.testing.assert_allclose(final, optimum, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_exact_estimates_take_optax_adam_steps(problem):
+    """With k = p parts the estimate is the gradient, so the first steps are
+    `optax.adam`'s to float tolerance (later ones drift apart by rounding only)."""
+    loss, initial, _ = PROBLEMS[problem]
+    p = initial.shape[0]
+    ours = eqx_dodge.adam_dodge(1e-1, key=3, num_directions=p, mode="partition")
+    theirs = optax.adam(1e-1)
+    params = {"w": initial}
+    our_state, their_state = ours.init(params), theirs.init(params)
+    for _ in range(20):
+        our_updates, our_state = ours.update(None, our_state, params, value_fn=loss)
+        gradient = jax.grad(loss)(params)
+        with jax.numpy_dtype_promotion("standard"):  # optax.adam needs it
+            their_updates, their_state = theirs.update(gradient, their_state, params)
+        np.testing.assert_allclose(
+            our_updates["w"], their_updates["w"], rtol=1e-5, atol=1e-7
+        )
+        params = optax.apply_updates(params, their_updates)
+
+
+def _optimizer(name):
+    factory, exact_gradient = OPTIMIZERS[name]
+    return factory(3), exact_gradient
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_extra_arguments_meant_for_others(name):
+    """Catches a transform that forwards every extra argument to `value_fn` (or
+    rejects them): `update` must accept arguments meant for other transforms."""
+    optimizer, exact_gradient = _optimizer(name)
+    params = {"w": jnp.array([-1.0, 10.0, 1.0])}
+    state = optimizer.init(params)
+    updates = jax.grad(parabola)(params) if exact_gradient else None
+    expected, _ = optimizer.update(updates, state, params, value_fn=parabola)
+    got, _ = optimizer.update(
+        updates, state, params, value_fn=parabola, unexpected_argument=1.0
+    )
+    np.testing.assert_array_equal(got["w"], expected["w"])
+
+
+@pytest.mark.parametrize("name", ["adam_dodge one direction", "adam_dodge exact"])
+def test_inject_hyperparams_equals_plain(name):
+    """`key` and the float hyperparameters arrive as arrays; the updates must be the
+    same as without `inject_hyperparams`."""
+    exact = name == "adam_dodge exact"
+    options = dict(num_directions=3, mode="partition") if exact else {}
+    plain = eqx_dodge.adam_dodge(1e-2, key=5, **options)
+    injected = optax.inject_hyperparams(
+        eqx_dodge.adam_dodge, static_args=("num_directions",)
+    )(learning_rate=1e-2, key=5, **options)
+    params = {"w": jnp.array([-1.0, 10.0, 1.0])}
+    plain_state, injected_state = plain.init(params), injected.init(params)
+    for _ in range(3):
+        a, plain_state = plain.update(None, plain_state, params, value_fn=parabola)
+        b, injected_state = jax.jit(
+            lambda s, p: injected.update(None, s, p, value_fn=parabola)
+        )(injected_state, params)
+        # Injected hyperparameters are float32 arrays: 1 − b2 differs from the
+        # plain float's by 1.3e-5 relative, which moves the step by about 6e-6.
+        np.testing.assert_allclose(a["w"], b["w"], rtol=1e-4)
+        params = optax.apply_updates(params, a)
+
+
+def test_inject_hyperparams_structural_argument_error():
+    """Without `static_args`, `num_directions` arrives as an array: the error names
+    it (here beartype's, as the tests check annotations at run time) and, without a
+    runtime type checker, says what to do."""
+    optimizer = optax.inject_hyperparams(eqx_dodge.adam_dodge)(
+        learning_rate=1e-2, key=0
+    )
+    with pytest.raises(TypeError, match="num_directions"):
+        optimizer.init({"w": jnp.zeros(3)})
+    with pytest.raises(TypeError, match=r"static_args=\('num_directions',\)"):
+        check_int("num_directions", jnp.asarray(1), 1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_dtypes_preserved(name, dtype):
+    """Catches updates or states promoted to another dtype (optax's
+    `test_preserve_dtype`)."""
+    optimizer, exact_gradient = _optimizer(name)
+    params = {"w": jnp.array([-1.0, 10.0, 1.0], dtype)}
+
+    def loss(params):
+        return parabola({"w": params["w"].astype(jnp.float32)}).astype(dtype)
+
+    state = optimizer.init(params)
+    updates = jax.grad(loss)(params) if exact_gradient else None
+    updates, new_state = jax.jit(
+        lambda u, s, p: optimizer.update(u, s, p, value_fn=loss)
+    )(updates, state, params)
+    assert updates["w"].dtype == dtype
+    assert jax.tree.map(jnp.result_type, new_state) == jax.tree.map(
+        jnp.result_type, state
+    )
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_state_is_stable_under_cond(name):
+    """`lax.cond` needs both branches to return the same state structure and dtypes
+    (optax's `test_state_shape_dtype_shard_stability`)."""
+    optimizer, exact_gradient = _optimizer(name)
+    params = {"w": jnp.array([-1.0, 10.0, 1.0])}
+    state = optimizer.init(params)
+
+    @jax.jit
+    def maybe_update(skip, state):
+        updates = jax.grad(parabola)(params) if exact_gradient else None
+
+        def update(state):
+            return optimizer.update(updates, state, params, value_fn=parabola)[1]
+
+        return jax.lax.cond(skip, lambda s: s, update, state)
+
+    skipped = maybe_update(True, state)
+    updated = maybe_update(False, state)
+    assert jax.tree.structure(skipped) == jax.tree.structure(updated)
+
+
+def test_multi_steps_after_dodge_accumulates_estimates():
+    """The documented way to accumulate: `chain(dodge(...), MultiSteps(adam))`. With
+    exact estimates it takes `MultiSteps(adam)`'s steps on the mean gradient."""
+    p = 3
+    ours = optax.chain(
+        eqx_dodge.dodge(key=0, num_directions=p, mode="partition"),
+        optax.MultiSteps(
+            optax.adam(1e-1), every_k_schedule=3
+        ).gradient_transformation(),
+    )
+    theirs = optax.MultiSteps(optax.adam(1e-1), every_k_schedule=3)
+    params = {"w": jnp.array([-1.0, 10.0, 1.0])}
+    our_state, their_state = ours.init(params), theirs.init(params)
+    for step in range(7):
+        shift = jnp.asarray(0.1 * step)
+
+        def loss(params, shift=shift):
+            return parabola({"w": params["w"] + shift})
+
+        with jax.numpy_dtype_promotion("standard"):  # optax.adam needs it
+            our_updates, our_state = ours.update(None, our_state, params, value_fn=loss)
+            their_updates, their_state = theirs.update(
+                jax.grad(loss)(params), their_state, params
+            )
+        np.testing.assert_allclose(
+            our_updates["w"], their_updates["w"], rtol=1e-5, atol=1e-7
+        )
+        params = optax.apply_updates(params, their_updates)
+
+
+# Adam's steps are at most (1 − b1)/√(1 − b2) ≈ 3.16 times the learning rate per
+# coordinate, for any sequence of inputs (Kingma & Ba 2015, §2.1).
+ADAM_BOUND = (1 - 0.9) / (1 - 0.999) ** 0.5
+LR = 1e-2
+P_BOUNDED = 8
+# Per-coordinate gradient scales: zero, tiny, huge and ordinary, then permuted, so
+# that coordinates wake up from zero moments and huge ones go quiet.
+SCALES = jnp.array([0.0, 1e-12, 1e6, 1.0, 0.0, 1e-12, 1e6, 1.0])
+WOKEN = SCALES[jnp.array([2, 3, 0, 1, 6, 7, 4, 5])]
+
+
+def scaled_loss(params, scale, phase):
+    w = params["w"]
+    return jnp.sum(scale * jnp.sin(3 * w + phase))
+
+
+def _scales_over_time(steps=120):
+    switch = jnp.arange(steps) >= steps // 2
+    return jnp.where(switch[:, None], WOKEN[None], SCALES[None])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_directions=1),
+        dict(num_directions=3),
+        dict(num_directions=2, mode="partition"),
+        dict(num_directions=P_BOUNDED, mode="partition"),
+        dict(num_directions=2, sampler="gaussian"),
+    ],
+)
+def test_random_source_steps_are_bounded(options):
+    """Catches the 0.1 design, `c ⊙ ĝ` with `c = 1/(√v̂ + ε)` from past moments: a
+    coordinate with no signal yet gets `c ≈ 10⁸`."""
+    optimizer = eqx_dodge.adam_dodge(LR, key=1, **options)
+    params = {"w": jnp.linspace(-1.0, 1.0, P_BOUNDED)}
+
+    def step(carry, inputs):
+        params, state = carry
+        scale, phase = inputs
+        updates, state = optimizer.update(
+            None, state, params, value_fn=scaled_loss, scale=scale, phase=phase
+        )
+        return (optax.apply_updates(params, updates), state), updates["w"]
+
+    scales = _scales_over_time()
+    phases = jnp.linspace(0.0, 3.0, scales.shape[0])
+    _, steps = jax.jit(lambda c: jax.lax.scan(step, c, (scales, phases)))(
+        (params, optimizer.init(params))
+    )
+    assert jnp.all(jnp.isfinite(steps))
+    assert float(jnp.max(jnp.abs(steps))) <= ADAM_BOUND * LR * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("candidate_scale", [1e-3, 1.0, 1e3])
+def test_updates_source_steps_are_bounded_descent_steps(candidate_scale):
+    """Catches an unclipped appendix-A step, which grows like ‖g‖/‖c‖ for small
+    candidates, and a step that is not a descent direction."""
+    optimizer = eqx_dodge.adam_dodge(LR, source="updates")
+    params = {"w": jnp.linspace(-1.0, 1.0, P_BOUNDED)}
+    key = jax.random.key(0)
+
+    def step(carry, inputs):
+        params, state = carry
+        scale, phase, key = inputs
+        gradient = jax.grad(scaled_loss)(params, scale, phase)
+        # A biased candidate: the gradient, rescaled and with noise of its size.
+        noise = jax.random.normal(key, (P_BOUNDED,)) * jnp.abs(gradient["w"])
+        candidate = {"w": candidate_scale * (gradient["w"] + 0.5 * noise)}
+        updates, state = optimizer.update(
+            candidate, state, params, value_fn=scaled_loss, scale=scale, phase=phase
+        )
+        descent = jnp.vdot(updates["w"], gradient["w"])
+        return (optax.apply_updates(params, updates), state), (updates["w"], descent)
+
+    scales = _scales_over_time()
+    phases = jnp.linspace(0.0, 3.0, scales.shape[0])
+    keys = jax.random.split(key, scales.shape[0])
+    _, (steps, descents) = jax.jit(
+        lambda c: jax.lax.scan(step, c, (scales, phases, keys))
+    )((params, optimizer.init(params)))
+    assert jnp.all(jnp.isfinite(steps))
+    assert float(jnp.max(jnp.abs(steps))) <= ADAM_BOUND * LR * (1 + 1e-5)
+    # `updates` is minus the learning rate times the output: g·updates ≤ 0.
+    assert float(jnp.max(descents)) <= 0
