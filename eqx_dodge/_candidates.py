@@ -104,12 +104,11 @@ class LinearCritic(eqx.Module):
 
 class QuadraticCritic(eqx.Module):
     r"""A quadratic estimate $V(s) = b + w \cdot s + \tfrac12 s^\top M s$ of the loss
-    still to come from the recurrent state $s$ (the paper's choice, §5.4.3). Starts at
-    zero.
+    still to come from the recurrent state $s$ (the paper's choice, §5.4.3): a
+    [`eqx_dodge.recurrent.LinearCritic`][] plus the curvature $M$. Starts at zero.
     """
 
-    weight: Float[Array, " state"]
-    bias: Float[Array, ""]
+    linear: LinearCritic
     curvature: Float[Array, "state state"]
 
     def __init__(self, state_size: int):
@@ -117,15 +116,12 @@ class QuadraticCritic(eqx.Module):
 
         - `state_size`: the number of entries of one recurrent state.
         """
-        self.weight = jnp.zeros(state_size)
-        self.bias = jnp.zeros(())
+        self.linear = LinearCritic(state_size)
         self.curvature = jnp.zeros((state_size, state_size))
 
     def __call__(self, state: PyTree) -> Scalar:
         s = _flatten_state(state)
-        return (
-            self.bias + jnp.vdot(self.weight, s) + 0.5 * jnp.vdot(s, self.curvature @ s)
-        )
+        return self.linear(state) + 0.5 * jnp.vdot(s, self.curvature @ s)
 
 
 def _critic_value(critic: Callable, state: PyTree, batched: bool) -> Scalar:

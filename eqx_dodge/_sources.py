@@ -27,6 +27,15 @@ def _estimate(fun, primal: PyTree, tangents: Tangents) -> PyTree:
     return estimate
 
 
+def _explored_estimate(
+    fun, primal: PyTree, candidate: PyTree, key: Any, **options: Any
+) -> PyTree:
+    """The estimate along the candidate and its random exploration directions."""
+    return _estimate(
+        fun, primal, explored_tangents(primal, candidate, key=key, **options)
+    )
+
+
 def _step_keys(data: Array | None, impl: Any) -> tuple[Array | None, Any]:
     return (None, None) if data is None else split_stored_key(data, impl)
 
@@ -172,6 +181,7 @@ def dodge_updates(
     """
     check_random_options(num_directions, sampler, mode)
     data, impl = _exploration_key(key, num_directions, "updates")
+    options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
     def init_fn(params):
         del params
@@ -181,16 +191,9 @@ def dodge_updates(
         fun, primal = loss_of_trainable("dodge_updates", params, value_fn, extra_args)
         candidate = candidate_of(updates, primal, "updates")
         next_key, step_key = _step_keys(state.key, impl)
-        tangents = explored_tangents(
-            primal,
-            candidate,
-            key=step_key,
-            num_directions=num_directions,
-            sampler=sampler,
-            mode=mode,
-        )
+        estimate = _explored_estimate(fun, primal, candidate, step_key, **options)
         count = jnp.asarray(optax.safe_increment(state.count))
-        return _estimate(fun, primal, tangents), DodgeUpdatesState(count, next_key)
+        return estimate, DodgeUpdatesState(count, next_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -240,6 +243,7 @@ def dodge_ema(
     check_random_options(num_directions, sampler, mode)
     check_decay("ema_decay", ema_decay)
     data, impl = _exploration_key(key, num_directions, "ema")
+    options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
     def init_fn(params):
         zeros = optax.tree.zeros_like(trainable(params))
@@ -254,15 +258,7 @@ def dodge_ema(
             guess = jax.tree.map(lambda u, e: jnp.where(empty, e, u), updates, guess)
         average = optax.tree.update_moment(guess, state.average, ema_decay, 1)
         next_key, step_key = _step_keys(state.key, impl)
-        tangents = explored_tangents(
-            primal,
-            average,
-            key=step_key,
-            num_directions=num_directions,
-            sampler=sampler,
-            mode=mode,
-        )
-        estimate = _estimate(fun, primal, tangents)
+        estimate = _explored_estimate(fun, primal, average, step_key, **options)
         count = jnp.asarray(optax.safe_increment(state.count))
         return estimate, DodgeEmaState(count, next_key, average, estimate)
 
