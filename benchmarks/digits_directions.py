@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 import eqx_dodge
+from eqx_dodge._directions import num_coordinates
 
 
 LEARNING_RATES = (0.003, 0.01, 0.03, 0.1, 0.3)
@@ -258,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ks, updates, evals, seeds = [1, 2, 5, 10, 20, 50, 100], 2000, 20, 3
         batch_ks, samples_seen = [1, 10], 200_000
     x, y = load_data()
-    p = eqx_dodge._directions.num_coordinates(make_model(jax.random.key(0)))
+    p = num_coordinates(make_model(jax.random.key(0)))
     setting = ft.partial(run_setting, x, y, seeds, num_evals=evals)
     directions = []
     for k in [*ks, None]:

@@ -20,8 +20,10 @@ direction `j` drawn from `jax.random.split(key, k)[j]`, as the library does:
     cost of drawing them (a lower bound on what any sampler can reach).
 
 The output is the time per estimate and its ratio to `vmap_jvp`, per model and k.
-What the library does with k > 4 on CPU follows from it: `jvp_scan_4`, or
-`jvp_unrolled_4` when the loss contains a convolution (`eqx_dodge/_estimator.py`).
+What the library does with k > 4 on CPU follows from it: `jvp_scan_4` (chunks of
+`CPU_CHUNK` directions, at most `MAX_CHUNKS` of them: `Layout.chunk_size` in
+`eqx_dodge/_tangents.py`), unrolled by hand when the loss contains a convolution
+(`run_tangents` in `eqx_dodge/_estimator.py`).
 """
 
 import functools as ft
@@ -35,7 +37,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from eqx_dodge._directions import random_direction, random_directions
+from eqx_dodge._directions import sample_direction
+
+
+def random_directions(key, params, k):
+    """k Rademacher directions stacked along a new leading axis, direction `j` from
+    `jax.random.split(key, k)[j]`, as the library draws them."""
+    keys = jax.random.split(key, k)
+    return jax.vmap(lambda kk: sample_direction(kk, params, "rademacher"))(keys)
 
 
 def _tensordot(weights, tangents):
@@ -43,7 +52,7 @@ def _tensordot(weights, tangents):
 
 
 def vmap_jvp(loss, params, key, k):
-    tangents = random_directions(key, params, k, "rademacher")
+    tangents = random_directions(key, params, k)
     value, derivatives = jax.vmap(
         lambda u: jax.jvp(loss, (params,), (u,)), out_axes=(None, 0)
     )(tangents)
@@ -58,7 +67,7 @@ def vmap_jvp_given_tangents(loss, params, tangents, k):
 
 
 def linearize_vmap(loss, params, key, k):
-    tangents = random_directions(key, params, k, "rademacher")
+    tangents = random_directions(key, params, k)
     value, linear = jax.linearize(loss, params)
     return value, _tensordot(jax.vmap(linear)(tangents) / k, tangents)
 
@@ -67,7 +76,9 @@ def _scan_chunks(params, key, k, chunk, derivatives_of, unroll=1):
     keys = jax.random.split(key, k).reshape(k // chunk, chunk)
 
     def body(estimate, chunk_keys):
-        tangents = jax.vmap(lambda kk: random_direction(kk, params))(chunk_keys)
+        tangents = jax.vmap(lambda kk: sample_direction(kk, params, "rademacher"))(
+            chunk_keys
+        )
         value, derivatives = derivatives_of(tangents)
         update = _tensordot(derivatives / k, tangents)
         return jax.tree.map(jnp.add, estimate, update), value
@@ -126,7 +137,7 @@ def run_problem(
             compiled = fun.lower(params, key).compile()
             calls[name] = ft.partial(compiled, params, key)
             memory[name] = _common.memory_analysis(compiled)
-        tangents = random_directions(key, params, k, "rademacher")
+        tangents = random_directions(key, params, k)
         fun = jax.jit(ft.partial(vmap_jvp_given_tangents, loss, k=k))
         compiled = fun.lower(params, tangents).compile()
         calls["vmap_jvp_given_tangents"] = ft.partial(compiled, params, tangents)
