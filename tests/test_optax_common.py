@@ -36,14 +36,15 @@ PROBLEMS = {
 }
 
 # (name, factory(p), whether `update` gets the exact gradient as `updates`). The
-# learning rates of one random direction are the documented rule (docs, "Choosing
-# hyperparameters"): ten times below optax's for Adam, optax's own for SGD.
+# learning rate of one random direction for Adam is the measured rule the docs quote
+# (benchmarks/adam_problems.py: the largest rate of its grid at which three seeds all
+# meet the tolerance on Rosenbrock, 30 times below optax's); SGD keeps optax's own.
 OPTIMIZERS = {
     "adam_dodge exact": (
         lambda p: eqx_dodge.adam_dodge(1e-1, key=0, num_directions=p, mode="partition"),
         False,
     ),
-    "adam_dodge one direction": (lambda p: eqx_dodge.adam_dodge(1e-2, key=0), False),
+    "adam_dodge one direction": (lambda p: eqx_dodge.adam_dodge(3e-3, key=0), False),
     "adam_dodge updates": (
         lambda p: eqx_dodge.adam_dodge(1e-1, source="updates"),
         True,
@@ -90,6 +91,30 @@ def test_converges_on_optax_problems(name, problem):
     np.testing.assert_allclose(final, optimum, rtol=3e-2, atol=3e-2)
 
 
+def _side_by_side(ours, theirs, loss, params, inputs):
+    """Runs `ours` (DODGE, from `value_fn`) and `theirs` (optax, from the exact
+    gradient) on the same parameters, which follow `theirs`, in one scan over
+    `inputs` (extra arguments of the loss); returns both updates at every step."""
+
+    def step(carry, extra):
+        params, our_state, their_state = carry
+        our_updates, our_state = ours.update(
+            None, our_state, params, value_fn=loss, extra=extra
+        )
+        gradient = jax.grad(loss)(params, extra)
+        their_updates, their_state = theirs.update(gradient, their_state, params)
+        params = optax.apply_updates(params, their_updates)
+        return (params, our_state, their_state), (our_updates, their_updates)
+
+    @jax.jit
+    def run(params):
+        with jax.numpy_dtype_promotion("standard"):  # optax.adam needs it
+            carry = (params, ours.init(params), theirs.init(params))
+            return jax.lax.scan(step, carry, inputs)[1]
+
+    return run(params)
+
+
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
 def test_exact_estimates_take_optax_adam_steps(problem):
     """With k = p parts the estimate is the gradient, so the first steps are
@@ -97,18 +122,16 @@ def test_exact_estimates_take_optax_adam_steps(problem):
     loss, initial, _ = PROBLEMS[problem]
     p = initial.shape[0]
     ours = eqx_dodge.adam_dodge(1e-1, key=3, num_directions=p, mode="partition")
-    theirs = optax.adam(1e-1)
-    params = {"w": initial}
-    our_state, their_state = ours.init(params), theirs.init(params)
-    for _ in range(20):
-        our_updates, our_state = ours.update(None, our_state, params, value_fn=loss)
-        gradient = jax.grad(loss)(params)
-        with jax.numpy_dtype_promotion("standard"):  # optax.adam needs it
-            their_updates, their_state = theirs.update(gradient, their_state, params)
-        np.testing.assert_allclose(
-            our_updates["w"], their_updates["w"], rtol=1e-5, atol=1e-7
-        )
-        params = optax.apply_updates(params, their_updates)
+    our_updates, their_updates = _side_by_side(
+        ours,
+        optax.adam(1e-1),
+        lambda params, extra: loss(params),
+        {"w": initial},
+        jnp.zeros(20),
+    )
+    np.testing.assert_allclose(
+        our_updates["w"], their_updates["w"], rtol=1e-5, atol=1e-7
+    )
 
 
 def _optimizer(name):
@@ -124,10 +147,14 @@ def test_extra_arguments_meant_for_others(name):
     params = {"w": jnp.array([-1.0, 10.0, 1.0])}
     state = optimizer.init(params)
     updates = jax.grad(parabola)(params) if exact_gradient else None
-    expected, _ = optimizer.update(updates, state, params, value_fn=parabola)
-    got, _ = optimizer.update(
-        updates, state, params, value_fn=parabola, unexpected_argument=1.0
-    )
+    expected, _ = jax.jit(
+        lambda: optimizer.update(updates, state, params, value_fn=parabola)
+    )()
+    got, _ = jax.jit(
+        lambda: optimizer.update(
+            updates, state, params, value_fn=parabola, unexpected_argument=1.0
+        )
+    )()
     np.testing.assert_array_equal(got["w"], expected["w"])
 
 
@@ -142,16 +169,19 @@ def test_inject_hyperparams_equals_plain(name):
         eqx_dodge.adam_dodge, static_args=("num_directions",)
     )(learning_rate=1e-2, key=5, **options)
     params = {"w": jnp.array([-1.0, 10.0, 1.0])}
-    plain_state, injected_state = plain.init(params), injected.init(params)
-    for _ in range(3):
-        a, plain_state = plain.update(None, plain_state, params, value_fn=parabola)
-        b, injected_state = jax.jit(
-            lambda s, p: injected.update(None, s, p, value_fn=parabola)
-        )(injected_state, params)
-        # Injected hyperparameters are float32 arrays: 1 − b2 differs from the
-        # plain float's by 1.3e-5 relative, which moves the step by about 6e-6.
-        np.testing.assert_allclose(a["w"], b["w"], rtol=1e-4)
-        params = optax.apply_updates(params, a)
+
+    def run(optimizer):
+        def step(carry, _):
+            params, state = carry
+            updates, state = optimizer.update(None, state, params, value_fn=parabola)
+            return (optax.apply_updates(params, updates), state), updates["w"]
+
+        scan = ft.partial(jax.lax.scan, step, length=3)
+        return jax.jit(scan)((params, optimizer.init(params)))[1]
+
+    # Injected hyperparameters are float32 arrays: 1 − b2 differs from the plain
+    # float's by 1.3e-5 relative, which moves the step by about 6e-6.
+    np.testing.assert_allclose(run(plain), run(injected), rtol=1e-4)
 
 
 def test_inject_hyperparams_structural_argument_error():
@@ -214,36 +244,30 @@ def test_state_is_stable_under_cond(name):
 def test_multi_steps_after_dodge_accumulates_estimates():
     """The documented way to accumulate: `chain(dodge(...), MultiSteps(adam))`. With
     exact estimates it takes `MultiSteps(adam)`'s steps on the mean gradient."""
-    p = 3
+    multi_steps = optax.MultiSteps(optax.adam(1e-1), every_k_schedule=3)
     ours = optax.chain(
-        eqx_dodge.dodge(key=0, num_directions=p, mode="partition"),
-        optax.MultiSteps(
-            optax.adam(1e-1), every_k_schedule=3
-        ).gradient_transformation(),
+        eqx_dodge.dodge(key=0, num_directions=3, mode="partition"),
+        multi_steps.gradient_transformation(),
     )
-    theirs = optax.MultiSteps(optax.adam(1e-1), every_k_schedule=3)
-    params = {"w": jnp.array([-1.0, 10.0, 1.0])}
-    our_state, their_state = ours.init(params), theirs.init(params)
-    for step in range(7):
-        shift = jnp.asarray(0.1 * step)
-
-        def loss(params, shift=shift):
-            return parabola({"w": params["w"] + shift})
-
-        with jax.numpy_dtype_promotion("standard"):  # optax.adam needs it
-            our_updates, our_state = ours.update(None, our_state, params, value_fn=loss)
-            their_updates, their_state = theirs.update(
-                jax.grad(loss)(params), their_state, params
-            )
-        np.testing.assert_allclose(
-            our_updates["w"], their_updates["w"], rtol=1e-5, atol=1e-7
-        )
-        params = optax.apply_updates(params, their_updates)
+    our_updates, their_updates = _side_by_side(
+        ours,
+        multi_steps.gradient_transformation(),
+        lambda params, extra: parabola({"w": params["w"] + extra}),
+        {"w": jnp.array([-1.0, 10.0, 1.0])},
+        0.1 * jnp.arange(7.0),
+    )
+    assert jnp.any(our_updates["w"] != 0)  # the accumulated steps were taken
+    np.testing.assert_allclose(
+        our_updates["w"], their_updates["w"], rtol=1e-5, atol=1e-7
+    )
 
 
-# Adam's steps are at most (1 − b1)/√(1 − b2) ≈ 3.16 times the learning rate per
-# coordinate, for any sequence of inputs (Kingma & Ba 2015, §2.1).
-ADAM_BOUND = (1 - 0.9) / (1 - 0.999) ** 0.5
+# Adam's step per coordinate, |m̂_t|/√v̂_t, is at most
+# (1 − b1)/√(1 − b2) · (1 − b1²/b2)^(−1/2) ≈ 7.27 times the learning rate for any
+# sequence of inputs (Cauchy–Schwarz on the two moving sums; the bias corrections
+# only lower it). Kingma & Ba's (1 − b1)/√(1 − b2) ≈ 3.16 is the case of a single
+# nonzero gradient.
+ADAM_BOUND = (1 - 0.9) / (1 - 0.999) ** 0.5 / (1 - 0.9**2 / 0.999) ** 0.5
 LR = 1e-2
 P_BOUNDED = 8
 # Per-coordinate gradient scales: zero, tiny, huge and ordinary, then permuted, so
