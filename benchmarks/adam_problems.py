@@ -52,7 +52,9 @@ PROBLEMS = {
 }
 
 
-def unclipped_updates_source(learning_rate: float) -> optax.GradientTransformation:
+def unclipped_updates_source(
+    learning_rate: float,
+) -> optax.GradientTransformationExtraArgs:
     """0.1's appendix-A step, `s·a` with `s = (g·a)/(m̂·a)` not clipped; exact
     gradients stand for the jvp (they give the same `g·a`)."""
 
@@ -62,8 +64,8 @@ def unclipped_updates_source(learning_rate: float) -> optax.GradientTransformati
             jnp.zeros((), jnp.int32), zeros, zeros, None
         )
 
-    def update_fn(updates, state, params=None, *, value_fn, **extra):
-        del extra
+    def update_fn(updates, state, params=None, **extra):
+        value_fn = extra["value_fn"]
         step, mu, nu, mu_hat, count = _adam_step(updates, state, 0.9, 0.999, 1e-8, 0.0)
         gradient = jax.grad(value_fn)(params)
         ratio = optax.tree.vdot(gradient, step) / optax.tree.vdot(mu_hat, step)
@@ -74,7 +76,7 @@ def unclipped_updates_source(learning_rate: float) -> optax.GradientTransformati
 
 
 def run(
-    optimizer: optax.GradientTransformation,
+    optimizer: optax.GradientTransformationExtraArgs,
     loss: Callable,
     initial: Sequence[float],
     steps: int,
@@ -88,9 +90,15 @@ def run(
         params, state = carry
         updates = jax.grad(loss)(params) if exact_gradient else None
         with jax.numpy_dtype_promotion("standard"):
-            updates, state = optimizer.update(updates, state, params, value_fn=loss)
+            updates, state = optimizer.update(
+                updates,  # pyright: ignore[reportArgumentType]
+                state,
+                params,
+                value_fn=loss,
+            )
         params = optax.apply_updates(params, updates)
-        return (params, state), (params["w"], jnp.max(jnp.abs(updates["w"])))
+        largest = jnp.max(jnp.abs(updates["w"]))  # pyright: ignore
+        return (params, state), (params["w"], largest)  # pyright: ignore[reportIndexIssue]
 
     @jax.jit
     def scan():

@@ -14,8 +14,9 @@ state. Methods:
     (`eqx_dodge.recurrent.tbptt_candidate`);
 - `dodge_k1`, `dodge_k8`, `dodge_k64`: `eqx_dodge.OnlineDodge` with random directions;
 - `dodge_tbptt`: `OnlineDodge` along the TBPTT candidate, `(g·ĉ)ĉ`;
-- `synthetic`: synthetic gradients (`eqx_dodge.recurrent.synthetic_gradient_candidate`, a
-    quadratic critic per example, truncation 5, scale 0.5; the critic trained with
+- `synthetic`: synthetic gradients
+    (`eqx_dodge.recurrent.synthetic_gradient_candidate`, a quadratic critic per
+    example, truncation 5, scale 0.5; the critic trained with
     `eqx_dodge.recurrent.critic_loss` and Adam alongside the model);
 - `dodge_synthetic`: `OnlineDodge` along that candidate.
 
