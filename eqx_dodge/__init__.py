@@ -1,6 +1,6 @@
 """eqx_dodge: directional gradient descent (DODGE) for Equinox and Optax."""
 
-import importlib.metadata
+import importlib.metadata as _metadata
 
 from . import diagnostics as diagnostics, recurrent as recurrent
 from ._adam import (
@@ -40,4 +40,4 @@ from ._sources import (
 from ._transform import dodge as dodge
 
 
-__version__ = importlib.metadata.version("eqx_dodge")
+__version__ = _metadata.version("eqx_dodge")

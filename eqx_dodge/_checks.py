@@ -128,6 +128,18 @@ def check_one_source(key: Any, direction: Any) -> None:
         )
 
 
+def check_candidate_options(num_directions: int, mode: str) -> None:
+    """A candidate `direction` is one direction: `num_directions` and `mode` (which
+    shape random directions) must stay at their defaults."""
+    if num_directions != 1 or mode != "average":
+        raise ValueError(
+            "`num_directions` and `mode` apply to random directions only; a candidate "
+            "`direction` is one direction: leave them at their defaults (1 and "
+            "'average'). To add random exploration directions to a candidate, use "
+            "`eqx_dodge.dodge(source='updates', num_directions=...)`."
+        )
+
+
 def check_scalar_loss(value: Any, name: str, has_aux: bool = False) -> jax.Array:
     """`value` as a floating-point 0-d array, or a `TypeError` naming `name`."""
     if (

@@ -10,6 +10,7 @@ from jaxtyping import Array, PyTree
 from ._checks import (
     as_key,
     check_callable,
+    check_candidate_options,
     check_one_source,
     check_random_options,
     first_argument,
@@ -39,11 +40,8 @@ class EstimatorOptions(eqx.Module):
         check_one_source(self.key, self.direction)
         if self.key is not None:
             as_key(self.key)
-        elif self.num_directions != 1 or self.mode != "average":
-            raise ValueError(
-                "`num_directions` and `mode` apply to random directions only; with a "
-                "candidate `direction` leave them at their defaults."
-            )
+        else:
+            check_candidate_options(self.num_directions, self.mode)
 
     def tangents(self, primal: PyTree, layout: Layout = SINGLE_DEVICE) -> Tangents:
         return draw_tangents(

@@ -20,6 +20,7 @@ from jaxtyping import Array, Int, PyTree, Scalar
 from ._checks import (
     as_key,
     check_callable,
+    check_candidate_options,
     check_one_source,
     check_option,
     check_random_options,
@@ -190,8 +191,8 @@ class OnlineDodge(eqx.Module):
     - `step`: `step(model, state, input) -> (state, loss)`, one time step of the
         recurrent model; `state` is a PyTree of floating-point arrays and `loss` a
         scalar. With `has_aux=True` it returns `(state, (loss, aux))`.
-    - `num_directions`: the number `k` of directions evaluated (a candidate is one
-        direction: it ignores this).
+    - `num_directions`: the number `k` of random directions evaluated (a candidate
+        is one direction: pass it to an `OnlineDodge` with the default 1).
     - `sampler`: `"rademacher"` or `"gaussian"` entries for random directions.
     - `mode`: `"average"` of `k` independent directions, or `"partition"` of one
         direction into `k` parts over contiguous blocks of the flattened parameters
@@ -216,6 +217,8 @@ class OnlineDodge(eqx.Module):
         self, model: PyTree, key: KeyLike | None, direction: PyTree | None
     ) -> PyTree:
         check_one_source(key, direction)
+        if direction is not None:
+            check_candidate_options(self.num_directions, self.mode)
         primal = trainable(model)
         tangents = draw_tangents(
             primal,
