@@ -8,6 +8,7 @@ to date with the results.
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -187,6 +188,48 @@ def _accuracy_table(
         )
         + " |",
     ]
+
+
+def adam_problems_section(record: dict[str, Any], results_path: str) -> list[str]:
+    config = record["config"]
+    problems = list(record["results"])
+    lines = [
+        "### `adam_dodge` on optax's optimizer tests (`benchmarks/adam_problems.py`)",
+        "",
+        f"Final parameters after {config['steps']:,} steps from optax's starting "
+        "points, and whether they meet optax's tolerance "
+        f"(rtol = atol = {config['tolerance']:g}); the largest update coordinate "
+        "over the run, in learning rates (Adam's bound for any input sequence is "
+        f"{config['adam_bound']:.2f}).",
+        "",
+        "| method | " + " | ".join(problems) + " |",
+        "|---|" + "---|" * len(problems),
+    ]
+    for name in record["results"][problems[0]]["methods"]:
+        cells = []
+        for problem in problems:
+            entry = record["results"][problem]["methods"][name]
+            final = ", ".join(f"{x:.3g}" for x in entry["final"])
+            verdict = "meets" if entry["converged"] else "misses"
+            largest = entry["largest_step_over_lr"]
+            step = f"step ≤ {largest:.2f} lr" if math.isfinite(largest) else "diverged"
+            cells.append(f"({final}) {verdict}, {step}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "One random direction, "
+        f"{len(config['seeds'])} seeds: the largest learning rate of "
+        f"{config['learning_rates']} at which every seed meets the tolerance: "
+        + "; ".join(
+            f"{problem} {result['largest_converging_learning_rate']}"
+            for problem, result in record["results"].items()
+        )
+        + " (optax's own tests use 0.1).",
+        "",
+        f"![adam problems]({results_path}/adam_problems.png)",
+        "",
+    ]
+    return lines
 
 
 def digits_section(record: dict[str, Any], results_path: str) -> list[str]:
@@ -483,6 +526,7 @@ SECTIONS = {
     "copy_task": copy_task_section,
     "guess_quality": guess_quality_section,
     "scaling": scaling_section,
+    "adam_problems": adam_problems_section,
 }
 
 
