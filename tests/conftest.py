@@ -1,7 +1,19 @@
+import os
+
 import jax
 import pytest
 
 
+# The multi-device tests (`test_sharded_devices.py`) run in this process on 8 CPU
+# devices; JAX fixes the count when it first uses a device, so it is set here, before
+# any test module is imported. Other tests use the first device only.
+jax.config.update("jax_num_cpu_devices", 8)
+# Eight device threads share the cores with the rest of the suite: XLA:CPU's default
+# 40 s before it aborts a collective that waits for its peers is too short for that.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+).strip()
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
