@@ -42,7 +42,8 @@ def one_vmap(loss, model, x, tangents):
 
 
 def test_chunk_size():
-    assert jax.default_backend() == "cpu"
+    if jax.default_backend() != "cpu":
+        pytest.skip("the chunk sizes checked here are the CPU backend's")
     assert [_chunk_size(k) for k in (1, 4, 5, 64, 65, 200)] == [4, 4, 4, 4, 5, 13]
     # A loss with a loop of its own (a recurrent model) keeps one `vmap`.
     assert _chunk_size(64, {"scan", "dot_general"}) == 64

@@ -8,14 +8,14 @@ import pytest
 import eqx_dodge
 from eqx_dodge._directions import num_coordinates
 
-from .helpers import batch_for, flat, make_models, squared_loss, WithStatics
-
-
-def _tree_allclose(a, b, **tolerances):
-    return all(
-        jnp.allclose(x, y, **tolerances)
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
+from .helpers import (
+    batch_for,
+    flat,
+    make_models,
+    squared_loss,
+    tree_allclose,
+    WithStatics,
+)
 
 
 @pytest.fixture(params=["mlp", "statics"])
@@ -40,14 +40,14 @@ def test_partition_with_one_part_per_coordinate_is_exact(problem, getkey):
     estimate = eqx_dodge.filter_dodge(
         squared_loss, key=getkey(), num_directions=p, mode="partition"
     )(model, x)
-    assert _tree_allclose(estimate, gradient, rtol=1e-5, atol=1e-6)
+    assert tree_allclose(estimate, gradient, rtol=1e-5, atol=1e-6)
 
 
 def test_oracle_candidate_is_exact(problem):
     model, x = problem
     gradient = eqx.filter_grad(squared_loss)(model, x)
     estimate = eqx_dodge.filter_dodge(squared_loss, direction=gradient)(model, x)
-    assert _tree_allclose(estimate, gradient, rtol=1e-5, atol=1e-6)
+    assert tree_allclose(estimate, gradient, rtol=1e-5, atol=1e-6)
 
 
 def test_candidate_estimate_is_projection(problem, getkey):
@@ -104,7 +104,7 @@ def test_single_direction_is_listing_one(problem, getkey):
     )
     expected = jax.tree.map(lambda u: derivative * u, direction)
     estimate = eqx_dodge.filter_dodge(squared_loss, key=key)(model, x)
-    assert _tree_allclose(estimate, expected, rtol=1e-6, atol=0)
+    assert tree_allclose(estimate, expected, rtol=1e-6, atol=0)
 
 
 def test_random_direction_entries(getkey):
@@ -123,7 +123,7 @@ def test_partition_direction_parts_are_disjoint_and_sum_back(getkey):
     parts = eqx_dodge.partition_direction(direction, 3)
     assert parts["a"].shape == (3, 7) and parts["b"].shape == (3, 2, 2)
     summed = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), parts)
-    assert _tree_allclose(summed, direction, rtol=0, atol=0)
+    assert tree_allclose(summed, direction, rtol=0, atol=0)
     nonzero = jnp.concatenate([(parts["a"] != 0), (parts["b"] != 0).reshape(3, 4)], 1)
     nonzero = nonzero.astype(jnp.int32)
     assert jnp.all(jnp.sum(nonzero, axis=0) == 1)
@@ -199,7 +199,7 @@ def test_under_jit(problem, getkey, jit):
         )
 
     jitted = step(eqx.filter(model, eqx.is_inexact_array), key)
-    assert _tree_allclose(eager, jitted, rtol=1e-5, atol=1e-7)
+    assert tree_allclose(eager, jitted, rtol=1e-5, atol=1e-7)
 
 
 def test_jitted_wrapper_module(problem, getkey):
@@ -207,7 +207,7 @@ def test_jitted_wrapper_module(problem, getkey):
     wrapper = eqx_dodge.filter_dodge(
         squared_loss, key=getkey(), mode="partition", num_directions=3
     )
-    assert _tree_allclose(
+    assert tree_allclose(
         wrapper(model, x), eqx.filter_jit(wrapper)(model, x), rtol=1e-5, atol=1e-7
     )
 
