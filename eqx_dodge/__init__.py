@@ -3,6 +3,10 @@
 import importlib.metadata as _metadata
 
 from . import diagnostics as diagnostics, recurrent as recurrent
+from ._activity import (
+    activity_dodge as activity_dodge,
+    activity_value_and_dodge as activity_value_and_dodge,
+)
 from ._adam import (
     adam_dodge as adam_dodge,
     scale_by_adam_dodge as scale_by_adam_dodge,

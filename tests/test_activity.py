@@ -1,0 +1,277 @@
+"""Activity-perturbed forward gradients: unbiasedness, variance formulas, API."""
+
+import functools as ft
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jaxtyping import Array, Int, PRNGKeyArray
+
+import eqx_dodge
+
+from .helpers import flat_batched
+
+
+NUM_KEYS = 2**14
+
+
+def cross_entropy(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y)
+
+
+class ConvNet(eqx.Module):
+    conv: eqx.nn.Conv2d
+    linear: eqx.nn.Linear
+
+    def __init__(self, key: PRNGKeyArray):
+        conv_key, linear_key = jax.random.split(key)
+        self.conv = eqx.nn.Conv2d(1, 2, 3, key=conv_key)
+        self.linear = eqx.nn.Linear(18, 2, key=linear_key)
+
+    def __call__(self, image: Array) -> Array:
+        return self.linear(jnp.tanh(self.conv(image)).reshape(-1))
+
+
+class TokenModel(eqx.Module):
+    """Weight-space leaves (an embedding, a LayerNorm, a free scale) around a Linear
+    layer called twice in a Python loop."""
+
+    embedding: eqx.nn.Embedding
+    norm: eqx.nn.LayerNorm
+    hidden: eqx.nn.Linear
+    readout: eqx.nn.Linear
+    scale: Array
+
+    def __init__(self, key: PRNGKeyArray):
+        keys = jax.random.split(key, 4)
+        self.embedding = eqx.nn.Embedding(5, 4, key=keys[0])
+        self.norm = eqx.nn.LayerNorm(4)
+        self.norm = eqx.tree_at(
+            lambda n: (n.weight, n.bias),
+            self.norm,
+            tuple(jax.random.normal(k, (4,)) for k in jax.random.split(keys[1])),
+        )
+        self.hidden = eqx.nn.Linear(4, 4, key=keys[2])
+        self.readout = eqx.nn.Linear(4, 2, key=keys[3])
+        self.scale = jnp.array(1.3)
+
+    def __call__(self, tokens: Int[Array, " t"]) -> Array:
+        features = jnp.mean(jax.vmap(self.embedding)(tokens), axis=0)
+        hidden = self.norm(features)
+        for _ in range(2):
+            hidden = jnp.tanh(self.hidden(hidden))
+        return self.scale * self.readout(hidden)
+
+
+def mean_loss(example_loss):
+    def loss(model, *batch):
+        return jnp.mean(
+            jax.vmap(example_loss, in_axes=(None,) + (0,) * len(batch))(model, *batch)
+        )
+
+    return loss
+
+
+def estimates_over_keys(model, batch, **options):
+    """The estimates for `NUM_KEYS` keys, one jitted `vmap`, flattened per key."""
+
+    @jax.jit
+    def run(keys):
+        def one(key):
+            return eqx_dodge.activity_dodge(cross_entropy, key=key, **options)(
+                model, *batch
+            )
+
+        return flat_batched(jax.vmap(one)(keys))
+
+    return run(jax.random.split(jax.random.key(0), NUM_KEYS))
+
+
+def assert_unbiased(estimates, gradient):
+    flat = jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(gradient)])
+    assert estimates.shape[1] == flat.shape[0]
+    mean = jnp.mean(estimates, axis=0)
+    error = jnp.std(estimates, axis=0) / jnp.sqrt(estimates.shape[0])
+    # Every coordinate is noisy here (the weight-space leaves included), so the
+    # z-score of the sample mean is well defined everywhere.
+    assert jnp.all(error > 0)
+    z = jnp.abs(mean - flat) / error
+    assert jnp.max(z) < 5, float(jnp.max(z))
+
+
+def mlp_problem():
+    model = eqx.nn.MLP(3, 2, 4, 2, activation=jnp.tanh, key=jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (5, 3))
+    y = jnp.array([0, 1, 1, 0, 1])
+    return model, (x, y)
+
+
+@ft.cache
+def mlp_estimates(separate_layers: bool = False, num_directions: int = 1):
+    # Shared by the tests below: compiling is most of their cost on a small CPU.
+    model, batch = mlp_problem()
+    return estimates_over_keys(
+        model, batch, separate_layers=separate_layers, num_directions=num_directions
+    )
+
+
+@pytest.mark.parametrize("separate_layers", [False, True])
+def test_unbiased_mlp(separate_layers):
+    model, batch = mlp_problem()
+    gradient = eqx.filter_jit(eqx.filter_grad(mean_loss(cross_entropy)))(model, *batch)
+    assert_unbiased(mlp_estimates(separate_layers), gradient)
+
+
+def test_unbiased_conv():
+    model = ConvNet(jax.random.key(3))
+    x = jax.random.normal(jax.random.key(4), (4, 1, 5, 5))
+    y = jnp.array([0, 1, 1, 0])
+    gradient = eqx.filter_jit(eqx.filter_grad(mean_loss(cross_entropy)))(model, x, y)
+    assert_unbiased(estimates_over_keys(model, (x, y)), gradient)
+
+
+def test_unbiased_weight_space_leaves_and_repeated_calls():
+    model = TokenModel(jax.random.key(5))
+    tokens = jax.random.randint(jax.random.key(6), (4, 3), 0, 5)
+    y = jnp.array([0, 1, 1, 0])
+    gradient = eqx.filter_jit(eqx.filter_grad(mean_loss(cross_entropy)))(
+        model, tokens, y
+    )
+    assert_unbiased(estimates_over_keys(model, (tokens, y)), gradient)
+
+
+def test_variance_of_one_layer():
+    # One example through one Linear layer: the estimate of W_ij is
+    # (δ·v) v_i x_j, of variance (‖δ‖² − δ_i²) x_j²; weight perturbation's is
+    # ‖δ‖²‖x‖² − δ_i² x_j².
+    layer = eqx.nn.Linear(4, 3, use_bias=False, key=jax.random.key(7))
+    x = jax.random.normal(jax.random.key(8), (1, 4))
+    target = jnp.array([[0.3, -1.0, 2.0]])
+
+    def example_loss(layer, x, target):
+        return jnp.sum(jnp.sin(layer(x)) * target)
+
+    delta = jnp.cos(layer(x[0])) * target[0]
+    squared = jnp.sum(delta**2)
+    activity = (squared - delta[:, None] ** 2) * x[0][None, :] ** 2
+    weight = squared * jnp.sum(x[0] ** 2) - (delta[:, None] * x[0][None, :]) ** 2
+
+    @jax.jit
+    def run(keys):
+        def one(key):
+            return (
+                eqx_dodge.activity_dodge(example_loss, key=key)(layer, x, target),
+                eqx_dodge.filter_dodge(mean_loss(example_loss), key=key)(
+                    layer, x, target
+                ),
+            )
+
+        activity, weight = jax.vmap(one)(keys)
+        return activity.weight, weight.weight
+
+    keys = jax.random.split(jax.random.key(9), NUM_KEYS)
+    activity_estimates, weight_estimates = run(keys)
+    centred = activity_estimates - jnp.mean(activity_estimates, axis=0, keepdims=True)
+    variance = jnp.mean(centred**2, axis=0)
+    # The standard error of a sample variance is √((μ₄ − σ⁴)/n).
+    error = jnp.sqrt((jnp.mean(centred**4, axis=0) - variance**2) / NUM_KEYS)
+    assert jnp.all(jnp.abs(variance - activity) <= 5 * error)
+    assert jnp.all(activity < weight)
+    assert jnp.all(variance < jnp.var(weight_estimates, axis=0))
+
+
+def test_separate_layers_lower_variance():
+    # Each layer's estimate no longer carries the other layers' terms δ_m·v_m.
+    joint = jnp.var(mlp_estimates(False), axis=0)
+    separate = jnp.var(mlp_estimates(True), axis=0)
+    assert jnp.sum(separate) < 0.5 * jnp.sum(joint)
+
+
+def test_num_directions_divides_variance():
+    # Averages of 4 independent draws: a quarter of the variance. The summed sample
+    # variances over 2¹⁴ keys are within a few percent.
+    ratio = jnp.sum(jnp.var(mlp_estimates(False, 4), axis=0)) / jnp.sum(
+        jnp.var(mlp_estimates(False), axis=0)
+    )
+    assert 0.2 < ratio < 0.3, float(ratio)
+
+
+def test_value_aux_and_jit():
+    model, (x, y) = mlp_problem()
+
+    def with_aux(model, x, y):
+        logits = model(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y), logits
+
+    @eqx.filter_jit
+    def run(model, x, y, key):
+        value_and_estimate = eqx_dodge.activity_value_and_dodge(
+            with_aux, key=key, has_aux=True
+        )(model, x, y)
+        estimate_and_aux = eqx_dodge.activity_dodge(with_aux, key=key, has_aux=True)(
+            model, x, y
+        )
+        return value_and_estimate, estimate_and_aux
+
+    ((value, aux), estimate), (same, other) = run(model, x, y, jax.random.key(11))
+    assert jnp.allclose(value, mean_loss(cross_entropy)(model, x, y))
+    assert jnp.allclose(aux, jax.vmap(model)(x))
+    assert jnp.array_equal(other, aux)
+    for a, b, p in zip(
+        jax.tree.leaves(estimate), jax.tree.leaves(same), jax.tree.leaves(model)
+    ):
+        assert a.dtype == p.dtype and a.shape == p.shape
+        assert jnp.array_equal(a, b)
+
+
+def test_key_forms_dtypes_and_key_reuse():
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(12))
+    model = jax.tree.map(
+        lambda p: p.astype(jnp.bfloat16) if eqx.is_inexact_array(p) else p, model
+    )
+    x = jax.random.normal(jax.random.key(13), (3, 3)).astype(jnp.bfloat16)
+    y = jnp.array([0, 1, 1])
+
+    def example_loss(model, x, y):
+        logits = model(x).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    @eqx.filter_jit
+    def run(key, num_directions=1, separate_layers=False):
+        return eqx_dodge.activity_dodge(
+            example_loss,
+            key=key,
+            num_directions=num_directions,
+            separate_layers=separate_layers,
+        )(model, x, y)
+
+    typed, seed = run(jax.random.key(3)), run(3)
+    for a, b in zip(jax.tree.leaves(typed), jax.tree.leaves(seed)):
+        assert a.dtype == jnp.bfloat16
+        assert jnp.array_equal(a, b)
+    with jax.debug_key_reuse(True):
+        run(jax.random.key(0), 3, True)
+
+
+def test_errors():
+    model, (x, y) = mlp_problem()
+    # The messages name the argument (under the tests' runtime type checks, the
+    # annotations catch the wrong types first, naming it too).
+    with pytest.raises(TypeError, match="key"):
+        eqx_dodge.activity_dodge(cross_entropy, key="seed")  # pyright: ignore
+    with pytest.raises((TypeError, ValueError), match="key"):
+        eqx_dodge.activity_dodge(cross_entropy, key=jax.random.split(jax.random.key(0)))
+    with pytest.raises(ValueError, match="`num_directions`"):
+        eqx_dodge.activity_dodge(cross_entropy, key=0, num_directions=0)
+    with pytest.raises(TypeError, match="num_directions"):
+        eqx_dodge.activity_dodge(cross_entropy, key=0, num_directions=2.0)  # pyright: ignore
+    with pytest.raises(TypeError, match="separate_layers"):
+        eqx_dodge.activity_dodge(cross_entropy, key=0, separate_layers=1)  # pyright: ignore
+    with pytest.raises(TypeError, match="example_loss"):
+        eqx_dodge.activity_dodge(None, key=0)  # pyright: ignore
+    with pytest.raises(ValueError, match="leading"):
+        eqx_dodge.activity_dodge(cross_entropy, key=0)(model, x, y[:3])
+    with pytest.raises(TypeError, match="by position"):
+        eqx_dodge.activity_dodge(cross_entropy, key=0)(model=model)
