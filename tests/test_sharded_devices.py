@@ -16,10 +16,10 @@ import scaling
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqx_dodge
-from eqx_dodge._directions import _part_indices, num_coordinates
-from eqx_dodge._sharded import _make_layout
+from eqx_dodge._directions import num_coordinates, part_indices
+from eqx_dodge._sharded_layout import make_layout
 
-from .helpers import assert_tree_allclose
+from .helpers import assert_tree_allclose, layout_directions
 
 
 NUM_DEVICES = 8
@@ -207,7 +207,7 @@ def shard_like_model(mesh, tree):
 
 def shard_local_directions(mesh, params, key, num_directions):
     """The global directions that the shards draw, assembled for the reference."""
-    layout = _make_layout(MODEL_SPECS, params, mesh, ("data",))
+    layout = make_layout(MODEL_SPECS, params, mesh, ("data",))
     stacked = num_directions is not None
     out_specs = jax.tree.map(
         lambda spec: P(None, *spec) if stacked else spec,
@@ -215,7 +215,7 @@ def shard_local_directions(mesh, params, key, num_directions):
         is_leaf=lambda s: isinstance(s, P),
     )
     draw = jax.shard_map(
-        lambda p: layout.directions(key, p, num_directions, "rademacher"),
+        lambda p: layout_directions(layout, key, p, num_directions),
         mesh=mesh,
         in_specs=(MODEL_SPECS,),
         out_specs=out_specs,
@@ -254,7 +254,7 @@ def test_model_parallel_estimate(model_parallel_problem, mode, num_directions):
         expected = jax.tree.map(lambda u: jnp.tensordot(weights, u, 1), directions)
     else:
         direction = shard_local_directions(mesh, params, key, None)
-        parts = _part_indices(params, num_directions)
+        parts = part_indices(params, num_directions)
         derivatives = jax.vmap(derivative)(
             eqx_dodge.partition_direction(direction, num_directions)
         )
