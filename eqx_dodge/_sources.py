@@ -40,7 +40,13 @@ def _step_keys(data: Array | None, impl: Any) -> tuple[Array | None, Any]:
     return (None, None) if data is None else split_stored_key(data, impl)
 
 
-def _exploration_key(key: Any, num_directions: int, source: str):
+def _exploration_key(key: Any, num_directions: int, mode: str, source: str):
+    if num_directions == 1 and mode != "average":
+        raise ValueError(
+            f"`mode` shapes the random exploration directions of source {source!r}; "
+            "with `num_directions=1` there are none: leave `mode` at its default, or "
+            "add exploration directions with `num_directions > 1`."
+        )
     why = (
         f"for the {num_directions - 1} random exploration direction(s) of source "
         f"{source!r} (`num_directions=1` evaluates the candidate alone)"
@@ -180,7 +186,7 @@ def dodge_updates(
     [`eqx_dodge.DodgeUpdatesState`][].
     """
     check_random_options(num_directions, sampler, mode)
-    data, impl = _exploration_key(key, num_directions, "updates")
+    data, impl = _exploration_key(key, num_directions, mode, "updates")
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
     def init_fn(params):
@@ -242,7 +248,7 @@ def dodge_ema(
     """
     check_random_options(num_directions, sampler, mode)
     check_decay("ema_decay", ema_decay)
-    data, impl = _exploration_key(key, num_directions, "ema")
+    data, impl = _exploration_key(key, num_directions, mode, "ema")
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
     def init_fn(params):

@@ -152,3 +152,13 @@ def assert_unbiased(
         f"{bad.size} of {error.size} coordinates biased: coordinate {bad[:5]} "
         f"errors {np.asarray(error)[bad[:5]]} > bounds {np.asarray(bound)[bad[:5]]}"
     )
+
+
+def layout_directions(layout, key, params, num_directions):
+    """The directions a sharded layout draws on this device: one (`None`), or the
+    stack of `num_directions` drawn from `jax.random.split(key, num_directions)`,
+    as the estimator draws them."""
+    if num_directions is None:
+        return layout.direction(key, params, "rademacher")
+    keys = jax.random.split(key, num_directions)
+    return jax.vmap(lambda k: layout.direction(k, params, "rademacher"))(keys)

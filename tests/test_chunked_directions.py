@@ -8,13 +8,19 @@ import numpy as np
 import pytest
 
 import eqx_dodge
-from eqx_dodge._directions import (
-    num_coordinates,
-    partition_direction,
-    random_direction,
-    random_directions,
-)
-from eqx_dodge._estimator import _chunk_size, _primitives
+from eqx_dodge._directions import num_coordinates, partition_direction, random_direction
+from eqx_dodge._estimator import _primitives
+from eqx_dodge._tangents import SINGLE_DEVICE
+
+
+def _chunk_size(num_directions, primitives=frozenset()):
+    return SINGLE_DEVICE.chunk_size(num_directions, primitives)
+
+
+def random_directions(key, params, num_directions, sampler):
+    """The k directions `filter_dodge` averages: those of `split(key, k)`."""
+    keys = jax.random.split(key, num_directions)
+    return jax.vmap(lambda k: random_direction(k, params, sampler=sampler))(keys)
 
 
 def make_problem(dtype=jnp.float32):

@@ -14,7 +14,7 @@ import pytest
 from jax.extend.random import threefry_2x32 as jax_threefry_2x32
 
 import eqx_dodge
-from eqx_dodge._directions import threefry_2x32
+from eqx_dodge._threefry import threefry_2x32
 
 
 NUM_KEYS = 512

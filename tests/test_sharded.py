@@ -11,9 +11,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_dodge
-from eqx_dodge._sharded import _make_layout
+from eqx_dodge._sharded_layout import make_layout
 
-from .helpers import assert_tree_allclose
+from .helpers import assert_tree_allclose, layout_directions
 
 
 def loss(model, x):
@@ -125,10 +125,10 @@ def test_model_axis_wrapper_passed_through_filter_jit(getkey):
     )
     global_loss = ft.partial(linear_loss, x=x, reduce=lambda z: z)
     np.testing.assert_allclose(value, global_loss(params), rtol=1e-6)
-    layout = _make_layout(specs, params, mesh, ("data",))
+    layout = make_layout(specs, params, mesh, ("data",))
     directions = jax.jit(
         jax.shard_map(
-            lambda p: layout.directions(key, p, 2, "rademacher"),
+            lambda p: layout_directions(layout, key, p, 2),
             mesh=mesh,
             in_specs=(specs,),
             out_specs=jax.tree.map(

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 import eqx_dodge
-from eqx_dodge._directions import _part_indices
+from eqx_dodge._directions import part_indices
 
 from .helpers import (
     assert_unbiased,
@@ -64,7 +64,7 @@ def test_mean_and_variance(name, sampler, mode, num_directions):
     samples = _estimates(
         model, x, sampler=sampler, mode=mode, num_directions=num_directions
     )
-    part = flat(_part_indices(eqx.filter(model, eqx.is_inexact_array), num_directions))
+    part = flat(part_indices(eqx.filter(model, eqx.is_inexact_array), num_directions))
     expected = dodge_variance(
         gradient,
         sampler=sampler,
