@@ -99,7 +99,7 @@ def test_complex_leaves_are_refused():
 
 
 def test_bad_partition_direction_arguments():
-    with pytest.raises(ValueError, match="`num_parts`"):
+    with pytest.raises(ValueError, match="`num_directions`"):
         eqx_dodge.partition_direction({"a": jnp.ones(3)}, 0)
     with pytest.raises(ValueError, match="exceeds"):
         eqx_dodge.partition_direction({"a": jnp.ones(3)}, 4)

@@ -226,16 +226,16 @@ def test_tbptt_candidate(getkey):
     )
 
     @eqx.filter_jit
-    def candidates(keys, max_trunc_len):
+    def candidates(keys, max_truncation):
         def one(key):
             return flat(
-                eqx_dodge.tbptt_candidate(
+                eqx_dodge.recurrent.tbptt_candidate(
                     gru_step,
                     model,
                     state0,
                     window,
                     key=key,
-                    max_trunc_len=max_trunc_len,
+                    max_truncation=max_truncation,
                     reduction="sum",
                 )
             )
@@ -252,13 +252,13 @@ def test_tbptt_candidate(getkey):
     counts = jnp.bincount(nearest, length=3)
     assert jnp.all(jnp.abs(counts - 100) < 41)  # 5 standard deviations
     # The full window with a truncation as long as the window.
-    full = eqx_dodge.tbptt_candidate(
+    full = eqx_dodge.recurrent.tbptt_candidate(
         gru_step,
         model,
         state0,
         window,
         key=getkey(),
-        max_trunc_len=1,
+        max_truncation=1,
     )
     assert jax.tree.structure(full) == jax.tree.structure(
         eqx.filter(model, eqx.is_inexact_array)
@@ -298,14 +298,14 @@ def test_errors(getkey):
         eqx_dodge.OnlineDodge(gru_step, num_directions=10**6, mode="partition").init(
             model, state0, key=getkey()
         )
-    with pytest.raises(ValueError, match="max_trunc_len"):
-        eqx_dodge.tbptt_candidate(
+    with pytest.raises(ValueError, match="max_truncation"):
+        eqx_dodge.recurrent.tbptt_candidate(
             gru_step,
             model,
             state0,
             make_stream(getkey()),
             key=getkey(),
-            max_trunc_len=0,
+            max_truncation=0,
         )
 
     def bad_step(model, state, inputs):
@@ -342,23 +342,23 @@ def test_synthetic_gradient_candidate(getkey):
     xs, ys = make_stream(getkey())
     window = (xs[0], ys[0])
     state0 = jax.random.normal(getkey(), (HIDDEN,))
-    critic = eqx_dodge.QuadraticCritic(HIDDEN)
+    critic = eqx_dodge.recurrent.QuadraticCritic(HIDDEN)
     # A zero critic: TBPTT with a fixed truncation.
-    candidate = eqx_dodge.synthetic_gradient_candidate(
+    candidate = eqx_dodge.recurrent.synthetic_gradient_candidate(
         gru_step, model, critic, state0, window, truncation=2
     )
     np.testing.assert_allclose(
         flat(candidate), reference_tbptt(model, state0, window, 2), rtol=1e-4, atol=1e-6
     )
     critic = eqx.tree_at(
-        lambda c: (c.weight, c.curvature),
+        lambda c: (c.linear.weight, c.curvature),
         critic,
         (
             jax.random.normal(getkey(), (HIDDEN,)),
             jax.random.normal(getkey(), (HIDDEN, HIDDEN)),
         ),
     )
-    candidate = eqx_dodge.synthetic_gradient_candidate(
+    candidate = eqx_dodge.recurrent.synthetic_gradient_candidate(
         gru_step, model, critic, state0, window, truncation=2, scale=0.5
     )
     expected = reference_synthetic(model, critic, state0, window, 2, 0.5)
@@ -381,22 +381,24 @@ def test_value_critic_learns_the_loss_to_go():
     @jax.jit
     def train(critic):
         def body(critic, _):
-            grads = eqx.filter_grad(eqx_dodge.critic_loss)(
-                critic,
-                counting_step,
-                None,
-                state0,
-                inputs,
-                truncation=truncation,
-                match="value",
-                bootstrap_end=False,
-            )
+            grads = eqx.filter_grad(
+                lambda c: eqx_dodge.recurrent.critic_loss(
+                    counting_step,
+                    None,
+                    c,
+                    state0,
+                    inputs,
+                    truncation=truncation,
+                    match="value",
+                    bootstrap_end=False,
+                )
+            )(critic)
             return jax.tree.map(lambda c, g: c - optimizer_lr * g, critic, grads), None
 
         critic, _ = jax.lax.scan(body, critic, None, length=3000)
         return critic
 
-    critic = train(eqx_dodge.LinearCritic(1))
+    critic = train(eqx_dodge.recurrent.LinearCritic(1))
     for k in range(0, length, truncation):
         np.testing.assert_allclose(
             critic(jnp.full((1,), k / length)), length - k, rtol=1e-3
@@ -419,23 +421,25 @@ def test_synthetic_gradient_critic_learns_the_future_gradient(getkey):
     def train(critic, key):
         def body(critic, key):
             state0 = jax.random.normal(key, (batch, 1))
-            grads = eqx.filter_grad(eqx_dodge.critic_loss)(
-                critic,
-                decaying_step,
-                None,
-                state0,
-                inputs,
-                truncation=truncation,
-                batched=True,
-            )
+            grads = eqx.filter_grad(
+                lambda c: eqx_dodge.recurrent.critic_loss(
+                    decaying_step,
+                    None,
+                    c,
+                    state0,
+                    inputs,
+                    truncation=truncation,
+                    batched=True,
+                )
+            )(critic)
             return jax.tree.map(lambda c, g: c - 0.005 * g, critic, grads), None
 
         critic, _ = jax.lax.scan(body, critic, jax.random.split(key, 1000))
         return critic
 
-    critic = train(eqx_dodge.QuadraticCritic(1), getkey())
+    critic = train(eqx_dodge.recurrent.QuadraticCritic(1), getkey())
     np.testing.assert_allclose(critic.curvature[0, 0], a**2 / (1 - a**2), rtol=1e-3)
-    np.testing.assert_allclose(critic.weight[0], 0.0, atol=1e-4)
+    np.testing.assert_allclose(critic.linear.weight[0], 0.0, atol=1e-4)
 
 
 def test_memory_does_not_grow_with_the_stream(getkey):
