@@ -169,6 +169,22 @@ class _Point(eqx.Module):
     group: int = eqx.field(static=True)
     calls: _Calls = eqx.field(static=True)
 
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names `_Point` lacks. The layer's static fields
+        # (`in_features`, `out_channels`, ...) read through; its arrays do not, since
+        # a weight used outside the layer's call would be left out of the estimate.
+        if name.startswith("__") or name in _POINT_FIELDS:
+            raise AttributeError(name)
+        value = getattr(self.layer, name)
+        if eqx.is_array(value):
+            raise AttributeError(
+                f"`example_loss` reads `.{name}` of a {type(self.layer).__name__} "
+                "layer directly. eqx_dodge.activity_dodge perturbs the outputs of "
+                "Linear and Conv layers, so it needs them called (`layer(x)`); a "
+                "weight used outside a call would be left out of its estimate."
+            )
+        return value
+
     def __call__(self, x: Array, *, key=None) -> Array:
         call = self.calls.next()
 
@@ -178,6 +194,9 @@ class _Point(eqx.Module):
         words = self.context.words
         words = point_words(words) if words.ndim == 1 else jax.vmap(point_words)(words)
         return self.context.apply(self.layer, x, words, self.group, key)
+
+
+_POINT_FIELDS = frozenset(("layer", "context", "index", "group", "calls"))
 
 
 def _with_points(

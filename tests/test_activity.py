@@ -275,3 +275,28 @@ def test_errors():
         eqx_dodge.activity_dodge(cross_entropy, key=0)(model, x, y[:3])
     with pytest.raises(TypeError, match="by position"):
         eqx_dodge.activity_dodge(cross_entropy, key=0)(model=model)
+
+
+class ReadsFields(eqx.Module):
+    linear: eqx.nn.Linear
+
+    def __call__(self, x: Array) -> Array:
+        size = self.linear.out_features
+        assert isinstance(size, int)
+        return self.linear(x) / size
+
+
+class ReadsWeight(ReadsFields):
+    def __call__(self, x: Array) -> Array:
+        return self.linear.weight @ x
+
+
+def test_layer_fields_read_through_weights_do_not():
+    linear = eqx.nn.Linear(3, 2, key=jax.random.key(14))
+    x, y = jax.random.normal(jax.random.key(15), (4, 3)), jnp.array([0, 1, 1, 0])
+    estimate = eqx.filter_jit(eqx_dodge.activity_dodge(cross_entropy, key=0))(
+        ReadsFields(linear), x, y
+    )
+    assert estimate.linear.weight.shape == (2, 3)
+    with pytest.raises(AttributeError, match="reads `.weight`"):
+        eqx_dodge.activity_dodge(cross_entropy, key=0)(ReadsWeight(linear), x, y)
