@@ -10,12 +10,13 @@ Rademacher tangent `u` shared by the batch. Two passes form the estimate:
 - pass A, forward mode: one `jax.jvp` per example gives the loss `L_b` and
     `d_b = Σ_l δ_{b,l}·v_{b,l} + ∇_θ L_b·u`, with `δ_{b,l} = ∂L_b/∂z_{b,l}`;
 - pass B, a *local* reverse pass: `jax.grad` of `Σ_b L_b` with respect to the
-    points' parameters only, where every point stops the gradient at its input and
-    passes its output through an identity whose backward rule ignores the incoming
-    cotangent and returns the fixed cotangent `c_{b,l} = d_b v_{b,l}`. Nothing chains
-    through the network: the result is exactly `Σ_b c_{b,l} x_{b,l}ᵀ` for a Linear
-    layer (the weight gradient of the convolution for a Conv), computed by JAX's own
-    rules for the layer.
+    points' parameters only, where every point passes its output through an
+    identity whose backward rule ignores the incoming cotangent and returns the fixed
+    cotangent `c_{b,l} = d_b v_{b,l}`. Nothing chains through the network (the
+    cotangents that would reach a point are dead code, removed under `jit`; the
+    outputs stay connected so that JAX calls the rule at all): the result is exactly
+    `Σ_b c_{b,l} x_{b,l}ᵀ` for a Linear layer (the weight gradient of the
+    convolution for a Conv), computed by JAX's own rules for the layer.
 
 Both passes regenerate the signs `v` from the same raw Threefry words, so nothing
 leaves a trace except through its outputs.
@@ -414,9 +415,9 @@ def activity_value_and_dodge(
     are unbiased for the gradient of the batch mean $\frac1B\sum_b L_b$, with a
     variance lower than weight perturbation's by about the layers' fan-in and the
     batch size. The products with the layer inputs $x_{b,l}$ come from a second,
-    local pass: `jax.grad` of the points' parameters in which every point stops the
-    gradient at its input and receives the fixed cotangent $d_b v_{b,l}$ at its
-    output, so nothing is backpropagated through the network.
+    local pass: `jax.grad` of the points' parameters in which every point receives
+    the fixed cotangent $d_b v_{b,l}$ at its output instead of the one coming from
+    the rest of the network, so nothing is backpropagated through the network.
 
     !!! warning
 
