@@ -55,6 +55,22 @@ class EstimatorOptions(eqx.Module):
         )
 
 
+def estimator_options(
+    key: Any,
+    direction: Any,
+    num_directions: Any,
+    sampler: Any,
+    mode: Any,
+    has_aux: bool,
+) -> EstimatorOptions:
+    """The options, checked, with the key as a typed key array (an int seed would
+    be a static value under `jit` and recompile for every seed)."""
+    options = EstimatorOptions(key, direction, num_directions, sampler, mode, has_aux)
+    if key is None:
+        return options
+    return eqx.tree_at(lambda o: o.key, options, as_key(key))
+
+
 class WrapperMethods(eqx.Module):
     """`__wrapped__` and method binding, as `eqx.filter_grad`'s wrappers have."""
 
@@ -81,20 +97,26 @@ class _ValueAndDodgeWrapper(WrapperMethods):
 
     def __call__(self, *args, **kwargs):
         first_argument(args, kwargs, "filter_{dodge, value_and_dodge}")
-        x, *args = args
-        diff_x = trainable(x)
-        nondiff_x = eqx.filter(x, eqx.is_inexact_array, inverse=True)
+        return _value_and_estimate_jit(self, args, kwargs)
 
-        def fun_of_trainable(_diff_x):
-            return self._fun(eqx.combine(_diff_x, nondiff_x), *args, **kwargs)
 
-        value, estimate, aux = value_and_estimate(
-            fun_of_trainable,
-            diff_x,
-            self._options.tangents(diff_x),
-            has_aux=self._options.has_aux,
-        )
-        return ((value, aux) if self._options.has_aux else value), estimate
+# Compiled as a whole, so that a call outside `jit` costs one compilation (cached
+# for the same function and shapes) instead of compiling the Threefry rounds, the
+# chunks and the jvp one operation at a time; inside `jit` it is inlined.
+@eqx.filter_jit
+def _value_and_estimate_jit(wrapper: _ValueAndDodgeWrapper, args: tuple, kwargs: dict):
+    x, *rest = args
+    diff_x = trainable(x)
+    nondiff_x = eqx.filter(x, eqx.is_inexact_array, inverse=True)
+
+    def fun_of_trainable(_diff_x):
+        return wrapper._fun(eqx.combine(_diff_x, nondiff_x), *rest, **kwargs)
+
+    options = wrapper._options
+    value, estimate, aux = value_and_estimate(
+        fun_of_trainable, diff_x, options.tangents(diff_x), has_aux=options.has_aux
+    )
+    return ((value, aux) if options.has_aux else value), estimate
 
 
 class _DodgeWrapper(WrapperMethods):
@@ -217,7 +239,7 @@ def filter_value_and_dodge(
 
     Can be used as a decorator, `@filter_value_and_dodge(key=key)`, also on methods.
     """
-    options = EstimatorOptions(key, direction, num_directions, sampler, mode, has_aux)
+    options = estimator_options(key, direction, num_directions, sampler, mode, has_aux)
     return wrap(fun, lambda f: _ValueAndDodgeWrapper(f, options))
 
 
@@ -251,7 +273,7 @@ def filter_dodge(
     the first argument with `None` at its non-floating-point leaves; or
     `(estimate, aux)` when `has_aux=True`, as `eqx.filter_grad` does.
     """
-    options = EstimatorOptions(key, direction, num_directions, sampler, mode, has_aux)
+    options = estimator_options(key, direction, num_directions, sampler, mode, has_aux)
     return wrap(
         fun, lambda f: _DodgeWrapper(_ValueAndDodgeWrapper(f, options), has_aux)
     )

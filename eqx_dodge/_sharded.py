@@ -19,7 +19,14 @@ from jaxtyping import PyTree
 from ._checks import as_key, check_option, first_argument, KeyLike, REDUCTIONS
 from ._directions import check_direction, check_num_parts, num_coordinates, trainable
 from ._estimator import value_and_estimate
-from ._filter import _DodgeWrapper, _sentinel, EstimatorOptions, wrap, WrapperMethods
+from ._filter import (
+    _DodgeWrapper,
+    _sentinel,
+    estimator_options,
+    EstimatorOptions,
+    wrap,
+    WrapperMethods,
+)
 from ._sharded_layout import (
     axis_tuple,
     broadcast_specs,
@@ -279,7 +286,7 @@ def sharded_value_and_dodge(
             return eqx.apply_updates(model, updates), opt_state, loss
         ```
     """
-    options = EstimatorOptions(key, direction, num_directions, sampler, mode, has_aux)
+    options = estimator_options(key, direction, num_directions, sampler, mode, has_aux)
     data_axes = _check_data_axes(mesh, data_axis)
     return wrap(
         fun,
@@ -323,7 +330,7 @@ def sharded_dodge(
     A function with the same arguments as `fun` returning the estimate, or
     `(estimate, aux)` when `has_aux=True`.
     """
-    options = EstimatorOptions(key, direction, num_directions, sampler, mode, has_aux)
+    options = estimator_options(key, direction, num_directions, sampler, mode, has_aux)
     data_axes = _check_data_axes(mesh, data_axis)
     return wrap(
         fun,

@@ -13,7 +13,7 @@ from eqx_dodge._estimator import _primitives
 from eqx_dodge._tangents import SINGLE_DEVICE
 
 
-def _chunk_size(num_directions, primitives=frozenset()):
+def _chunk_size(num_directions, primitives: frozenset[str] | set[str] = frozenset()):
     return SINGLE_DEVICE.chunk_size(num_directions, primitives)
 
 

@@ -5,6 +5,10 @@ The convergence problems and tolerances are optax's own: the parabola from
 (−1, 10, 1) and Rosenbrock from (0, 0), 10 000 steps, `rtol = atol = 3e-2`.
 """
 
+# optax types `updates` and states as array trees; these tests index updates as the
+# dicts they are and pass `None` updates, as users of the transforms do.
+# pyright: reportArgumentType=false, reportIndexIssue=false, reportOptionalSubscript=false
+
 import functools as ft
 
 import jax
