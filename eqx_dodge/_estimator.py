@@ -85,6 +85,11 @@ def run_tangents(
     the seeds are split once and scanned over, so no key is used twice.
     """
     num = tangents.num
+    if not jax.tree.leaves(primal):
+        # Nothing to differentiate (e.g. a method whose instance holds no arrays):
+        # the estimate is the empty tree, as `eqx.filter_grad` returns.
+        value, aux = value_and_aux(primal)
+        return value, jnp.zeros((num,), value.dtype), aux, primal
     primitives = set()
     if num > 4:
         primitives = _primitives(value_and_aux, primal)

@@ -145,6 +145,9 @@ class _ShardedValueAndDodgeWrapper(WrapperMethods):
 
     def __call__(self, *args, **kwargs):
         first_argument(args, kwargs, "sharded_{dodge, value_and_dodge}")
+        return _sharded_call_jit(self, args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict):
         model, *batch = args
         options = self._options
         key = None if options.key is None else as_key(options.key)
@@ -174,6 +177,12 @@ class _ShardedValueAndDodgeWrapper(WrapperMethods):
         value, estimate, aux = mapped(*_laid_out(self._mesh, leaves, in_specs))
         estimate = jax.tree.unflatten(jax.tree.structure(diff), estimate)
         return ((value, aux) if options.has_aux else value), estimate
+
+
+# Compiled as a whole, as `filter_value_and_dodge` is (see `_filter.py`).
+@eqx.filter_jit
+def _sharded_call_jit(wrapper: _ShardedValueAndDodgeWrapper, args: tuple, kwargs: dict):
+    return wrapper._call(args, kwargs)
 
 
 def sharded_value_and_dodge(

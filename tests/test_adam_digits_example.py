@@ -26,9 +26,10 @@ def test_adam_digits_quick():
     assert len(results) == 5
     for name, result in results.items():
         assert result["train_loss"] < initial_loss, name
-    # Measured (30 steps): 0.78 and 0.81 with backpropagated gradients, 0.29 with
-    # random directions (`adam_dodge`), 0.17 with DODGE then `optax.adam`.
+    # Measured (30 steps): 0.78 and 0.81 with backpropagated gradients, 0.17 with
+    # random directions (`adam_dodge`, Adam's moments of DODGE estimates since 0.2),
+    # 0.17 with DODGE then `optax.adam` (the same optimizer, written as a chain).
     assert results["optax.adam (backprop)"]["test_accuracy"] > 0.5
     assert results["adam_dodge, backprop candidate"]["test_accuracy"] > 0.5
-    assert results["adam_dodge (random)"]["test_accuracy"] > initial_accuracy + 0.1
+    assert results["adam_dodge (random)"]["test_accuracy"] > initial_accuracy + 0.05
     assert results["dodge(random) + optax.adam"]["test_accuracy"] > initial_accuracy
