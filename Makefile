@@ -33,8 +33,9 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright
 
+# One worker per core: the suite is mostly XLA compilation, which is single-threaded.
 pytest: $(DEV_STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n auto
 
 test: lint pytest docs
 
