@@ -24,13 +24,21 @@ leaves a trace except through its outputs.
 
 import functools as ft
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree, UInt32
 
+from ._activity_points import (
+    _CotangentContext,
+    _INDEX_BITS,
+    _num_points,
+    _point_mask,
+    _TangentContext,
+    _with_points,
+)
 from ._checks import (
     as_key,
     check_callable,
@@ -42,196 +50,6 @@ from ._checks import (
 from ._directions import sample_direction, trainable
 from ._filter import _DodgeWrapper, WrapperMethods
 from ._tangents import weighted_sum
-from ._threefry import rademacher_like
-
-
-PointLayer = eqx.nn.Linear | eqx.nn.Conv
-# Points are numbered in 16 bits, calls of one point within an example in the other 16.
-_INDEX_BITS = 16
-
-
-def is_point(node: Any) -> bool:
-    """Whether `node` is a layer whose output is perturbed."""
-    return isinstance(node, PointLayer)
-
-
-# --- Random signs -------------------------------------------------------------------
-
-
-def _point_words(
-    words: UInt32[Array, "2"], index: int, call: int
-) -> UInt32[Array, "2"]:
-    """The key words of one call of one point: Threefry keys are meant to carry
-    application identifiers (Salmon et al., SC 2011), so the point index and call
-    number are written into the second word of the example's random key."""
-    tag = (call << _INDEX_BITS) | index
-    return words ^ jnp.array([0, tag % 2**32], jnp.uint32)
-
-
-def _signs(words: UInt32[Array, "2"], like: Array) -> Array:
-    """Rademacher signs shaped and typed like `like`, from raw Threefry key words."""
-    return rademacher_like(jax.random.wrap_key_data(words, impl="threefry2x32"), like)
-
-
-# --- The two point rules ------------------------------------------------------------
-
-
-@ft.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _inject(z: Array, epsilon: Float[Array, " g"], signs: Array, group: int) -> Array:
-    # The output `z + ε_g v` at `ε = 0`, the only point it is evaluated at: the
-    # primal is `z` itself, so that under a `vmap` over directions (which batches
-    # `v`) the primal computation is not batched and runs once.
-    del epsilon, signs, group
-    return z
-
-
-@_inject.defjvp
-def _inject_jvp(group, primals, tangents):
-    z, _, signs = primals
-    z_dot, epsilon_dot, _ = tangents
-    return z, z_dot + epsilon_dot[group].astype(z.dtype) * signs
-
-
-@jax.custom_vjp
-def _fixed_cotangent(z: Array, cotangent: Array) -> Array:
-    del cotangent
-    return z
-
-
-def _fixed_cotangent_fwd(z, cotangent):
-    return z, cotangent
-
-
-def _fixed_cotangent_bwd(cotangent, incoming):
-    # The incoming cotangent (what backpropagation would use) is ignored: the point
-    # receives `d_b v_b` from pass A instead, so pass B never chains through layers.
-    del incoming
-    return cotangent, jnp.zeros_like(cotangent)
-
-
-_fixed_cotangent.defvjp(_fixed_cotangent_fwd, _fixed_cotangent_bwd)
-
-
-# --- Perturbation points ------------------------------------------------------------
-
-
-class _Calls:
-    """How many times each point has been called in the current trace of one
-    example, so that a layer called in a Python loop gets a fresh tangent per call.
-    Both passes trace the example the same way, so they count the same calls."""
-
-    def __init__(self):
-        self.count = 0
-
-    def next(self) -> int:
-        if self.count >= 2 ** (32 - _INDEX_BITS):
-            raise ValueError(
-                "A Linear or Conv layer was called more than "
-                f"{2 ** (32 - _INDEX_BITS)} times for one example."
-            )
-        self.count += 1
-        return self.count - 1
-
-
-class _TangentContext(eqx.Module):
-    """Pass A, one example and one direction: the raw words of its signs and the
-    perturbation scales `ε` (zero; their tangents select the groups)."""
-
-    words: UInt32[Array, "2"]
-    epsilon: Float[Array, " g"]
-
-    def apply(self, layer: Callable, x: Array, words: Array, group: int, key) -> Array:
-        z = layer(x, key=key)
-        return _inject(z, self.epsilon, _signs(words, z), group)
-
-
-class _CotangentContext(eqx.Module):
-    """Pass B, one example: the words of every direction and the derivatives
-    `d[j, g]` of pass A, which make the fixed cotangents `c = mean_j d[j, g] v_j`."""
-
-    words: UInt32[Array, "k 2"]
-    derivatives: Float[Array, "k g"]
-
-    def apply(self, layer: Callable, x: Array, words: Array, group: int, key) -> Array:
-        z = layer(x, key=key)
-        signs = jax.vmap(lambda w: _signs(w, z))(words)
-        scale = self.derivatives[:, group] / self.derivatives.shape[0]
-        cotangent = jnp.tensordot(scale, signs.astype(jnp.float32), axes=1)
-        return _fixed_cotangent(z, cotangent.astype(z.dtype))
-
-
-class _Point(eqx.Module):
-    """A Linear or Conv layer whose output is perturbed (pass A) or receives a fixed
-    cotangent (pass B)."""
-
-    layer: PointLayer
-    context: _TangentContext | _CotangentContext
-    index: int = eqx.field(static=True)
-    group: int = eqx.field(static=True)
-    calls: _Calls = eqx.field(static=True)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only called for names `_Point` lacks. The layer's static fields
-        # (`in_features`, `out_channels`, ...) read through; its arrays do not, since
-        # a weight used outside the layer's call would be left out of the estimate.
-        if name.startswith("__") or name in _POINT_FIELDS:
-            raise AttributeError(name)
-        value = getattr(self.layer, name)
-        if eqx.is_array(value):
-            raise AttributeError(
-                f"`example_loss` reads `.{name}` of a {type(self.layer).__name__} "
-                "layer directly. eqx_dodge.activity_dodge perturbs the outputs of "
-                "Linear and Conv layers, so it needs them called (`layer(x)`); a "
-                "weight used outside a call would be left out of its estimate."
-            )
-        return value
-
-    def __call__(self, x: Array, *, key=None) -> Array:
-        call = self.calls.next()
-
-        def point_words(words):
-            return _point_words(words, self.index, call)
-
-        words = self.context.words
-        words = point_words(words) if words.ndim == 1 else jax.vmap(point_words)(words)
-        return self.context.apply(self.layer, x, words, self.group, key)
-
-
-_POINT_FIELDS = frozenset(("layer", "context", "index", "group", "calls"))
-
-
-def _with_points(
-    model: PyTree, context: _TangentContext | _CotangentContext, separate: bool
-) -> PyTree:
-    """`model` with each Linear and Conv layer replaced by a `_Point`."""
-    leaves, treedef = jax.tree.flatten(model, is_leaf=is_point)
-    index = 0
-    wrapped = []
-    for leaf in leaves:
-        if is_point(leaf):
-            group = index if separate else 0
-            leaf = _Point(leaf, context, index, group, _Calls())
-            index += 1
-        wrapped.append(leaf)
-    return jax.tree.unflatten(treedef, wrapped)
-
-
-def _point_mask(model: PyTree) -> PyTree:
-    """`True` at the inexact leaves of the perturbation points, `False` elsewhere."""
-
-    def mark(node):
-        if is_point(node):
-            return jax.tree.map(eqx.is_inexact_array, node)
-        return False
-
-    return jax.tree.map(mark, model, is_leaf=is_point)
-
-
-def _num_points(model: PyTree) -> int:
-    return sum(map(is_point, jax.tree.leaves(model, is_leaf=is_point)))
-
-
-# --- The estimator ------------------------------------------------------------------
 
 
 class ActivityOptions(eqx.Module):
@@ -271,117 +89,199 @@ def _batch_size(batch: tuple) -> int:
     return shapes[0][0]
 
 
+class _Parts(NamedTuple):
+    """The model split for the two passes: the points' trainable leaves, the other
+    trainable leaves, the rest, and how the tangents are grouped."""
+
+    layers: PyTree
+    others: PyTree
+    static: PyTree
+    separate: bool
+    num_points: int
+    num_groups: int
+
+    @property
+    def other_group(self) -> int:
+        # The other leaves share the last group (the only one unless separate).
+        return self.num_groups - 1
+
+    def with_points(
+        self,
+        layers: PyTree,
+        others: PyTree,
+        context: _TangentContext | _CotangentContext,
+    ) -> PyTree:
+        full = eqx.combine(layers, others, self.static)
+        return _with_points(full, context, self.separate)
+
+
+def _split_model(model: PyTree, separate: bool) -> _Parts:
+    layers, rest = eqx.partition(trainable(model), _point_mask(model))
+    others, _ = eqx.partition(rest, eqx.is_inexact_array)
+    static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+    num_points = _num_points(model)
+    if num_points >= 2**_INDEX_BITS:
+        raise ValueError(
+            f"At most {2**_INDEX_BITS - 1} Linear and Conv layers are supported, "
+            f"the model has {num_points}."
+        )
+    has_others = len(jax.tree.leaves(others)) > 0
+    num_groups = (num_points + has_others) if separate else 1
+    num_groups = max(num_groups, 1)
+    return _Parts(layers, others, static, separate, num_points, num_groups)
+
+
+def _example_value(
+    fun: Callable, kwargs: dict, has_aux: bool, model: PyTree, example: tuple
+) -> tuple[Array, Any]:
+    """The checked loss of one example and its `aux` (`None` without `has_aux`)."""
+    out = fun(model, *example, **kwargs)
+    value, aux = out if has_aux else (out, None)
+    return check_scalar_loss(value, "example_loss", has_aux), aux
+
+
+def _draw_tangents(
+    key: Any, others: PyTree, num_directions: int, batch_size: int
+) -> tuple[UInt32[Array, "k b 2"], PyTree]:
+    """The raw words of the points' signs and the other leaves' directions `u`."""
+    point_key, other_key = jax.random.split(as_key(key))
+    # Raw Threefry words for every (direction, example); each point folds in its
+    # index and call number. One draw of bits consumes the key once, whatever
+    # its implementation.
+    words = jax.random.bits(point_key, (num_directions, batch_size, 2), jnp.uint32)
+    if num_directions == 1:
+        other_keys = other_key[None]
+    else:
+        other_keys = jax.random.split(other_key, num_directions)
+    directions = jax.vmap(lambda k: sample_direction(k, others, "rademacher"))(
+        other_keys
+    )
+    return words, directions
+
+
+def _example_derivatives(
+    example_value: Callable,
+    parts: _Parts,
+    example: tuple,
+    words_jb: UInt32[Array, "2"],
+    direction: PyTree,
+):
+    """Pass A for one example and one direction: its loss, the derivatives `d[g]`
+    (one per group, or a single one) and its `aux`."""
+
+    def tangent_pass(epsilon_dot, other_dot):
+        def loss(epsilon, others):
+            context = _TangentContext(words_jb, epsilon)
+            model = parts.with_points(parts.layers, others, context)
+            return example_value(model, example)
+
+        epsilon = jnp.zeros((parts.num_groups,), jnp.float32)
+        return jax.jvp(
+            loss, (epsilon, parts.others), (epsilon_dot, other_dot), has_aux=True
+        )
+
+    if parts.num_groups == 1:
+        return tangent_pass(jnp.ones((1,), jnp.float32), direction)
+    selections = jnp.eye(parts.num_groups, dtype=jnp.float32)
+
+    def group_pass(selection):
+        on = selection[parts.other_group].astype(jnp.float32)
+        other_dot = jax.tree.map(lambda u: u * on.astype(u.dtype), direction)
+        return tangent_pass(selection, other_dot)
+
+    return jax.vmap(group_pass, out_axes=(None, 0, None))(selections)
+
+
+def _forward_pass(
+    example_value: Callable,
+    parts: _Parts,
+    batch: tuple,
+    words: UInt32[Array, "k b 2"],
+    directions: PyTree,
+) -> tuple[Array, Float[Array, "k b g"], Any]:
+    """Pass A: the loss and the derivatives d[j, b, g]."""
+    example_derivatives = ft.partial(_example_derivatives, example_value, parts)
+
+    def direction_derivatives(words_j, direction):
+        return jax.vmap(example_derivatives, in_axes=(0, 0, None))(
+            batch, words_j, direction
+        )
+
+    values, derivatives, aux = jax.vmap(
+        direction_derivatives, out_axes=(None, 0, None)
+    )(words, directions)
+    num_directions, batch_size = words.shape[:2]
+    derivatives = derivatives.reshape(num_directions, batch_size, parts.num_groups)
+    derivatives = derivatives.astype(jnp.float32)
+    return values, derivatives, aux
+
+
+def _local_pass(
+    example_value: Callable,
+    parts: _Parts,
+    batch: tuple,
+    words: UInt32[Array, "k b 2"],
+    derivatives: Float[Array, "k b g"],
+) -> PyTree:
+    """Pass B: the points' parameters, from the fixed cotangents d_b v_b."""
+    if parts.num_points == 0:
+        return parts.layers
+
+    def cotangent_loss(layers, example, words_b, derivatives_b):
+        context = _CotangentContext(words_b, derivatives_b)
+        model = parts.with_points(layers, parts.others, context)
+        return example_value(model, example)[0]
+
+    def batch_sum(layers):
+        values = jax.vmap(cotangent_loss, in_axes=(None, 0, 1, 1))(
+            layers, batch, words, derivatives
+        )
+        return jnp.sum(values)
+
+    batch_size = words.shape[1]
+    layer_sums = jax.grad(batch_sum)(parts.layers)
+    return jax.tree.map(lambda g: (g / batch_size).astype(g.dtype), layer_sums)
+
+
+def _assemble_estimate(
+    model: PyTree,
+    parts: _Parts,
+    layer_estimate: PyTree,
+    directions: PyTree,
+    derivatives: Float[Array, "k b g"],
+) -> PyTree:
+    """The points' estimate from pass B and `(mean_b d_b) u` for the other leaves,
+    averaged over directions and cast to the model's dtypes."""
+    num_directions = derivatives.shape[0]
+    coefficients = jnp.mean(derivatives[:, :, parts.other_group], axis=1)
+    other_estimate = weighted_sum(directions, coefficients / num_directions)
+    estimate = eqx.combine(layer_estimate, other_estimate)
+    return jax.tree.map(lambda e, p: e.astype(p.dtype), estimate, trainable(model))
+
+
 class _ActivityValueAndDodgeWrapper(WrapperMethods):
     _fun: Callable
     _options: ActivityOptions
 
     def __call__(self, *args, **kwargs):
         first_argument(args, kwargs, "activity_{dodge, value_and_dodge}")
-        model, *batch = args
-        batch = tuple(batch)
+        model, batch = args[0], tuple(args[1:])
         options = self._options
-        has_aux = options.has_aux
-        num_directions = options.num_directions
         batch_size = _batch_size(batch)
-
-        layers, rest = eqx.partition(trainable(model), _point_mask(model))
-        others, _ = eqx.partition(rest, eqx.is_inexact_array)
-        static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
-        num_points = _num_points(model)
-        if num_points >= 2**_INDEX_BITS:
-            raise ValueError(
-                f"At most {2**_INDEX_BITS - 1} Linear and Conv layers are supported, "
-                f"the model has {num_points}."
-            )
-        has_others = len(jax.tree.leaves(others)) > 0
-        separate = options.separate_layers
-        num_groups = (num_points + has_others) if separate else 1
-        num_groups = max(num_groups, 1)
-        other_group = num_groups - 1
-
-        def example_value(model, example):
-            out = self._fun(model, *example, **kwargs)
-            value, aux = out if has_aux else (out, None)
-            return check_scalar_loss(value, "example_loss", has_aux), aux
-
-        point_key, other_key = jax.random.split(as_key(options.key))
-        # Raw Threefry words for every (direction, example); each point folds in its
-        # index and call number. One draw of bits consumes the key once, whatever
-        # its implementation.
-        words = jax.random.bits(point_key, (num_directions, batch_size, 2), jnp.uint32)
-        if num_directions == 1:
-            other_keys = other_key[None]
-        else:
-            other_keys = jax.random.split(other_key, num_directions)
-        directions = jax.vmap(lambda k: sample_direction(k, others, "rademacher"))(
-            other_keys
+        parts = _split_model(model, options.separate_layers)
+        example_value = ft.partial(_example_value, self._fun, kwargs, options.has_aux)
+        words, directions = _draw_tangents(
+            options.key, parts.others, options.num_directions, batch_size
         )
-
-        # Pass A: the loss and the derivatives d[j, b, g].
-        def tangent_pass(example, words_jb, epsilon_dot, other_dot):
-            def loss(epsilon, others):
-                context = _TangentContext(words_jb, epsilon)
-                full = eqx.combine(layers, others, static)
-                return example_value(_with_points(full, context, separate), example)
-
-            epsilon = jnp.zeros((num_groups,), jnp.float32)
-            return jax.jvp(
-                loss, (epsilon, others), (epsilon_dot, other_dot), has_aux=True
-            )
-
-        def example_derivatives(example, words_jb, direction):
-            if num_groups == 1:
-                return tangent_pass(
-                    example, words_jb, jnp.ones((1,), jnp.float32), direction
-                )
-            selections = jnp.eye(num_groups, dtype=jnp.float32)
-
-            def group_pass(selection):
-                on = selection[other_group].astype(jnp.float32)
-                other_dot = jax.tree.map(lambda u: u * on.astype(u.dtype), direction)
-                return tangent_pass(example, words_jb, selection, other_dot)
-
-            return jax.vmap(group_pass, out_axes=(None, 0, None))(selections)
-
-        def direction_derivatives(words_j, direction):
-            return jax.vmap(example_derivatives, in_axes=(0, 0, None))(
-                batch, words_j, direction
-            )
-
-        values, derivatives, aux = jax.vmap(
-            direction_derivatives, out_axes=(None, 0, None)
-        )(words, directions)
-        derivatives = derivatives.reshape(num_directions, batch_size, num_groups)
-        derivatives = derivatives.astype(jnp.float32)
+        values, derivatives, aux = _forward_pass(
+            example_value, parts, batch, words, directions
+        )
         value = jnp.mean(values)
-
-        # Pass B: the points' parameters, from the fixed cotangents d_b v_b.
-        def cotangent_loss(layers, example, words_b, derivatives_b):
-            context = _CotangentContext(words_b, derivatives_b)
-            full = eqx.combine(layers, others, static)
-            value, _ = example_value(_with_points(full, context, separate), example)
-            return value
-
-        def batch_sum(layers):
-            values = jax.vmap(cotangent_loss, in_axes=(None, 0, 1, 1))(
-                layers, batch, words, derivatives
-            )
-            return jnp.sum(values)
-
-        if num_points > 0:
-            layer_sums = jax.grad(batch_sum)(layers)
-            layer_estimate = jax.tree.map(
-                lambda g: (g / batch_size).astype(g.dtype), layer_sums
-            )
-        else:
-            layer_estimate = layers
-        coefficients = jnp.mean(derivatives[:, :, other_group], axis=1)
-        other_estimate = weighted_sum(directions, coefficients / num_directions)
-        estimate = eqx.combine(layer_estimate, other_estimate)
-        estimate = jax.tree.map(
-            lambda e, p: e.astype(p.dtype), estimate, trainable(model)
+        layer_estimate = _local_pass(example_value, parts, batch, words, derivatives)
+        estimate = _assemble_estimate(
+            model, parts, layer_estimate, directions, derivatives
         )
-        return ((value, aux) if has_aux else value), estimate
+        return ((value, aux) if options.has_aux else value), estimate
 
 
 def activity_value_and_dodge(

@@ -1,0 +1,200 @@
+"""The perturbation points of `activity_{dodge, value_and_dodge}`: the Linear and
+Conv layers wrapped so that their outputs get a random tangent (pass A) or a fixed
+cotangent (pass B), and the raw Threefry words their signs are drawn from."""
+
+import functools as ft
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree, UInt32
+
+from ._threefry import rademacher_like
+
+
+PointLayer = eqx.nn.Linear | eqx.nn.Conv
+# Points are numbered in 16 bits, calls of one point within an example in the other 16.
+_INDEX_BITS = 16
+
+
+def is_point(node: Any) -> bool:
+    """Whether `node` is a layer whose output is perturbed."""
+    return isinstance(node, PointLayer)
+
+
+# --- Random signs -------------------------------------------------------------------
+
+
+def _point_words(
+    words: UInt32[Array, "2"], index: int, call: int
+) -> UInt32[Array, "2"]:
+    """The key words of one call of one point: Threefry keys are meant to carry
+    application identifiers (Salmon et al., SC 2011), so the point index and call
+    number are written into the second word of the example's random key."""
+    tag = (call << _INDEX_BITS) | index
+    return words ^ jnp.array([0, tag % 2**32], jnp.uint32)
+
+
+def _signs(words: UInt32[Array, "2"], like: Array) -> Array:
+    """Rademacher signs shaped and typed like `like`, from raw Threefry key words."""
+    return rademacher_like(jax.random.wrap_key_data(words, impl="threefry2x32"), like)
+
+
+# --- The two point rules ------------------------------------------------------------
+
+
+@ft.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _inject(z: Array, epsilon: Float[Array, " g"], signs: Array, group: int) -> Array:
+    # The output `z + ε_g v` at `ε = 0`, the only point it is evaluated at: the
+    # primal is `z` itself, so that under a `vmap` over directions (which batches
+    # `v`) the primal computation is not batched and runs once.
+    del epsilon, signs, group
+    return z
+
+
+@_inject.defjvp
+def _inject_jvp(group, primals, tangents):
+    z, _, signs = primals
+    z_dot, epsilon_dot, _ = tangents
+    return z, z_dot + epsilon_dot[group].astype(z.dtype) * signs
+
+
+@jax.custom_vjp
+def _fixed_cotangent(z: Array, cotangent: Array) -> Array:
+    del cotangent
+    return z
+
+
+def _fixed_cotangent_fwd(z, cotangent):
+    return z, cotangent
+
+
+def _fixed_cotangent_bwd(cotangent, incoming):
+    # The incoming cotangent (what backpropagation would use) is ignored: the point
+    # receives `d_b v_b` from pass A instead, so pass B never chains through layers.
+    del incoming
+    return cotangent, jnp.zeros_like(cotangent)
+
+
+_fixed_cotangent.defvjp(_fixed_cotangent_fwd, _fixed_cotangent_bwd)
+
+
+# --- Perturbation points ------------------------------------------------------------
+
+
+class _Calls:
+    """How many times each point has been called in the current trace of one
+    example, so that a layer called in a Python loop gets a fresh tangent per call.
+    Both passes trace the example the same way, so they count the same calls."""
+
+    def __init__(self):
+        self.count = 0
+
+    def next(self) -> int:
+        if self.count >= 2 ** (32 - _INDEX_BITS):
+            raise ValueError(
+                "A Linear or Conv layer was called more than "
+                f"{2 ** (32 - _INDEX_BITS)} times for one example."
+            )
+        self.count += 1
+        return self.count - 1
+
+
+class _TangentContext(eqx.Module):
+    """Pass A, one example and one direction: the raw words of its signs and the
+    perturbation scales `ε` (zero; their tangents select the groups)."""
+
+    words: UInt32[Array, "2"]
+    epsilon: Float[Array, " g"]
+
+    def apply(self, layer: Callable, x: Array, words: Array, group: int, key) -> Array:
+        z = layer(x, key=key)
+        return _inject(z, self.epsilon, _signs(words, z), group)
+
+
+class _CotangentContext(eqx.Module):
+    """Pass B, one example: the words of every direction and the derivatives
+    `d[j, g]` of pass A, which make the fixed cotangents `c = mean_j d[j, g] v_j`."""
+
+    words: UInt32[Array, "k 2"]
+    derivatives: Float[Array, "k g"]
+
+    def apply(self, layer: Callable, x: Array, words: Array, group: int, key) -> Array:
+        z = layer(x, key=key)
+        signs = jax.vmap(lambda w: _signs(w, z))(words)
+        scale = self.derivatives[:, group] / self.derivatives.shape[0]
+        cotangent = jnp.tensordot(scale, signs.astype(jnp.float32), axes=1)
+        return _fixed_cotangent(z, cotangent.astype(z.dtype))
+
+
+class _Point(eqx.Module):
+    """A Linear or Conv layer whose output is perturbed (pass A) or receives a fixed
+    cotangent (pass B)."""
+
+    layer: PointLayer
+    context: _TangentContext | _CotangentContext
+    index: int = eqx.field(static=True)
+    group: int = eqx.field(static=True)
+    calls: _Calls = eqx.field(static=True)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names `_Point` lacks. The layer's static fields
+        # (`in_features`, `out_channels`, ...) read through; its arrays do not, since
+        # a weight used outside the layer's call would be left out of the estimate.
+        if name.startswith("__") or name in _POINT_FIELDS:
+            raise AttributeError(name)
+        value = getattr(self.layer, name)
+        if eqx.is_array(value):
+            raise AttributeError(
+                f"`example_loss` reads `.{name}` of a {type(self.layer).__name__} "
+                "layer directly. eqx_dodge.activity_dodge perturbs the outputs of "
+                "Linear and Conv layers, so it needs them called (`layer(x)`); a "
+                "weight used outside a call would be left out of its estimate."
+            )
+        return value
+
+    def __call__(self, x: Array, *, key=None) -> Array:
+        call = self.calls.next()
+
+        def point_words(words):
+            return _point_words(words, self.index, call)
+
+        words = self.context.words
+        words = point_words(words) if words.ndim == 1 else jax.vmap(point_words)(words)
+        return self.context.apply(self.layer, x, words, self.group, key)
+
+
+_POINT_FIELDS = frozenset(("layer", "context", "index", "group", "calls"))
+
+
+def _with_points(
+    model: PyTree, context: _TangentContext | _CotangentContext, separate: bool
+) -> PyTree:
+    """`model` with each Linear and Conv layer replaced by a `_Point`."""
+    leaves, treedef = jax.tree.flatten(model, is_leaf=is_point)
+    index = 0
+    wrapped = []
+    for leaf in leaves:
+        if is_point(leaf):
+            group = index if separate else 0
+            leaf = _Point(leaf, context, index, group, _Calls())
+            index += 1
+        wrapped.append(leaf)
+    return jax.tree.unflatten(treedef, wrapped)
+
+
+def _point_mask(model: PyTree) -> PyTree:
+    """`True` at the inexact leaves of the perturbation points, `False` elsewhere."""
+
+    def mark(node):
+        if is_point(node):
+            return jax.tree.map(eqx.is_inexact_array, node)
+        return False
+
+    return jax.tree.map(mark, model, is_leaf=is_point)
+
+
+def _num_points(model: PyTree) -> int:
+    return sum(map(is_point, jax.tree.leaves(model, is_leaf=is_point)))
