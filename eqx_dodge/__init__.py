@@ -25,6 +25,11 @@ from ._guesses import (
     layer_activation_guess as layer_activation_guess,
     transpose_guess as transpose_guess,
 )
+from ._local_losses import (
+    local_guess_dodge as local_guess_dodge,
+    local_loss as local_loss,
+    LocalLosses as LocalLosses,
+)
 from ._online import (
     OnlineDodge as OnlineDodge,
     OnlineDodgeState as OnlineDodgeState,

@@ -38,6 +38,7 @@ from ._activity_points import (
     _point_mask,
     _TangentContext,
     _with_points,
+    weight_space_groups,
 )
 from ._checks import (
     as_key,
@@ -91,7 +92,8 @@ def _batch_size(batch: tuple) -> int:
 
 class _Parts(NamedTuple):
     """The model split for the two passes: the points' trainable leaves, the other
-    trainable leaves, the rest, and how the tangents are grouped."""
+    trainable leaves, the rest, and how the tangents are grouped (`other_groups`:
+    the group of each leaf of `others`, after the points' groups)."""
 
     layers: PyTree
     others: PyTree
@@ -100,10 +102,10 @@ class _Parts(NamedTuple):
     num_points: int
     num_groups: int
 
-    @property
-    def other_group(self) -> int:
-        # The other leaves share the last group (the only one unless separate).
-        return self.num_groups - 1
+    other_groups: tuple[int, ...]
+    def other_group_tree(self, like: PyTree) -> PyTree:
+        """`other_groups` as a PyTree shaped like `like` (a direction of `others`)."""
+        return jax.tree.unflatten(jax.tree.structure(like), self.other_groups)
 
     def with_points(
         self,
@@ -125,10 +127,12 @@ def _split_model(model: PyTree, separate: bool) -> _Parts:
             f"At most {2**_INDEX_BITS - 1} Linear and Conv layers are supported, "
             f"the model has {num_points}."
         )
-    has_others = len(jax.tree.leaves(others)) > 0
-    num_groups = (num_points + has_others) if separate else 1
-    num_groups = max(num_groups, 1)
-    return _Parts(layers, others, static, separate, num_points, num_groups)
+    first = num_points if separate else 0
+    other_groups, num_other_groups = weight_space_groups(others, first, separate)
+    num_groups = max((num_points + num_other_groups) if separate else 1, 1)
+    return _Parts(
+        layers, others, static, separate, num_points, num_groups, other_groups
+    )
 
 
 def _example_value(
@@ -185,8 +189,11 @@ def _example_derivatives(
     selections = jnp.eye(parts.num_groups, dtype=jnp.float32)
 
     def group_pass(selection):
-        on = selection[parts.other_group].astype(jnp.float32)
-        other_dot = jax.tree.map(lambda u: u * on.astype(u.dtype), direction)
+        other_dot = jax.tree.map(
+            lambda u, g: u * selection[g].astype(u.dtype),
+            direction,
+            parts.other_group_tree(direction),
+        )
         return tangent_pass(selection, other_dot)
 
     return jax.vmap(group_pass, out_axes=(None, 0, None))(selections)
@@ -253,8 +260,12 @@ def _assemble_estimate(
     """The points' estimate from pass B and `(mean_b d_b) u` for the other leaves,
     averaged over directions and cast to the model's dtypes."""
     num_directions = derivatives.shape[0]
-    coefficients = jnp.mean(derivatives[:, :, parts.other_group], axis=1)
-    other_estimate = weighted_sum(directions, coefficients / num_directions)
+    coefficients = jnp.mean(derivatives, axis=1) / num_directions
+    other_estimate = jax.tree.map(
+        lambda u, g: weighted_sum(u, coefficients[:, g]),
+        directions,
+        parts.other_group_tree(directions),
+    )
     estimate = eqx.combine(layer_estimate, other_estimate)
     return jax.tree.map(lambda e, p: e.astype(p.dtype), estimate, trainable(model))
 
@@ -338,9 +349,11 @@ def activity_value_and_dodge(
         averaged; the forward-mode pass carries them in one `vmap`, the local pass
         runs once whatever `k`.
     - `separate_layers`: if `True`, each point gets its own forward-mode pass (the
-        points' passes vectorised with `vmap`), and the other leaves one more, so that
-        no other layer's noise enters a layer's estimate: lower variance for about
-        `L + 1` forward-mode passes instead of one.
+        points' passes vectorised with `vmap`), and so does each Module holding other
+        leaves directly (a LayerNorm), so that no other layer's noise enters a
+        layer's estimate: lower variance for about `L + M` forward-mode passes
+        instead of one. With [`eqx_dodge.LocalLosses`][] it keeps every block's
+        estimate free of the other blocks' losses.
     - `has_aux`: if `True`, `example_loss` returns `(value, aux)`; the `aux` of
         every example is passed back, stacked along a leading batch axis.
 

@@ -198,3 +198,22 @@ def _point_mask(model: PyTree) -> PyTree:
 
 def _num_points(model: PyTree) -> int:
     return sum(map(is_point, jax.tree.leaves(model, is_leaf=is_point)))
+
+
+def weight_space_groups(
+    others: PyTree, first: int, separate: bool
+) -> tuple[tuple[int, ...], int]:
+    """The tangent group of each weight-space leaf of `others` (in leaf order) and
+    the number of groups they use. Without `separate` they share one group. With it,
+    the leaves held directly by one Module (a LayerNorm's weight and bias) share a
+    group and different Modules get different ones, so that a norm scale's estimate
+    never carries the noise of a layer elsewhere: with `stop_gradient` between the
+    blocks of `eqx_dodge.LocalLosses`, nothing of a later block's loss reaches it."""
+    owners = [path[:-1] for path, _ in jax.tree_util.tree_leaves_with_path(others)]
+    if not owners:
+        return (), 0
+    if not separate:
+        return (first,) * len(owners), 1
+    numbers: dict[tuple, int] = {}
+    groups = tuple(first + numbers.setdefault(owner, len(numbers)) for owner in owners)
+    return groups, len(numbers)
