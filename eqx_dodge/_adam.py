@@ -13,6 +13,7 @@ from ._checks import (
     check_nonnegative,
     check_option,
     check_random_options,
+    check_record_options,
     KeyLike,
     ScalarLike,
     split_stored_key,
@@ -20,6 +21,7 @@ from ._checks import (
 )
 from ._directions import scale_to_unit, squared_norm, trainable
 from ._estimator import run_tangents, value_and_aux_of, value_and_estimate
+from ._record import initial_record, record_step, refuse_multi_steps
 from ._tangents import fixed_tangents, random_tangents
 from ._value_fn import candidate_of, loss_of_trainable
 
@@ -34,12 +36,18 @@ class ScaleByAdamDodgeState(NamedTuple):
     - `mu`, `nu`: Adam's first and second moments, of the DODGE estimates (source
         `"random"`) or of the candidates (source `"updates"`).
     - `key`: raw PRNG key data for the random directions (`None` for `"updates"`).
+    - `value`, `aux`, `notfinite_count`, `total_notfinite`: the record of the
+        latest update, as described in [`eqx_dodge.scale_by_adam_dodge`][].
     """
 
     count: Array
     mu: PyTree
     nu: PyTree
     key: PyTree
+    value: Array
+    aux: PyTree
+    notfinite_count: Array
+    total_notfinite: Array
 
 
 def bias_corrected(moment: PyTree, decay: Any, count: Array) -> PyTree:
@@ -65,66 +73,98 @@ def _adam_step(
 
 
 def _scale_by_adam_dodge_random(
-    b1, b2, eps, eps_root, key, num_directions: int, sampler: str, mode: str
+    b1, b2, eps, eps_root, key, num_directions: int, sampler: str, mode: str, record
 ) -> optax.GradientTransformationExtraArgs:
     check_random_options(num_directions, sampler, mode)
+    has_aux, aux_init, skip_nonfinite = record
     data, impl = stored_key(key, True, "for random directions")
 
     def init_fn(params):
+        refuse_multi_steps("scale_by_adam_dodge")
         zeros = optax.tree.zeros_like(trainable(params))
-        return ScaleByAdamDodgeState(jnp.zeros((), jnp.int32), zeros, zeros, data)
+        return ScaleByAdamDodgeState(
+            jnp.zeros((), jnp.int32),
+            zeros,
+            zeros,
+            data,
+            *initial_record(params, has_aux, aux_init),
+        )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         del updates
         fun, primal = loss_of_trainable(
-            "scale_by_adam_dodge", params, value_fn, extra_args
+            "scale_by_adam_dodge", params, value_fn, extra_args, has_aux
         )
         next_key, step_key = split_stored_key(state.key, impl)
         tangents = random_tangents(step_key, primal, num_directions, sampler, mode)
-        _, estimate, _ = value_and_estimate(fun, primal, tangents, has_aux=False)
+        value, estimate, aux = value_and_estimate(fun, primal, tangents, has_aux=True)
         step, mu, nu, _, count = _adam_step(estimate, state, b1, b2, eps, eps_root)
-        return step, ScaleByAdamDodgeState(count, mu, nu, next_key)
+        new_state = state._replace(count=count, mu=mu, nu=nu, key=next_key)
+        return record_step(
+            state, new_state, step, value, aux, skip_nonfinite=skip_nonfinite
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _descent_scale(fun, primal: PyTree, step: PyTree, mu_hat: PyTree) -> Array:
-    """`s = (g·a)/(m̂·a)` clipped to `[−1, 1]`, for Adam's step `a`: `s·a` is the
-    appendix-A output `(g·u)u`, `u = a/√(m̂·a)`, bounded by Adam's own step."""
+def _descent_scale(
+    fun, primal: PyTree, step: PyTree, mu_hat: PyTree
+) -> tuple[Array, Array, Any]:
+    """`(s, value, aux)`: `s = (g·a)/(m̂·a)` clipped to `[−1, 1]`, for Adam's step
+    `a`: `s·a` is the appendix-A output `(g·u)u`, `u = a/√(m̂·a)`, bounded by Adam's
+    own step."""
     norm_squared = squared_norm(step)
-    (derivative,) = run_tangents(
-        value_and_aux_of(fun, False),
+    value, (derivative,), aux, _ = run_tangents(
+        value_and_aux_of(fun, True),
         primal,
         fixed_tangents(
             jax.tree.map(lambda a: a[None], scale_to_unit(step, norm_squared)),
             jnp.ones((1,), jnp.float32),
         ),
-    )[1]
+    )
     along = derivative.astype(jnp.float32) * jnp.sqrt(norm_squared)  # g·a
     alignment = jnp.asarray(optax.tree.vdot(mu_hat, step), jnp.float32)  # m̂·a ≥ 0
     positive = alignment > 0
     ratio = jnp.where(positive, along / jnp.where(positive, alignment, 1), 0)
-    return jnp.clip(ratio, -1, 1)
+    return jnp.clip(ratio, -1, 1), value, aux
 
 
 def _scale_by_adam_dodge_updates(
-    b1, b2, eps, eps_root
+    b1, b2, eps, eps_root, record
 ) -> optax.GradientTransformationExtraArgs:
+    has_aux, aux_init, skip_nonfinite = record
+
     def init_fn(params):
+        refuse_multi_steps("scale_by_adam_dodge")
         zeros = optax.tree.zeros_like(trainable(params))
-        return ScaleByAdamDodgeState(jnp.zeros((), jnp.int32), zeros, zeros, None)
+        return ScaleByAdamDodgeState(
+            jnp.zeros((), jnp.int32),
+            zeros,
+            zeros,
+            None,
+            *initial_record(params, has_aux, aux_init),
+        )
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         fun, primal = loss_of_trainable(
-            "scale_by_adam_dodge", params, value_fn, extra_args
+            "scale_by_adam_dodge", params, value_fn, extra_args, has_aux
         )
         candidate = candidate_of(updates, primal, "updates")
         step, mu, nu, mu_hat, count = _adam_step(
             candidate, state, b1, b2, eps, eps_root
         )
-        scale = _descent_scale(fun, primal, step, mu_hat)
+        scale, value, aux = _descent_scale(fun, primal, step, mu_hat)
         output = jax.tree.map(lambda a: scale.astype(a.dtype) * a, step)
-        return output, ScaleByAdamDodgeState(count, mu, nu, None)
+        new_state = state._replace(count=count, mu=mu, nu=nu)
+        return record_step(
+            state,
+            new_state,
+            output,
+            value,
+            aux,
+            skip_nonfinite=skip_nonfinite,
+            checked=candidate,
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -140,6 +180,9 @@ def scale_by_adam_dodge(
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",
+    has_aux: bool = False,
+    aux_init: PyTree = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam's rescaling for DODGE: the counterpart of `optax.scale_by_adam`.
 
@@ -182,6 +225,17 @@ def scale_by_adam_dodge(
         directions for `"random"`; `"updates"` evaluates its one direction.
     - `sampler`: `"rademacher"` or `"gaussian"`.
     - `mode`: `"average"` or `"partition"`, how random directions combine.
+    - `has_aux`, `aux_init`: with `has_aux=True`, `value_fn` returns
+        `(loss, aux)` and the state keeps the latest `aux`, starting from
+        `aux_init`, as for [`eqx_dodge.dodge`][].
+    - `skip_nonfinite`: skip updates whose loss, estimate or candidate is not
+        finite (the default): the output is zero and the moments stay as they
+        were, so one NaN loss cannot poison them; the key moves on and the state
+        counts the skipped updates. See [`eqx_dodge.dodge`][].
+
+    Calling `update` and the optax wrappers work as for [`eqx_dodge.dodge`][]; the
+    loss of each update is in the state's `value`
+    (`optax.tree.get(opt_state, "value")` also finds it inside `adam_dodge`'s chain).
 
     **Returns:**
 
@@ -194,9 +248,11 @@ def scale_by_adam_dodge(
     check_decay("b2", b2)
     check_nonnegative("eps", eps)
     check_nonnegative("eps_root", eps_root)
+    check_record_options(has_aux, aux_init, skip_nonfinite)
+    record = (has_aux, aux_init, skip_nonfinite)
     if source == "random":
         return _scale_by_adam_dodge_random(
-            b1, b2, eps, eps_root, key, num_directions, sampler, mode
+            b1, b2, eps, eps_root, key, num_directions, sampler, mode, record
         )
     check_int("num_directions", num_directions, 1)
     if num_directions != 1:
@@ -206,7 +262,7 @@ def scale_by_adam_dodge(
         )
     stored_key(key, False, "with source 'updates'")
     check_random_options(num_directions, sampler, mode)
-    return _scale_by_adam_dodge_updates(b1, b2, eps, eps_root)
+    return _scale_by_adam_dodge_updates(b1, b2, eps, eps_root, record)
 
 
 def adam_dodge(
@@ -221,6 +277,9 @@ def adam_dodge(
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",
+    has_aux: bool = False,
+    aux_init: PyTree = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam for DODGE: a drop-in replacement for `optax.adam` that needs no gradient.
 
@@ -240,7 +299,8 @@ def adam_dodge(
 
     - `learning_rate`: a float or an optax schedule, as for `optax.adam`.
     - `b1`, `b2`, `eps`, `eps_root`, `source`, `key`, `num_directions`, `sampler`,
-        `mode`: as for [`eqx_dodge.scale_by_adam_dodge`][].
+        `mode`, `has_aux`, `aux_init`, `skip_nonfinite`: as for
+        [`eqx_dodge.scale_by_adam_dodge`][].
 
     **Returns:**
 
@@ -257,6 +317,9 @@ def adam_dodge(
             num_directions=num_directions,
             sampler=sampler,
             mode=mode,
+            has_aux=has_aux,
+            aux_init=aux_init,
+            skip_nonfinite=skip_nonfinite,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

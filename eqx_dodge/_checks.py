@@ -72,6 +72,33 @@ def check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be non-negative, got {value}.")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"`{name}` must be a Python bool, got {value!r}."
+            + _static_hint(name, value)
+        )
+
+
+def check_record_options(has_aux: Any, aux_init: Any, skip_nonfinite: Any) -> None:
+    """The options of what an optax transform records in its state. `aux_init`
+    fixes the structure of the `aux` the state keeps: required with
+    `has_aux=True`, rejected otherwise."""
+    check_bool("skip_nonfinite", skip_nonfinite)
+    check_bool("has_aux", has_aux)
+    if has_aux and aux_init is None:
+        raise ValueError(
+            "`has_aux=True` needs `aux_init`: the initial `aux` kept in the state, "
+            "with the structure, shapes and dtypes `value_fn` returns (the state's "
+            "structure is fixed at `init`), e.g. the model's initial `eqx.nn.State`."
+        )
+    if not has_aux and aux_init is not None:
+        raise ValueError(
+            "`aux_init` is the initial auxiliary output of `value_fn`; pass "
+            "`has_aux=True` too, with a `value_fn` returning `(loss, aux)`."
+        )
+
+
 def check_callable(name: str, value: Any) -> None:
     if not callable(value):
         raise TypeError(f"`{name}` must be callable, got {type(value).__name__}.")

@@ -11,6 +11,7 @@ from jaxtyping import Array, PyTree
 from ._checks import (
     check_decay,
     check_random_options,
+    check_record_options,
     KeyLike,
     ScalarLike,
     split_stored_key,
@@ -18,22 +19,18 @@ from ._checks import (
 )
 from ._directions import check_direction, num_coordinates, trainable
 from ._estimator import value_and_estimate
-from ._tangents import explored_tangents, random_tangents, Tangents
+from ._record import initial_record, record_step, refuse_multi_steps
+from ._tangents import explored_tangents, random_tangents
 from ._value_fn import candidate_of, loss_of_trainable
-
-
-def _estimate(fun, primal: PyTree, tangents: Tangents) -> PyTree:
-    _, estimate, _ = value_and_estimate(fun, primal, tangents, has_aux=False)
-    return estimate
 
 
 def _explored_estimate(
     fun, primal: PyTree, candidate: PyTree, key: Any, **options: Any
-) -> PyTree:
-    """The estimate along the candidate and its random exploration directions."""
-    return _estimate(
-        fun, primal, explored_tangents(primal, candidate, key=key, **options)
-    )
+) -> tuple[Array, PyTree, Any]:
+    """`(value, estimate, aux)` along the candidate and its random exploration
+    directions."""
+    tangents = explored_tangents(primal, candidate, key=key, **options)
+    return value_and_estimate(fun, primal, tangents, has_aux=True)
 
 
 def _step_keys(data: Array | None, impl: Any) -> tuple[Array | None, Any]:
@@ -64,11 +61,17 @@ class DodgeRandomState(NamedTuple):
         update; raw data so that `eqx.tree_serialise_leaves` can save it.
     - `baseline`: the moving average `b` of past estimates (`None` without
         `baseline_decay`).
+    - `value`, `aux`, `notfinite_count`, `total_notfinite`: the record of the
+        latest update, as described in [`eqx_dodge.dodge`][].
     """
 
     count: Array
     key: PyTree
     baseline: PyTree
+    value: Array
+    aux: PyTree
+    notfinite_count: Array
+    total_notfinite: Array
 
 
 def baseline_contraction(p: int, num_directions: int, sampler: str, mode: str) -> float:
@@ -99,6 +102,9 @@ def dodge_random(
     sampler: str = "rademacher",
     mode: str = "average",
     baseline_decay: ScalarLike | None = None,
+    has_aux: bool = False,
+    aux_init: PyTree = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE with fresh random directions at every step: `dodge(source="random")`.
 
@@ -106,8 +112,8 @@ def dodge_random(
     `value_fn` at `params`; see [`eqx_dodge.dodge`][] for how to call `update` and
     for `baseline_decay`.
 
-    **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `baseline_decay`, as
-    for [`eqx_dodge.dodge`][].
+    **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `baseline_decay`,
+    `has_aux`, `aux_init`, `skip_nonfinite`, as for [`eqx_dodge.dodge`][].
 
     **Returns:**
 
@@ -117,37 +123,50 @@ def dodge_random(
     check_random_options(num_directions, sampler, mode)
     if baseline_decay is not None:
         check_decay("baseline_decay", baseline_decay)
+    check_record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = stored_key(key, True, "for random directions")
 
     def init_fn(params):
+        refuse_multi_steps("dodge_random")
         primal = trainable(params)
         baseline = None
         if baseline_decay is not None:
             _check_baseline(baseline_decay, primal, num_directions, sampler, mode)
             baseline = optax.tree.zeros_like(primal)
-        return DodgeRandomState(jnp.zeros((), jnp.int32), data, baseline)
+        record = initial_record(params, has_aux, aux_init)
+        return DodgeRandomState(jnp.zeros((), jnp.int32), data, baseline, *record)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        fun, primal = loss_of_trainable("dodge_random", params, value_fn, extra_args)
+        fun, primal = loss_of_trainable(
+            "dodge_random", params, value_fn, extra_args, has_aux
+        )
         if updates is not None:
             check_direction(updates, primal, name="updates")
         next_key, step_key = split_stored_key(state.key, impl)
         tangents = random_tangents(step_key, primal, num_directions, sampler, mode)
         baseline = state.baseline
         if baseline is None:
-            estimate = _estimate(fun, primal, tangents)
+            value, estimate, aux = value_and_estimate(
+                fun, primal, tangents, has_aux=True
+            )
         else:
             # Differentiate L(w) − b·w, whose directional derivative is (g − b)·u,
             # then add b back: unbiased, since b depends on past directions only.
             def shifted(_primal):
-                value = fun(_primal)
+                value, aux = fun(_primal)
                 shift = jnp.asarray(optax.tree.vdot(baseline, _primal))
-                return value - shift.astype(value.dtype)
+                return value - shift.astype(value.dtype), (value, aux)
 
-            estimate = optax.tree.add(_estimate(shifted, primal, tangents), baseline)
+            _, estimate, (value, aux) = value_and_estimate(
+                shifted, primal, tangents, has_aux=True
+            )
+            estimate = optax.tree.add(estimate, baseline)
             baseline = optax.tree.update_moment(estimate, baseline, baseline_decay, 1)
         count = jnp.asarray(optax.safe_increment(state.count))
-        return estimate, DodgeRandomState(count, next_key, baseline)
+        new_state = state._replace(count=count, key=next_key, baseline=baseline)
+        return record_step(
+            state, new_state, estimate, value, aux, skip_nonfinite=skip_nonfinite
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -158,10 +177,16 @@ class DodgeUpdatesState(NamedTuple):
     - `count`: the number of updates taken so far (int32 scalar).
     - `key`: raw PRNG key data for the exploration directions (`None` when
         `num_directions=1`).
+    - `value`, `aux`, `notfinite_count`, `total_notfinite`: the record of the
+        latest update, as described in [`eqx_dodge.dodge`][].
     """
 
     count: Array
     key: PyTree
+    value: Array
+    aux: PyTree
+    notfinite_count: Array
+    total_notfinite: Array
 
 
 def dodge_updates(
@@ -170,6 +195,9 @@ def dodge_updates(
     num_directions: int = 1,
     sampler: str = "rademacher",
     mode: str = "average",
+    has_aux: bool = False,
+    aux_init: PyTree = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE along the incoming updates as a candidate: `dodge(source="updates")`.
 
@@ -177,8 +205,8 @@ def dodge_updates(
     plus `num_directions − 1` random exploration directions orthogonal to it; see
     [`eqx_dodge.dodge`][].
 
-    **Arguments:** `key`, `num_directions`, `sampler`, `mode`, as for
-    [`eqx_dodge.dodge`][].
+    **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `has_aux`,
+    `aux_init`, `skip_nonfinite`, as for [`eqx_dodge.dodge`][].
 
     **Returns:**
 
@@ -186,20 +214,29 @@ def dodge_updates(
     [`eqx_dodge.DodgeUpdatesState`][].
     """
     check_random_options(num_directions, sampler, mode)
+    check_record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = _exploration_key(key, num_directions, mode, "updates")
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
     def init_fn(params):
-        del params
-        return DodgeUpdatesState(jnp.zeros((), jnp.int32), data)
+        refuse_multi_steps("dodge_updates")
+        record = initial_record(params, has_aux, aux_init)
+        return DodgeUpdatesState(jnp.zeros((), jnp.int32), data, *record)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        fun, primal = loss_of_trainable("dodge_updates", params, value_fn, extra_args)
+        fun, primal = loss_of_trainable(
+            "dodge_updates", params, value_fn, extra_args, has_aux
+        )
         candidate = candidate_of(updates, primal, "updates")
         next_key, step_key = _step_keys(state.key, impl)
-        estimate = _explored_estimate(fun, primal, candidate, step_key, **options)
+        value, estimate, aux = _explored_estimate(
+            fun, primal, candidate, step_key, **options
+        )
         count = jnp.asarray(optax.safe_increment(state.count))
-        return estimate, DodgeUpdatesState(count, next_key)
+        new_state = state._replace(count=count, key=next_key)
+        return record_step(
+            state, new_state, estimate, value, aux, skip_nonfinite=skip_nonfinite
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -212,12 +249,18 @@ class DodgeEmaState(NamedTuple):
         `num_directions=1`).
     - `average`: the moving average `ḡ` of gradient guesses.
     - `estimate`: the previous estimate, the guess used when no candidate comes in.
+    - `value`, `aux`, `notfinite_count`, `total_notfinite`: the record of the
+        latest update, as described in [`eqx_dodge.dodge`][].
     """
 
     count: Array
     key: PyTree
     average: PyTree
     estimate: PyTree
+    value: Array
+    aux: PyTree
+    notfinite_count: Array
+    total_notfinite: Array
 
 
 def _all_zero(tree: PyTree) -> Array:
@@ -233,13 +276,16 @@ def dodge_ema(
     sampler: str = "rademacher",
     mode: str = "average",
     ema_decay: ScalarLike = 0.9,
+    has_aux: bool = False,
+    aux_init: PyTree = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE along a moving average of gradient guesses: `dodge(source="ema")`.
 
     See [`eqx_dodge.dodge`][].
 
-    **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `ema_decay`, as for
-    [`eqx_dodge.dodge`][].
+    **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `ema_decay`,
+    `has_aux`, `aux_init`, `skip_nonfinite`, as for [`eqx_dodge.dodge`][].
 
     **Returns:**
 
@@ -248,15 +294,20 @@ def dodge_ema(
     """
     check_random_options(num_directions, sampler, mode)
     check_decay("ema_decay", ema_decay)
+    check_record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = _exploration_key(key, num_directions, mode, "ema")
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
     def init_fn(params):
+        refuse_multi_steps("dodge_ema")
         zeros = optax.tree.zeros_like(trainable(params))
-        return DodgeEmaState(jnp.zeros((), jnp.int32), data, zeros, zeros)
+        record = initial_record(params, has_aux, aux_init)
+        return DodgeEmaState(jnp.zeros((), jnp.int32), data, zeros, zeros, *record)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        fun, primal = loss_of_trainable("dodge_ema", params, value_fn, extra_args)
+        fun, primal = loss_of_trainable(
+            "dodge_ema", params, value_fn, extra_args, has_aux
+        )
         guess = state.estimate
         if updates is not None:
             check_direction(updates, primal, name="updates")
@@ -264,8 +315,15 @@ def dodge_ema(
             guess = jax.tree.map(lambda u, e: jnp.where(empty, e, u), updates, guess)
         average = optax.tree.update_moment(guess, state.average, ema_decay, 1)
         next_key, step_key = _step_keys(state.key, impl)
-        estimate = _explored_estimate(fun, primal, average, step_key, **options)
+        value, estimate, aux = _explored_estimate(
+            fun, primal, average, step_key, **options
+        )
         count = jnp.asarray(optax.safe_increment(state.count))
-        return estimate, DodgeEmaState(count, next_key, average, estimate)
+        new_state = state._replace(
+            count=count, key=next_key, average=average, estimate=estimate
+        )
+        return record_step(
+            state, new_state, estimate, value, aux, skip_nonfinite=skip_nonfinite
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

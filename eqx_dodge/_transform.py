@@ -4,8 +4,9 @@ builder per source of directions (as optax's `alias.py` composes its builders)."
 from typing import Any
 
 import optax
+from jaxtyping import PyTree
 
-from ._checks import check_option, KeyLike, ScalarLike
+from ._checks import check_option, check_record_options, KeyLike, ScalarLike
 from ._sources import dodge_ema, dodge_random, dodge_updates
 
 
@@ -21,6 +22,9 @@ def dodge(
     mode: str = "average",
     ema_decay: ScalarLike | None = None,
     baseline_decay: ScalarLike | None = None,
+    has_aux: bool = False,
+    aux_init: PyTree = None,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The DODGE gradient estimator as an optax transformation.
 
@@ -49,16 +53,62 @@ def dodge(
         there, the extra keyword arguments of `update` whose names are parameters of
         `value_fn` are passed on to it, so `update(..., value_fn=loss, x=x, y=y)`
         works for `def loss(model, x, y)`; the others are left to the other
-        transforms of the chain.
+        transforms of the chain. `updates`, `state` and `params` cannot reach
+        `value_fn` that way (they are `update`'s own arguments): bind them,
+        `value_fn=functools.partial(loss, state=bn_state)` or a `lambda`.
+        With `has_aux=True`, `value_fn` returns `(loss, aux)`.
     - `updates` is the candidate direction for `"updates"`, the optional gradient
         guess for `"ema"`, and ignored by `"random"` (pass `None`). When given, it
         must be shaped like `eqx.filter(params, eqx.is_inexact_array)` (e.g. the
         output of `eqx.filter_grad`).
 
     The output has that shape too: the estimate, with `None` at non-floating-point
-    leaves. Without a baseline its dot product with the gradient is always $\ge 0$,
-    so following `-learning_rate` times it is a descent step (for a small enough
-    rate), whatever the candidate.
+    leaves. Without a baseline its dot product with the gradient is always
+    $\ge 0$, so following `-learning_rate` times it is a descent step (for a small
+    enough rate), whatever the candidate.
+
+    **The record in the state.** Every state ends with four fields, filled in at
+    each `update` from the same forward pass as the estimate:
+
+    - `value`: the loss at `params` (`inf` before the first update), as optax's
+        line searches store it: `optax.tree.get(opt_state, "value")` finds it in
+        a chain (e.g. for logging, or `optax.contrib.reduce_on_plateau`).
+    - `aux`: with `has_aux=True`, the `aux` that `value_fn` returned at the latest
+        finite update (`aux_init` before the first), e.g. the new `eqx.nn.State`
+        of a BatchNorm model; `None` otherwise.
+    - `notfinite_count`, `total_notfinite`: as in `optax.apply_if_finite`, the
+        number of consecutive updates, and of all updates, whose loss or estimate
+        was not finite (NaN or ±inf).
+
+    With `skip_nonfinite=True` (the default) such an update is skipped: its
+    output is zero and the state is left as it was (moments, baseline, averages,
+    `count`, `aux`) except that the PRNG key moves on, so that every key is used
+    once, and that `value` and the counts record the step. With
+    `skip_nonfinite=False` the non-finite estimate is returned and stored as is,
+    as in optax, and only counted. Skipped steps are never silent: check
+    `total_notfinite`.
+
+    **Inside optax wrappers.**
+
+    - `optax.MultiSteps` cannot wrap DODGE transforms (`init` raises an error): it
+        would estimate on the last minibatch of each group only. Accumulate the
+        estimates after DODGE instead:
+        `optax.chain(dodge(key=...), optax.MultiSteps(optax.adam(lr), k))`.
+    - `optax.apply_if_finite`, `optax.masked` and `optax.partition` map over the
+        incoming `updates`, so pass a tree there rather than `None`: the candidate
+        for `"updates"`, zeros (`optax.tree.zeros_like(params)`) otherwise.
+        `apply_if_finite` checks those incoming updates, before the estimate
+        exists; non-finite losses are caught by `skip_nonfinite`.
+    - Inside `optax.masked` / `optax.partition`, `params` reaches `value_fn` as the
+        group this transform owns, with `None` at the other leaves; rebuild the
+        model with the one the training loop holds,
+        `value_fn=lambda p: loss(eqx.combine(p, model), x, y)`, and only the owned
+        leaves are differentiated.
+    - Wrappers that do arithmetic on `params` themselves (`MultiSteps`,
+        `inject_hyperparams`, `contrib.schedule_free`) need a tree of arrays: pass
+        `params=eqx.filter(model, eqx.is_inexact_array)` to `init` and `update`,
+        and rebuild the model in `value_fn` as above. See the docs page "Optax
+        wrappers and training loops".
 
     **Sources of directions.**
 
@@ -127,6 +177,14 @@ def dodge(
         slowly: the baseline pays off when the gradient changes little over about
         $q$ steps.
 
+    - `has_aux`: whether `value_fn` returns `(loss, aux)`; the state then keeps
+        the latest `aux`.
+    - `aux_init`: with `has_aux=True` (required then), the `aux` the state holds
+        before the first update. It fixes the structure, shapes and dtypes `aux`
+        must have, as the state's structure is fixed at `init`.
+    - `skip_nonfinite`: whether to skip updates whose loss or estimate is not
+        finite, as described above (default `True`).
+
     **Returns:**
 
     An `optax.GradientTransformationExtraArgs`: [`eqx_dodge.dodge_random`][],
@@ -136,10 +194,9 @@ def dodge(
     !!! tip
 
         To accumulate estimates over several minibatches, put the accumulation after
-        DODGE, `optax.chain(dodge(...), multi_steps.gradient_transformation())` with
-        `multi_steps = optax.MultiSteps(opt, k)`.
-        Wrapping DODGE inside `optax.MultiSteps` instead estimates the gradient on
-        the last minibatch only (with the accumulated candidate for `"updates"`).
+        DODGE: `optax.chain(dodge(key=...), optax.MultiSteps(optax.adam(lr), k))`.
+        Each minibatch gets its own directions, and the mean of the k unbiased
+        estimates is an unbiased estimate of the gradient over the k minibatches.
 
     !!! warning
 
@@ -162,8 +219,14 @@ def dodge(
             "`baseline_decay` applies to `source='random'` only: a baseline keeps "
             f"random-direction estimates unbiased; got source {source!r}."
         )
+    check_record_options(has_aux, aux_init, skip_nonfinite)
     options: dict[str, Any] = dict(
-        num_directions=num_directions, sampler=sampler, mode=mode
+        num_directions=num_directions,
+        sampler=sampler,
+        mode=mode,
+        has_aux=has_aux,
+        aux_init=aux_init,
+        skip_nonfinite=skip_nonfinite,
     )
     if source == "random":
         if key is None:

@@ -5,10 +5,16 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
+import optax
 from jaxtyping import Array, PyTree
 
 from ._checks import check_callable, check_scalar_loss
 from ._directions import check_direction, trainable
+
+
+# What `update` itself takes: these names cannot reach `value_fn` as extra arguments.
+_UPDATE_ARGUMENTS = ("updates", "state", "params")
 
 
 def _value_fn_kwargs(value_fn: Callable, extra_args: dict[str, Any]) -> dict[str, Any]:
@@ -19,20 +25,72 @@ def _value_fn_kwargs(value_fn: Callable, extra_args: dict[str, Any]) -> dict[str
         parameters = list(inspect.signature(value_fn).parameters.values())
     except (TypeError, ValueError):
         return {}
-    names = {
+    by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = [parameter for parameter in parameters[1:] if parameter.kind in by_name]
+    missing = [
         parameter.name
-        for parameter in parameters[1:]
-        if parameter.kind
-        in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
+        for parameter in named
+        if parameter.default is inspect.Parameter.empty
+        and parameter.name not in extra_args
+    ]
+    if missing:
+        reserved = [name for name in missing if name in _UPDATE_ARGUMENTS]
+        raise TypeError(
+            f"`value_fn` needs the argument(s) {missing}, which `update` was not "
+            "given: pass them as keyword arguments of `update` (`x=x`), or bind them "
+            "to `value_fn` (`functools.partial(loss, x=x)`, or "
+            "`lambda model: loss(model, x)`)."
+            + (
+                f" {reserved} cannot be passed to `update` by keyword, as `update` "
+                "takes arguments of those names itself: bind them."
+                if reserved
+                else ""
+            )
+        )
+    names = {parameter.name for parameter in named}
     return {name: value for name, value in extra_args.items() if name in names}
 
 
+def _is_masked(node: Any) -> bool:
+    return isinstance(node, optax.MaskedNode)
+
+
+def _unmasked(tree: PyTree) -> PyTree:
+    """`tree` with `None` where `optax.masked` put a `MaskedNode`."""
+    return jax.tree.map(
+        lambda x: None if _is_masked(x) else x, tree, is_leaf=_is_masked
+    )
+
+
+def _rebuild_hint(params: PyTree) -> str | None:
+    """What to tell a user whose `value_fn` failed on a partial `params`."""
+    nodes = jax.tree.leaves(params, is_leaf=lambda x: x is None or _is_masked(x))
+    rebuild = (
+        "combine it with the whole model your training loop holds, e.g. "
+        "`value_fn=lambda p: loss(eqx.combine(p, model), x, y)`: the leaves of `p` "
+        "are the ones differentiated, the rest come from `model`."
+    )
+    if any(_is_masked(node) for node in nodes):
+        return (
+            "Inside `optax.masked` / `optax.partition`, `value_fn` receives only the "
+            "group of parameters this transform owns, with `None` at the other "
+            "leaves; " + rebuild
+        )
+    if any(node is None for node in nodes):
+        return (
+            "`params` holds `None` leaves (as `eqx.filter(model, eqx.is_inexact_array)`"
+            " does, which optax wrappers such as `MultiSteps`, `inject_hyperparams` "
+            "and `schedule_free` need), and `value_fn` receives that tree; " + rebuild
+        )
+    return None
+
+
 def loss_of_trainable(
-    name: str, params: Any, value_fn: Any, extra_args: dict[str, Any]
-) -> tuple[Callable[[PyTree], Array], PyTree]:
+    name: str, params: Any, value_fn: Any, extra_args: dict[str, Any], has_aux: bool
+) -> tuple[Callable[[PyTree], tuple[Array, Any]], PyTree]:
     """Checks `params` and `value_fn` and returns `(fun, primal)`, where `primal` is
-    the trainable part of `params` and `fun(primal)` is the loss."""
+    the trainable part of `params` and `fun(primal)` is `(loss, aux)` (`aux` is
+    `None` unless `has_aux`)."""
     if params is None:
         raise ValueError(
             f"`{name}.update` needs the current parameters: call "
@@ -52,9 +110,20 @@ def loss_of_trainable(
     rest = eqx.filter(params, eqx.is_inexact_array, inverse=True)
 
     def fun(_primal):
-        return check_scalar_loss(
-            value_fn(eqx.combine(_primal, rest), **kwargs), "value_fn"
-        )
+        try:
+            out = value_fn(_unmasked(eqx.combine(_primal, rest)), **kwargs)
+        except Exception as error:
+            hint = _rebuild_hint(params)
+            if hint is not None:
+                error.add_note(hint)
+            raise
+        if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                "With `has_aux=True`, `value_fn` must return a pair `(loss, aux)`, "
+                f"got {type(out).__name__}."
+            )
+        value, aux = out if has_aux else (out, None)
+        return check_scalar_loss(value, "value_fn", has_aux), aux
 
     return fun, primal
 

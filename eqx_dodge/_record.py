@@ -1,0 +1,104 @@
+"""What every optax transform of eqx_dodge records besides its own state, in the last
+four fields of its state: the loss value, `value_fn`'s auxiliary output, and the
+count of non-finite steps, which are skipped by default."""
+
+import sys
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PyTree
+
+
+def refuse_multi_steps(name: str) -> None:
+    """Raises an error when `init` is called from `optax.MultiSteps.init`."""
+    # `MultiSteps` calls the inner `update` at every mini-step with the *accumulated*
+    # updates and the *current* `value_fn`, and keeps its output and state only at
+    # the last mini-step: a DODGE estimate inside it sees one minibatch of the k
+    # (and wastes k − 1 forward passes). optax gives the inner transform no other
+    # sign of the wrapper than the caller's frame.
+    frame = sys._getframe(1)
+    for _ in range(32):
+        if frame is None:
+            return
+        if isinstance(frame.f_locals.get("self"), optax.MultiSteps):
+            raise ValueError(
+                f"`optax.MultiSteps` cannot wrap `{name}`: it calls the inner "
+                "`update` with the accumulated updates but the current minibatch's "
+                "`value_fn`, so the DODGE estimate would see only the last "
+                "minibatch of each group. Accumulate the estimates instead, after "
+                "DODGE: `optax.chain(eqx_dodge.dodge(key=...), "
+                "optax.MultiSteps(optax.adam(...), every_k_schedule=k))`, with "
+                "`params=eqx.filter(model, eqx.is_inexact_array)`."
+            )
+        frame = frame.f_back
+
+
+def initial_record(params: PyTree, has_aux: bool, aux_init: Any) -> tuple:
+    """`(value, aux, notfinite_count, total_notfinite)` for `init`."""
+    # The loss is stored in the dtype of the parameters, as optax's line searches do.
+    leaves = jax.tree.leaves(eqx.filter(params, eqx.is_inexact_array))
+    dtype = leaves[0].dtype if leaves else jnp.float32
+    zero = jnp.zeros((), jnp.int32)
+    return jnp.array(jnp.inf, dtype), aux_init if has_aux else None, zero, zero
+
+
+def _check_aux(aux: PyTree, aux_init: PyTree) -> None:
+    def shapes(tree):
+        return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
+
+    def signature(tree):
+        leaves = jax.tree.leaves(tree)
+        return [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+
+    if jax.tree.structure(aux) != jax.tree.structure(aux_init) or signature(
+        aux
+    ) != signature(aux_init):
+        raise ValueError(
+            "The `aux` returned by `value_fn` must have the structure, shapes and "
+            "dtypes of `aux_init` (the state's structure is fixed at `init`).\n"
+            f"Expected {shapes(aux_init)},\ngot {shapes(aux)}."
+        )
+
+
+def _all_finite(*trees: Any) -> Array:
+    leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def record_step(
+    state: Any,
+    new_state: Any,
+    output: PyTree,
+    value: Array,
+    aux: Any,
+    *,
+    skip_nonfinite: bool,
+    checked: PyTree = None,
+) -> tuple[PyTree, Any]:
+    """`(output, new_state)` with the record fields filled in. A step is finite when
+    the loss, `output` and `checked` are; with `skip_nonfinite`, a non-finite step
+    outputs zeros and keeps the old state, except that the key moves on (every key
+    is used once) and the record fields are updated."""
+    finite = _all_finite(value, output, checked)
+    if state.aux is not None:
+        _check_aux(aux, state.aux)
+        new_state = new_state._replace(aux=aux)
+    if skip_nonfinite:
+        new_state = optax.tree.where(
+            finite, new_state, state._replace(key=new_state.key)
+        )
+        output = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), output)
+    notfinite_count = jnp.where(
+        finite, jnp.zeros((), jnp.int32), optax.safe_increment(state.notfinite_count)
+    )
+    total_notfinite = jnp.where(
+        finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)
+    )
+    return output, new_state._replace(
+        value=value.astype(state.value.dtype),
+        notfinite_count=notfinite_count,
+        total_notfinite=total_notfinite,
+    )
