@@ -48,6 +48,7 @@ from ._checks import (
     first_argument,
     KeyLike,
 )
+from ._derivatives import jvp
 from ._directions import sample_direction, trainable
 from ._filter import _DodgeWrapper, WrapperMethods
 from ._tangents import weighted_sum
@@ -180,7 +181,7 @@ def _example_derivatives(
             return example_value(model, example)
 
         epsilon = jnp.zeros((parts.num_groups,), jnp.float32)
-        return jax.jvp(
+        return jvp(
             loss, (epsilon, parts.others), (epsilon_dot, other_dot), has_aux=True
         )
 

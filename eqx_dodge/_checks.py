@@ -20,6 +20,12 @@ ScalarLike = float | Float[Array, ""]
 SAMPLERS: tuple[str, ...] = ("rademacher", "gaussian")
 MODES: tuple[str, ...] = ("average", "partition")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+DERIVATIVES: tuple[str, ...] = ("jvp", "central")
+# The default step `h` of `derivative="central"` (each Rademacher entry of a random
+# direction moves by `h`): MeZO's and torchzero's, below float32's balance point
+# `(3ε)^(1/3) ≈ 7e-3` of truncation and rounding errors for a loss whose third
+# derivative is about its size. See the docs' troubleshooting page.
+FINITE_DIFFERENCE_STEP = 1e-3
 
 
 def _static_hint(name: str, value: Any) -> str:
@@ -96,6 +102,24 @@ def check_record_options(has_aux: Any, aux_init: Any, skip_nonfinite: Any) -> No
         raise ValueError(
             "`aux_init` is the initial auxiliary output of `value_fn`; pass "
             "`has_aux=True` too, with a `value_fn` returning `(loss, aux)`."
+        )
+
+
+def check_derivative_options(derivative: Any, finite_difference_step: Any) -> None:
+    """`derivative` is `"jvp"` or `"central"`; the step is a positive float (or an
+    array) and applies to central differences only."""
+    check_option("derivative", derivative, DERIVATIVES)
+    step, name = finite_difference_step, "finite_difference_step"
+    if isinstance(step, bool) or not isinstance(step, int | float | jax.Array):
+        raise TypeError(f"`{name}` must be a positive float, got {step!r}.")
+    if isinstance(step, int | float) and not step > 0:
+        raise ValueError(f"`{name}` must be positive, got {step}.")
+    if derivative == "jvp" and (
+        isinstance(step, jax.Array) or step != FINITE_DIFFERENCE_STEP
+    ):
+        raise ValueError(
+            f"`{name}` applies to `derivative='central'` only; with the default "
+            "`derivative='jvp'` leave it unset."
         )
 
 

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
-from ._checks import check_scalar_loss
+from ._checks import check_scalar_loss, FINITE_DIFFERENCE_STEP, ScalarLike
+from ._derivatives import directional_derivatives
 from ._tangents import Layout, SINGLE_DEVICE, Tangents, weighted_sum
 
 
@@ -26,24 +27,6 @@ def value_and_aux_of(
         return check_scalar_loss(value, name, has_aux), aux
 
     return value_and_aux
-
-
-def directional_derivatives(
-    value_and_aux: Callable[[PyTree], tuple[Array, Any]],
-    primal: PyTree,
-    tangents: PyTree,
-) -> tuple[Scalar, Array, Any]:
-    """One forward pass returning `(value, d, aux)`, `d_j = ∇value·t_j` for the
-    tangents stacked along a leading axis. The primal is not batched, so under
-    `vmap` it is computed only once; a single tangent is run without `vmap`."""
-
-    def jvp(tangent):
-        return jax.jvp(value_and_aux, (primal,), (tangent,), has_aux=True)
-
-    if jax.tree.leaves(tangents)[0].shape[0] == 1:
-        value, derivative, aux = jvp(jax.tree.map(lambda t: t[0], tangents))
-        return value, derivative[None], aux
-    return jax.vmap(jvp, out_axes=(None, 0, None))(tangents)
 
 
 def _primitives(fun: Callable[[PyTree], Any], primal: PyTree) -> set[str]:
@@ -78,11 +61,16 @@ def run_tangents(
     primal: PyTree,
     tangents: Tangents,
     layout: Layout = SINGLE_DEVICE,
+    *,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> tuple[Scalar, Array, Any, PyTree]:
     """The value, the derivatives along every tangent, the aux, and the estimate.
 
     The tangents are drawn and differentiated a chunk at a time (`Layout.chunk_size`);
-    the seeds are split once and scanned over, so no key is used twice.
+    the seeds are split once and scanned over, so no key is used twice. The
+    derivatives come from `jax.jvp` or, with `derivative="central"`, from central
+    differences with step `finite_difference_step` (`_derivatives.py`).
     """
     num = tangents.num
     if not jax.tree.leaves(primal):
@@ -99,7 +87,7 @@ def run_tangents(
     def run(seeds):
         chunk_tangents = tangents.draw(seeds)
         value, derivatives, aux = directional_derivatives(
-            value_and_aux, primal, chunk_tangents
+            value_and_aux, primal, chunk_tangents, derivative, finite_difference_step
         )
         coefficients = tangents.weights(seeds) * derivatives.astype(jnp.float32)
         total = weighted_sum(chunk_tangents, coefficients) if accumulate else None
@@ -126,6 +114,9 @@ def run_tangents(
         else:
             total, rest = jax.lax.scan(body, total, tail)
         derivatives = jnp.concatenate([derivatives, rest.reshape(-1)])
+    if value is None:
+        # Central differences: the value and aux of one unperturbed forward pass.
+        value, aux = value_and_aux(primal)
     estimate = tangents.gather(derivatives) if total is None else total
     estimate = jax.tree.map(lambda e, p: e.astype(p.dtype), estimate, primal)
     return value, derivatives, aux, estimate
@@ -138,10 +129,18 @@ def value_and_estimate(
     *,
     has_aux: bool,
     layout: Layout = SINGLE_DEVICE,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> tuple[Scalar, PyTree, Any]:
     """Evaluates `fun(primal)` and its DODGE estimate along `tangents` in one forward
-    pass. Returns `(value, estimate, aux)`; the estimate is shaped like `primal`."""
+    pass (`derivative="jvp"`) or `2k + 1` of them (`"central"`). Returns
+    `(value, estimate, aux)`; the estimate is shaped like `primal`."""
     value, _, aux, estimate = run_tangents(
-        value_and_aux_of(fun, has_aux), primal, tangents, layout
+        value_and_aux_of(fun, has_aux),
+        primal,
+        tangents,
+        layout,
+        derivative=derivative,
+        finite_difference_step=finite_difference_step,
     )
     return value, estimate, aux

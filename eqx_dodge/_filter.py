@@ -11,10 +11,13 @@ from ._checks import (
     as_key,
     check_callable,
     check_candidate_options,
+    check_derivative_options,
     check_one_source,
     check_random_options,
+    FINITE_DIFFERENCE_STEP,
     first_argument,
     KeyLike,
+    ScalarLike,
 )
 from ._directions import trainable
 from ._estimator import value_and_estimate
@@ -34,9 +37,12 @@ class EstimatorOptions(eqx.Module):
     sampler: str = eqx.field(static=True)
     mode: str = eqx.field(static=True)
     has_aux: bool = eqx.field(static=True)
+    derivative: str = eqx.field(static=True, default="jvp")
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP
 
     def __check_init__(self):
         check_random_options(self.num_directions, self.sampler, self.mode)
+        check_derivative_options(self.derivative, self.finite_difference_step)
         check_one_source(self.key, self.direction)
         if self.key is not None:
             as_key(self.key)
@@ -62,10 +68,21 @@ def estimator_options(
     sampler: Any,
     mode: Any,
     has_aux: bool,
+    derivative: Any,
+    finite_difference_step: Any,
 ) -> EstimatorOptions:
     """The options, checked, with the key as a typed key array (an int seed would
     be a static value under `jit` and recompile for every seed)."""
-    options = EstimatorOptions(key, direction, num_directions, sampler, mode, has_aux)
+    options = EstimatorOptions(
+        key,
+        direction,
+        num_directions,
+        sampler,
+        mode,
+        has_aux,
+        derivative,
+        finite_difference_step,
+    )
     if key is None:
         return options
     return eqx.tree_at(lambda o: o.key, options, as_key(key))
@@ -114,7 +131,12 @@ def _value_and_estimate_jit(wrapper: _ValueAndDodgeWrapper, args: tuple, kwargs:
 
     options = wrapper._options
     value, estimate, aux = value_and_estimate(
-        fun_of_trainable, diff_x, options.tangents(diff_x), has_aux=options.has_aux
+        fun_of_trainable,
+        diff_x,
+        options.tangents(diff_x),
+        has_aux=options.has_aux,
+        derivative=options.derivative,
+        finite_difference_step=options.finite_difference_step,
     )
     return ((value, aux) if options.has_aux else value), estimate
 
@@ -152,6 +174,8 @@ def filter_value_and_dodge(
     sampler: str = "rademacher",
     mode: str = "average",
     has_aux: bool = False,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> Callable[[Callable], Callable]: ...
 
 
@@ -165,6 +189,8 @@ def filter_value_and_dodge(
     sampler: str = "rademacher",
     mode: str = "average",
     has_aux: Literal[False] = False,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> Callable[..., tuple[Array, PyTree]]: ...
 
 
@@ -178,6 +204,8 @@ def filter_value_and_dodge(
     sampler: str = "rademacher",
     mode: str = "average",
     has_aux: Literal[True],
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> Callable[..., tuple[tuple[Array, Any], PyTree]]: ...
 
 
@@ -190,6 +218,8 @@ def filter_value_and_dodge(
     sampler: str = "rademacher",
     mode: str = "average",
     has_aux: bool = False,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> Callable:
     r"""Creates a function that evaluates `fun` and a DODGE estimate of its gradient.
 
@@ -229,6 +259,20 @@ def filter_value_and_dodge(
         of coordinate $i$ only involves the other coordinates of its block, and
         `k = p` gives the exact gradient (with Rademacher entries).
     - `has_aux`: if `True`, `fun` returns `(value, aux)` and `aux` is passed back.
+    - `derivative`: how each directional derivative $\nabla L \cdot u$ is taken.
+        `"jvp"` (the default): exactly, by forward mode. `"central"`: by central
+        finite differences, $(L(\theta + h u) - L(\theta - h u)) / 2h$, two forward
+        passes per direction plus one for the value and `aux` (taken at $\theta$),
+        for losses that forward mode cannot differentiate (a `jax.custom_vjp`
+        inside: diffrax's default adjoint, `eqx.filter_custom_vjp`, ...). The same
+        `key` gives the same directions either way. Its error per direction is
+        about $\frac{h^2}{6} |\nabla^3 L[u, u, u]|$ plus float rounding of order
+        $\varepsilon\,(|L| + \sum_i |\theta_i \partial_i L|)/h$ (see the
+        Troubleshooting page of the docs).
+    - `finite_difference_step`: the step $h$ of `derivative="central"` along the
+        direction $u$ as drawn (Rademacher entries $\pm 1$, so every parameter
+        moves by $\pm h$; a candidate is scaled to unit norm first). The default
+        `1e-3` suits float32 parameters and losses of order one.
 
     **Returns:**
 
@@ -239,7 +283,16 @@ def filter_value_and_dodge(
 
     Can be used as a decorator, `@filter_value_and_dodge(key=key)`, also on methods.
     """
-    options = estimator_options(key, direction, num_directions, sampler, mode, has_aux)
+    options = estimator_options(
+        key,
+        direction,
+        num_directions,
+        sampler,
+        mode,
+        has_aux,
+        derivative,
+        finite_difference_step,
+    )
     return wrap(fun, lambda f: _ValueAndDodgeWrapper(f, options))
 
 
@@ -252,6 +305,8 @@ def filter_dodge(
     sampler: str = "rademacher",
     mode: str = "average",
     has_aux: bool = False,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> Callable:
     r"""Creates a function that returns a DODGE estimate of the gradient of `fun`.
 
@@ -265,7 +320,7 @@ def filter_dodge(
 
     **Arguments:** the same as [`eqx_dodge.filter_value_and_dodge`][]'s: `fun`, and
     one of `key` (random directions) or `direction` (a candidate), `num_directions`,
-    `sampler`, `mode`, `has_aux`.
+    `sampler`, `mode`, `has_aux`, `derivative`, `finite_difference_step`.
 
     **Returns:**
 
@@ -273,7 +328,16 @@ def filter_dodge(
     the first argument with `None` at its non-floating-point leaves; or
     `(estimate, aux)` when `has_aux=True`, as `eqx.filter_grad` does.
     """
-    options = estimator_options(key, direction, num_directions, sampler, mode, has_aux)
+    options = estimator_options(
+        key,
+        direction,
+        num_directions,
+        sampler,
+        mode,
+        has_aux,
+        derivative,
+        finite_difference_step,
+    )
     return wrap(
         fun, lambda f: _DodgeWrapper(_ValueAndDodgeWrapper(f, options), has_aux)
     )

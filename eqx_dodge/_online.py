@@ -27,6 +27,7 @@ from ._checks import (
     KeyLike,
     REDUCTIONS,
 )
+from ._derivatives import jvp
 from ._directions import check_direction, trainable
 from ._tangents import draw_tangents
 
@@ -315,7 +316,7 @@ class OnlineDodge(eqx.Module):
             return (value, final_state), aux
 
         def along(direction, tangent):
-            return jax.jvp(
+            return jvp(
                 window, (diff_model, carry.state), (direction, tangent), has_aux=True
             )
 

@@ -16,7 +16,15 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
-from ._checks import as_key, check_option, first_argument, KeyLike, REDUCTIONS
+from ._checks import (
+    as_key,
+    check_option,
+    FINITE_DIFFERENCE_STEP,
+    first_argument,
+    KeyLike,
+    REDUCTIONS,
+    ScalarLike,
+)
 from ._directions import check_direction, check_num_parts, num_coordinates, trainable
 from ._estimator import value_and_estimate
 from ._filter import (
@@ -116,7 +124,13 @@ class _ShardedValueAndDodgeWrapper(WrapperMethods):
             layout=layout,
         )
         value, estimate, aux = value_and_estimate(
-            global_value, diff, tangents, has_aux=True, layout=layout
+            global_value,
+            diff,
+            tangents,
+            has_aux=True,
+            layout=layout,
+            derivative=self._options.derivative,
+            finite_difference_step=self._options.finite_difference_step,
         )
         # Each data shard has its own `aux`: stacked along a new leading axis.
         aux = jax.tree.map(lambda leaf: jnp.expand_dims(leaf, 0), aux)
@@ -198,6 +212,8 @@ def sharded_value_and_dodge(
     mode: str = "average",
     has_aux: bool = False,
     batch_reduction: str = "mean",
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> Callable:
     r"""[`eqx_dodge.filter_value_and_dodge`][], data-parallel over a device mesh.
 
@@ -268,6 +284,11 @@ def sharded_value_and_dodge(
     - `has_aux`: if `True`, `fun` returns `(value, aux)`.
     - `batch_reduction`: `"mean"` or `"sum"`: how the losses of the data shards
         combine into the loss of the whole batch.
+    - `derivative`, `finite_difference_step`: `"jvp"` (forward mode) or
+        `"central"` (central finite differences with step $h$, for a loss with a
+        `jax.custom_vjp` inside), as in [`eqx_dodge.filter_value_and_dodge`][].
+        With `"central"` each of the `2k + 1` forward passes all-reduces its loss:
+        `2k + 1` collectives of one float.
 
     **Returns:**
 
@@ -295,7 +316,16 @@ def sharded_value_and_dodge(
             return eqx.apply_updates(model, updates), opt_state, loss
         ```
     """
-    options = estimator_options(key, direction, num_directions, sampler, mode, has_aux)
+    options = estimator_options(
+        key,
+        direction,
+        num_directions,
+        sampler,
+        mode,
+        has_aux,
+        derivative,
+        finite_difference_step,
+    )
     data_axes = _check_data_axes(mesh, data_axis)
     return wrap(
         fun,
@@ -318,6 +348,8 @@ def sharded_dodge(
     mode: str = "average",
     has_aux: bool = False,
     batch_reduction: str = "mean",
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> Callable:
     """[`eqx_dodge.filter_dodge`][], data-parallel over a device mesh.
 
@@ -333,13 +365,24 @@ def sharded_dodge(
     - `key` / `direction`, `num_directions`, `sampler`, `mode`, `has_aux`: as in
         [`eqx_dodge.filter_dodge`][].
     - `batch_reduction`: `"mean"` or `"sum"`.
+    - `derivative`, `finite_difference_step`: `"jvp"` or `"central"`, as in
+        [`eqx_dodge.filter_dodge`][].
 
     **Returns:**
 
     A function with the same arguments as `fun` returning the estimate, or
     `(estimate, aux)` when `has_aux=True`.
     """
-    options = estimator_options(key, direction, num_directions, sampler, mode, has_aux)
+    options = estimator_options(
+        key,
+        direction,
+        num_directions,
+        sampler,
+        mode,
+        has_aux,
+        derivative,
+        finite_difference_step,
+    )
     data_axes = _check_data_axes(mesh, data_axis)
     return wrap(
         fun,

@@ -1,0 +1,160 @@
+r"""How the directional derivatives $d_j = \nabla L \cdot t_j$ are taken.
+
+By default in forward mode, one `jax.jvp` for all the tangents of a chunk. JAX cannot
+apply forward mode to a function with a `jax.custom_vjp` inside; `jvp` turns JAX's
+bare error about it into one that says what to do, for every estimator. The way out
+that needs no change to the loss is `derivative="central"`: central finite
+differences along the same tangents,
+
+$$d_j \approx \frac{L(\theta + h t_j) - L(\theta - h t_j)}{2h},$$
+
+two forward passes per tangent and no derivative of the loss at all. Its error is
+$\frac{h^2}{6}\nabla^3 L[t_j, t_j, t_j]$ (plus $O(h^4)$) from the truncated Taylor
+series, and about $\varepsilon\,(|L| + \sum_i |\theta_i\,\partial_i L|)/h$ from
+rounding the loss and the moved parameters in a float format with machine epsilon
+$\varepsilon$; see the docs' troubleshooting page.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.extend
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree, Scalar
+
+from ._checks import ScalarLike
+
+
+# JAX's message (jax/_src/interpreters/ad.py), raised when `custom_lin` is lowered.
+_JAX_CUSTOM_VJP_ERROR = (
+    "can't apply forward-mode autodiff (jvp) to a custom_vjp function."
+)
+
+CUSTOM_VJP_HELP = """\
+eqx_dodge differentiates the loss in forward mode (`jax.jvp`), and forward mode \
+cannot differentiate a function with a `jax.custom_vjp` (a hand-written reverse-mode \
+rule). Something inside the loss defines one{where}. Depending on where it comes from:
+
+- diffrax: its default adjoint `RecursiveCheckpointAdjoint` is a custom_vjp; pass \
+`adjoint=diffrax.ForwardMode()` (or `adjoint=diffrax.DirectAdjoint()`) to \
+`diffrax.diffeqsolve`.
+- `eqx.internal.while_loop(..., kind="checkpointed")`: use `kind="lax"` or \
+`kind="bounded"`.
+- your own `jax.custom_vjp` or `eqx.filter_custom_vjp`: write the rule as a \
+`jax.custom_jvp` (or `eqx.filter_custom_jvp`) instead; JAX derives reverse mode from \
+it too.
+- otherwise: estimate the directional derivatives by central finite differences, \
+two extra forward passes per direction, with `derivative="central"` (step \
+`finite_difference_step`) in `filter_dodge`, `filter_value_and_dodge`, \
+`sharded_dodge` or `sharded_value_and_dodge`.
+
+See "Troubleshooting" in the eqx_dodge docs."""
+
+
+def _custom_lin(jaxpr: jax.extend.core.Jaxpr) -> jax.extend.core.JaxprEqn | None:
+    """The first `custom_lin` equation of `jaxpr` (nested ones included): what
+    `jax.jvp` leaves of a `custom_vjp` whose inputs carry a tangent."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "custom_lin":
+            return eqn
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+        found = _custom_lin(sub)
+        if found is not None:
+            return found
+    return None
+
+
+def jvp(fun: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = False):
+    """`jax.jvp`, with JAX's bare error about a `custom_vjp` explained.
+
+    Under `jit` JAX raises that error only when the whole computation is lowered,
+    outside eqx_dodge (and for a single tangent, without `vmap`, nowhere nearer). So
+    the jvp is traced to a jaxpr here, checked, and evaluated into the surrounding
+    trace: one trace of `fun`, as before. Every forward-mode pass of the package goes
+    through here, so that each estimator raises the same `TypeError`.
+    """
+
+    def pushforward(primals, tangents):
+        return jax.jvp(fun, primals, tangents, has_aux=has_aux)
+
+    closed, out_dynamic, out_static = eqx.filter_make_jaxpr(pushforward)(
+        primals, tangents
+    )
+    eqn = _custom_lin(closed.jaxpr)
+    if eqn is not None:
+        source = getattr(eqn.params["bwd"], "debug_info", None)
+        source = getattr(source, "func_src_info", None)
+        where = f" (its backward rule: {source})" if source else ""
+        raise TypeError(CUSTOM_VJP_HELP.format(where=where)) from TypeError(
+            _JAX_CUSTOM_VJP_ERROR
+        )
+    inputs = jax.tree.leaves(eqx.filter((primals, tangents), eqx.is_array))
+    outputs = jax.extend.core.jaxpr_as_fun(closed)(*inputs)
+    return eqx.combine(
+        jax.tree.unflatten(jax.tree.structure(out_dynamic), outputs), out_static
+    )
+
+
+def _jvp_derivatives(
+    value_and_aux: Callable[[PyTree], tuple[Array, Any]],
+    primal: PyTree,
+    tangents: PyTree,
+) -> tuple[Scalar, Array, Any]:
+    """One forward pass returning `(value, d, aux)`. The primal is not batched, so
+    under `vmap` it is computed only once; a single tangent runs without `vmap`."""
+
+    def along(tangent):
+        return jvp(value_and_aux, (primal,), (tangent,), has_aux=True)
+
+    if jax.tree.leaves(tangents)[0].shape[0] == 1:
+        value, derivative, aux = along(jax.tree.map(lambda t: t[0], tangents))
+        return value, derivative[None], aux
+    return jax.vmap(along, out_axes=(None, 0, None))(tangents)
+
+
+def _central_differences(
+    value_and_aux: Callable[[PyTree], tuple[Array, Any]],
+    primal: PyTree,
+    tangents: PyTree,
+    step: ScalarLike,
+) -> Array:
+    """`(L(θ + h t_j) − L(θ − h t_j)) / 2h` for each tangent, in the loss's dtype
+    (the difference is taken in at least float32)."""
+
+    def value_at(tangent, sign):
+        moved = jax.tree.map(
+            lambda p, t: p + sign * jnp.asarray(step, p.dtype) * t.astype(p.dtype),
+            primal,
+            tangent,
+        )
+        return value_and_aux(moved)[0]
+
+    def along(tangent):
+        plus, minus = value_at(tangent, 1), value_at(tangent, -1)
+        dtype = jnp.promote_types(plus.dtype, jnp.float32)
+        difference = plus.astype(dtype) - minus.astype(dtype)
+        return (difference / (2 * jnp.asarray(step, dtype))).astype(plus.dtype)
+
+    if jax.tree.leaves(tangents)[0].shape[0] == 1:
+        return along(jax.tree.map(lambda t: t[0], tangents))[None]
+    return jax.vmap(along)(tangents)
+
+
+def directional_derivatives(
+    value_and_aux: Callable[[PyTree], tuple[Array, Any]],
+    primal: PyTree,
+    tangents: PyTree,
+    derivative: str,
+    finite_difference_step: ScalarLike,
+) -> tuple[Scalar | None, Array, Any]:
+    """`(value, d, aux)` for the tangents stacked along a leading axis, with `d_j`
+    the derivative along `t_j`. Central differences do not evaluate the loss at
+    `primal`: their value and aux are `None` (the caller evaluates them once)."""
+    if derivative == "central":
+        derivatives = _central_differences(
+            value_and_aux, primal, tangents, finite_difference_step
+        )
+        return None, derivatives, None
+    return _jvp_derivatives(value_and_aux, primal, tangents)
