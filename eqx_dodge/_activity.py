@@ -102,8 +102,8 @@ class _Parts(NamedTuple):
     separate: bool
     num_points: int
     num_groups: int
-
     other_groups: tuple[int, ...]
+
     def other_group_tree(self, like: PyTree) -> PyTree:
         """`other_groups` as a PyTree shaped like `like` (a direction of `others`)."""
         return jax.tree.unflatten(jax.tree.structure(like), self.other_groups)
