@@ -60,8 +60,10 @@ def unclipped_updates_source(
 
     def init_fn(params):
         zeros = optax.tree.zeros_like(params)
+        count = jnp.zeros((), jnp.int32)
+        # No key; the record of the last step is not kept here.
         return eqx_dodge.ScaleByAdamDodgeState(
-            jnp.zeros((), jnp.int32), zeros, zeros, None
+            count, zeros, zeros, None, jnp.array(jnp.inf), None, count, count
         )
 
     def update_fn(updates, state, params=None, **extra):
@@ -70,7 +72,7 @@ def unclipped_updates_source(
         gradient = jax.grad(value_fn)(params)
         ratio = optax.tree.vdot(gradient, step) / optax.tree.vdot(mu_hat, step)
         scaled = jax.tree.map(lambda a: -learning_rate * ratio * a, step)
-        return scaled, eqx_dodge.ScaleByAdamDodgeState(count, mu, nu, None)
+        return scaled, state._replace(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

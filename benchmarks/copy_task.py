@@ -217,7 +217,8 @@ def gradient_estimate(method: str, model, critic, key, inputs, config: Config):
 
 
 def train(method: str, learning_rate: float, seed: int, config: Config):
-    """One run; returns the evaluation steps and the bit errors per sequence there."""
+    """One run; returns the evaluation steps, and the bit errors and the summed loss
+    per sequence there."""
     model_key, data_key, eval_key = jax.random.split(jax.random.key(seed), 3)
     model = Model(config.hidden, model_key)
     optimizer = optax.adam(learning_rate)
@@ -258,8 +259,8 @@ def train(method: str, learning_rate: float, seed: int, config: Config):
 
     def block(carry, keys):
         carry, _ = jax.lax.scan(train_step, carry, keys)
-        _, errors = evaluate(eqx.combine(carry[0], static), eval_key, config)
-        return carry, errors
+        value, errors = evaluate(eqx.combine(carry[0], static), eval_key, config)
+        return carry, (errors, value / config.eval_batch)
 
     num_blocks = config.steps // config.eval_every
     keys = jax.random.split(data_key, num_blocks * config.eval_every).reshape(
@@ -268,14 +269,17 @@ def train(method: str, learning_rate: float, seed: int, config: Config):
 
     @jax.jit
     def run(params, opt_state, critic, critic_opt_state):
-        _, initial = evaluate(eqx.combine(params, static), eval_key, config)
+        value, initial = evaluate(eqx.combine(params, static), eval_key, config)
         carry = (params, opt_state, critic, critic_opt_state)
-        _, errors = jax.lax.scan(block, carry, keys)
-        return jnp.concatenate([initial[None], errors])
+        _, (errors, losses) = jax.lax.scan(block, carry, keys)
+        return (
+            jnp.concatenate([initial[None], errors]),
+            jnp.concatenate([value[None] / config.eval_batch, losses]),
+        )
 
-    errors = run(params, opt_state, critic, critic_opt_state)
+    errors, losses = run(params, opt_state, critic, critic_opt_state)
     steps = np.arange(num_blocks + 1) * config.eval_every
-    return steps, np.asarray(errors)
+    return steps, np.asarray(errors), np.asarray(losses)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -294,14 +298,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for method in args.methods:
         runs = {}
         for learning_rate in config.learning_rates:
-            curves = []
+            curves, loss_curves = [], []
             start = time.perf_counter()
             for seed in config.seeds:
-                steps, errors = train(method, learning_rate, seed, config)
+                steps, errors, losses = train(method, learning_rate, seed, config)
                 curves.append(errors)
+                loss_curves.append(losses)
             curves = np.stack(curves)
             runs[learning_rate] = {
                 "median_curve": np.median(curves, axis=0).tolist(),
+                "median_loss_curve": np.median(loss_curves, axis=0).tolist(),
                 "final_per_seed": curves[:, -1].tolist(),
                 "seconds": time.perf_counter() - start,
             }

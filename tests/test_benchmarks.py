@@ -165,7 +165,7 @@ def test_activity_quick(tmp_path):
     assert (tmp_path / "activity.png").stat().st_size > 0
     methods = record["methods"]
     assert set(methods) == set(record["step_time"])
-    assert len(methods) == 9
+    assert len(methods) == 11
     minimums = {
         "activity, separate layers": 0.5,
         "local losses, activity (LG-FG-A)": 0.5,
@@ -206,16 +206,86 @@ def test_vs_pytorch_jax_side(tmp_path):
     }
 
 
-def test_run_all_quick(tmp_path):
+def test_adam_problems_quick(tmp_path):
+    """The bounded `adam_dodge` of 0.2 against 0.1's step: with exact estimates it is
+    `optax.adam`, its steps stay within Adam's bound, and 0.1's unclipped step goes
+    past it on Rosenbrock's valley. Catches a bound lost in a refactor, and a study
+    that no longer tells the two apart."""
+    adam_problems = importlib.import_module("adam_problems")
+    record = adam_problems.main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "adam_problems.png").stat().st_size > 0
+    bound = record["config"]["adam_bound"]
+    for name, result in record["results"].items():
+        methods = result["methods"]
+        adam, exact = (
+            methods["optax.adam"],
+            methods["adam_dodge exact (partition, k = p)"],
+        )
+        assert adam["converged"] and exact["converged"], name
+        for method, entry in methods.items():
+            if method != "appendix A unclipped (0.1)":
+                assert entry["largest_step_over_lr"] <= bound, (name, method)
+        for run in result["one_direction"]:
+            assert run["largest_step_over_lr"] <= bound, (name, run)
+    parabola = record["results"]["parabola"]["methods"]
+    np.testing.assert_allclose(
+        parabola["adam_dodge exact (partition, k = p)"]["final"],
+        parabola["optax.adam"]["final"],
+        rtol=1e-6,
+    )
+    # Measured: 15.9 times the learning rate.
+    unclipped = record["results"]["rosenbrock"]["methods"]["appendix A unclipped (0.1)"]
+    assert unclipped["largest_step_over_lr"] > 2 * bound
+
+
+_FAKE_BENCHMARK = """
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+name = pathlib.Path(__file__).stem
+record = {"benchmark": name, "quick": "--quick" in sys.argv}
+(out / f"{name}.json").write_text(json.dumps(record))
+sys.exit(1 if name == "fails" else 0)
+"""
+
+
+def test_every_benchmark_has_a_smoke_test():
+    """Each benchmark script's `--quick` run is exercised by some test (the runner's
+    own test below uses stand-in scripts), so `make bench` cannot break unseen."""
     names = {path.stem for path in run_all.benchmark_scripts()}
     assert "step_cost" in names and "copy_task" in names
     assert not names & {"report", "run_all", "_common", "_models"}
-    only = ["influence_balancing", "scaling"]
-    record = run_all.main(["--quick", "--only", *only, "--out", str(tmp_path)])
+    tests = "".join(path.read_text() for path in (ROOT / "tests").glob("test_*.py"))
+    for name in names:
+        references = (f'"{name}.py"', f'benchmarks/{name}.py"', f'module("{name}")')
+        imported = f"\nimport {name}\n" in tests
+        assert imported or any(r in tests for r in references), name
+
+
+def test_run_all_quick(tmp_path, monkeypatch):
+    """The runner runs every script (in parallel with `--quick`), passes the flags
+    on, records each one's time and fails the run when a script fails. Stand-in
+    scripts: the real ones each have their own smoke test."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("alpha", "beta", "fails", "_helper"):
+        (scripts / f"{name}.py").write_text(_FAKE_BENCHMARK)
+    monkeypatch.setattr(run_all, "HERE", scripts)
+    names = {path.stem for path in run_all.benchmark_scripts()}
+    assert names == {"alpha", "beta", "fails"}
+    out = tmp_path / "out"
+    only = ["alpha", "beta"]
+    record = run_all.main(["--quick", "--only", *only, "--out", str(out)])
     assert set(record["seconds"]) == set(only)
     assert record["config"] == {"quick": True, "jobs": os.cpu_count()}
-    for name in [*only, "run_all"]:
-        assert json.loads((tmp_path / f"{name}.json").read_text())["benchmark"] == name
+    for name in only:
+        assert json.loads((out / f"{name}.json").read_text()) == {
+            "benchmark": name,
+            "quick": True,
+        }
+    assert json.loads((out / "run_all.json").read_text())["benchmark"] == "run_all"
+    with pytest.raises(SystemExit, match="Failed: fails.py"):
+        run_all.main(["--quick", "--out", str(out)])
     with pytest.raises(SystemExit, match="Unknown benchmarks"):
         run_all.main(["--quick", "--only", "no_such_benchmark"])
 

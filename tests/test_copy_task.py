@@ -2,7 +2,7 @@ import importlib
 import json
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 
 copy_task = importlib.import_module("copy_task")
@@ -10,25 +10,30 @@ copy_task = importlib.import_module("copy_task")
 
 def test_copy_batch():
     max_length = 4
-    inputs, targets, mask = copy_task.copy_batch(jax.random.key(0), 16, max_length)
+    batch = copy_task.copy_batch(jax.random.key(0), 16, max_length)
+    # NumPy from here: eager indexing of JAX arrays compiles a program per index.
+    inputs, targets, mask = map(np.asarray, batch)
     total = 2 * max_length + 1
     assert inputs.shape == (total, 16, copy_task.BITS + 1)
     assert targets.shape == (total, 16, copy_task.BITS)
     assert mask.shape == (total, 16)
-    lengths = jnp.argmax(inputs[:, :, -1], axis=0)  # the delimiter's position
-    assert jnp.all(jnp.sum(inputs[:, :, -1], axis=0) == 1)
-    assert jnp.all((lengths >= 1) & (lengths <= max_length))
-    assert jnp.all(jnp.sum(mask, axis=0) == lengths.astype(mask.dtype))
-    for b in range(16):
-        length = int(lengths[b])
+    lengths = np.argmax(inputs[:, :, -1], axis=0)  # the delimiter's position
+    assert np.all(np.sum(inputs[:, :, -1], axis=0) == 1)
+    assert np.all((lengths >= 1) & (lengths <= max_length))
+    assert np.all(np.sum(mask, axis=0) == lengths)
+    for b, length in enumerate(lengths):
         shown = inputs[:length, b, :-1]
         recalled = targets[length + 1 : 2 * length + 1, b]
-        assert jnp.all(shown == recalled)
-        assert jnp.all(inputs[length:, b, :-1] == 0)
-        assert jnp.all(mask[length + 1 : 2 * length + 1, b] == 1)
+        assert np.all(shown == recalled)
+        assert np.all(inputs[length:, b, :-1] == 0)
+        assert np.all(mask[length + 1 : 2 * length + 1, b] == 1)
 
 
 def test_quick_run(tmp_path):
+    """Forty Adam steps of DODGE with random directions and along the synthetic
+    gradient lower the evaluation loss (one fixed evaluation batch, so the decrease
+    is training's alone). Catches an estimate with the wrong sign (the loss rises)
+    or a zero estimate (it stays put): bit errors do not move in so few steps."""
     methods = ["dodge_k8", "dodge_synthetic"]
     # `optax.adam`'s bias correction raises `decay ** count` (a float to an int32
     # count), which the suite's strict promotion rejects.
@@ -37,6 +42,9 @@ def test_quick_run(tmp_path):
     record = json.loads((tmp_path / "copy_task.json").read_text())
     assert (tmp_path / "copy_task.png").stat().st_size > 0
     assert set(record["final_bit_errors"]) == set(methods)
-    for errors in record["final_bit_errors"].values():
-        # At most every recalled bit wrong: 8 bits × the longest sequence.
-        assert 0 <= errors <= copy_task.BITS * copy_task.QUICK.max_length
+    for method, result in record["results"].items():
+        [run] = result["runs"].values()
+        losses = run["median_loss_curve"]
+        assert len(losses) == len(record["eval_steps"]) == len(run["median_curve"])
+        # Measured: 0.17572 -> 0.17548 (8 directions), -> 0.17514 (synthetic).
+        assert losses[-1] < losses[0] - 1e-4, (method, losses)
