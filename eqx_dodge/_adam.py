@@ -21,6 +21,7 @@ from ._checks import (
 )
 from ._directions import scale_to_unit, squared_norm, trainable
 from ._estimator import run_tangents, value_and_aux_of, value_and_estimate
+from ._live import split_live
 from ._record import initial_record, record_step, refuse_multi_steps
 from ._tangents import fixed_tangents, random_tangents
 from ._value_fn import candidate_of, loss_of_trainable
@@ -96,8 +97,12 @@ def _scale_by_adam_dodge_random(
             "scale_by_adam_dodge", params, value_fn, extra_args, has_aux
         )
         next_key, step_key = split_stored_key(state.key, impl)
-        tangents = random_tangents(step_key, primal, num_directions, sampler, mode)
-        value, estimate, aux = value_and_estimate(fun, primal, tangents, has_aux=True)
+        split = split_live(fun, primal, has_aux=True)
+        tangents = random_tangents(step_key, split.live, num_directions, sampler, mode)
+        value, estimate, aux = value_and_estimate(
+            split.of(fun), split.live, tangents, has_aux=True
+        )
+        estimate = split.widen(estimate)
         step, mu, nu, _, count = _adam_step(estimate, state, b1, b2, eps, eps_root)
         new_state = state._replace(count=count, mu=mu, nu=nu, key=next_key)
         return record_step(
@@ -149,7 +154,10 @@ def _scale_by_adam_dodge_updates(
         fun, primal = loss_of_trainable(
             "scale_by_adam_dodge", params, value_fn, extra_args, has_aux
         )
-        candidate = candidate_of(updates, primal, "updates")
+        # Projected onto the live leaves, so that dead ones keep zero moments.
+        candidate = split_live(fun, primal, has_aux=True).project(
+            candidate_of(updates, primal, "updates")
+        )
         step, mu, nu, mu_hat, count = _adam_step(
             candidate, state, b1, b2, eps, eps_root
         )

@@ -153,7 +153,8 @@ def check_num_parts(num_coordinates: int, num_parts: int) -> None:
         raise ValueError(
             f"`num_directions={num_parts}` exceeds the number of trainable "
             f"coordinates p={num_coordinates}; in `mode='partition'` each of the "
-            "`num_directions` parts needs at least one coordinate."
+            "`num_directions` parts needs at least one coordinate. (Leaves the loss "
+            "does not depend on, e.g. behind `jax.lax.stop_gradient`, do not count.)"
         )
 
 

@@ -19,8 +19,9 @@ from ._checks import (
     KeyLike,
     ScalarLike,
 )
-from ._directions import trainable
+from ._directions import check_direction, trainable
 from ._estimator import value_and_estimate
+from ._live import LiveSplit, split_live
 from ._tangents import draw_tangents, Layout, SINGLE_DEVICE, Tangents
 
 
@@ -49,11 +50,17 @@ class EstimatorOptions(eqx.Module):
         else:
             check_candidate_options(self.num_directions, self.mode)
 
-    def tangents(self, primal: PyTree, layout: Layout = SINGLE_DEVICE) -> Tangents:
+    def tangents(self, split: LiveSplit, layout: Layout = SINGLE_DEVICE) -> Tangents:
+        """The tangents of the live leaves of `split` (a candidate is checked
+        against all the trainable leaves, then restricted to the live ones)."""
+        direction = self.direction
+        if direction is not None:
+            check_direction(direction, split.primal)
+            direction = split.restrict(direction)
         return draw_tangents(
-            primal,
+            split.live,
             key=None if self.key is None else as_key(self.key),
-            direction=self.direction,
+            direction=direction,
             num_directions=self.num_directions,
             sampler=self.sampler,
             mode=self.mode,
@@ -130,15 +137,16 @@ def _value_and_estimate_jit(wrapper: _ValueAndDodgeWrapper, args: tuple, kwargs:
         return wrapper._fun(eqx.combine(_diff_x, nondiff_x), *rest, **kwargs)
 
     options = wrapper._options
+    split = split_live(fun_of_trainable, diff_x, has_aux=options.has_aux)
     value, estimate, aux = value_and_estimate(
-        fun_of_trainable,
-        diff_x,
-        options.tangents(diff_x),
+        split.of(fun_of_trainable),
+        split.live,
+        options.tangents(split),
         has_aux=options.has_aux,
         derivative=options.derivative,
         finite_difference_step=options.finite_difference_step,
     )
-    return ((value, aux) if options.has_aux else value), estimate
+    return ((value, aux) if options.has_aux else value), split.widen(estimate)
 
 
 class _DodgeWrapper(WrapperMethods):
@@ -279,7 +287,10 @@ def filter_value_and_dodge(
     A function with the same arguments as `fun` returning `(value, estimate)`, or
     `((value, aux), estimate)` when `has_aux=True`. The estimate has the structure of
     the first argument, the dtype of each of its floating-point leaves, and `None`
-    at every other leaf.
+    at every other leaf. Leaves the value does not depend on (frozen with
+    `jax.lax.stop_gradient`, or unused) get no direction, do not count in `p` and
+    get exact zeros, as with `eqx.filter_grad`; see "How do I freeze part of a
+    model?" in the FAQ.
 
     Can be used as a decorator, `@filter_value_and_dodge(key=key)`, also on methods.
     """

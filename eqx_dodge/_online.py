@@ -28,7 +28,8 @@ from ._checks import (
     REDUCTIONS,
 )
 from ._derivatives import jvp
-from ._directions import check_direction, trainable
+from ._directions import check_direction, partition_direction, trainable
+from ._live import LiveSplit, split_live
 from ._tangents import draw_tangents
 
 
@@ -136,6 +137,22 @@ def cut_gradient_every(truncation: int | Array, t: Array, state: PyTree) -> PyTr
     return jax.tree.map(
         lambda leaf: jnp.where(cut, jax.lax.stop_gradient(leaf), leaf), state
     )
+
+
+def _live_directions(split: LiveSplit, directions: PyTree, mode: str) -> PyTree:
+    """The stacked `directions` (drawn at `init`, before the loss is seen) on the
+    live leaves of `split`. Random entries are independent, so dropping those of the
+    dead leaves leaves directions distributed as if drawn on the live leaves alone;
+    the parts of one direction (`mode="partition"`) are formed again over the live
+    coordinates. Both are fixed functions of `directions`, so the carried tangent
+    stays a derivative along the same directions from window to window."""
+    live = split.restrict(directions)
+    num = jax.tree.leaves(directions)[0].shape[0]
+    if split.all_live or mode != "partition" or num == 1:
+        return live
+    # The parts have disjoint supports: their sum is the direction they split.
+    base = jax.tree.map(lambda parts: jnp.sum(parts, axis=0), live)
+    return partition_direction(base, num)
 
 
 class OnlineDodge(eqx.Module):
@@ -315,21 +332,28 @@ class OnlineDodge(eqx.Module):
             )
             return (value, final_state), aux
 
+        # A leaf is live if its tangent reaches the loss or the state carried on.
+        split = split_live(lambda d: window(d, carry.state)[0], diff_model)
+        directions = _live_directions(split, carry.directions, self.mode)
+
         def along(direction, tangent):
             return jvp(
-                window, (diff_model, carry.state), (direction, tangent), has_aux=True
+                split.of(window),
+                (split.live, carry.state),
+                (direction, tangent),
+                has_aux=True,
             )
 
         (value, final_state), (derivatives, final_tangent), aux = jax.vmap(
             along, out_axes=(None, 0, None)
-        )(carry.directions, carry.tangent)
+        )(directions, carry.tangent)
         # Average mode divides by k; partition parts and a candidate sum.
         weights = derivatives
         if self.mode == "average" and derivatives.shape[0] > 1:
             weights = derivatives / derivatives.shape[0]
         estimate = jax.tree.map(
-            lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1),
-            carry.directions,
+            lambda u: jnp.tensordot(weights.astype(u.dtype), u, axes=1), directions
         )
+        estimate = split.widen(estimate)
         new_carry = OnlineDodgeState(final_state, final_tangent, carry.directions)
         return ((value, aux) if self.has_aux else value), estimate, new_carry

@@ -35,6 +35,7 @@ from ._filter import (
     wrap,
     WrapperMethods,
 )
+from ._live import split_live
 from ._sharded_layout import (
     axis_tuple,
     broadcast_specs,
@@ -114,18 +115,21 @@ class _ShardedValueAndDodgeWrapper(WrapperMethods):
             value, aux = out if self._options.has_aux else (out, None)
             return reduce(value, self._data_axes), aux
 
+        # The dead leaves are left out of the directions and of the layout alike.
+        split = split_live(global_value, diff, has_aux=True)
+        layout = layout.restrict(split.mask)
         tangents = draw_tangents(
-            diff,
+            split.live,
             key=key,
-            direction=direction,
+            direction=None if direction is None else split.restrict(direction),
             num_directions=self._options.num_directions,
             sampler=self._options.sampler,
             mode=self._options.mode,
             layout=layout,
         )
         value, estimate, aux = value_and_estimate(
-            global_value,
-            diff,
+            split.of(global_value),
+            split.live,
             tangents,
             has_aux=True,
             layout=layout,
@@ -134,7 +138,7 @@ class _ShardedValueAndDodgeWrapper(WrapperMethods):
         )
         # Each data shard has its own `aux`: stacked along a new leading axis.
         aux = jax.tree.map(lambda leaf: jnp.expand_dims(leaf, 0), aux)
-        return value, jax.tree.leaves(estimate), aux
+        return value, jax.tree.leaves(split.widen(estimate)), aux
 
     def _specs(self, key, direction, model, batch, kwargs) -> tuple[list, list]:
         """The `PartitionSpec` of every array leaf of the inputs, in leaf order, and

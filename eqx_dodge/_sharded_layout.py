@@ -11,7 +11,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
-from ._directions import accumulation_dtype, part_of, sample_direction, squared_norm
+from ._directions import (
+    accumulation_dtype,
+    check_num_parts,
+    part_of,
+    sample_direction,
+    squared_norm,
+)
 from ._tangents import Layout
 
 
@@ -115,7 +121,21 @@ class ShardedLayout(Layout):
         return total
 
     def check_num_parts(self, primal: PyTree, num_parts: int) -> None:
-        del primal, num_parts  # checked on the global tree, before `shard_map`
+        del primal  # local shards: the global shapes count the coordinates
+        check_num_parts(
+            sum(math.prod(shape) for shape in self.global_shapes), num_parts
+        )
+
+    def restrict(self, mask: tuple[bool, ...]) -> "ShardedLayout":
+        def kept(values: tuple) -> tuple:
+            return tuple(value for value, live in zip(values, mask) if live)
+
+        return ShardedLayout(
+            self.groups,
+            kept(self.leaf_groups),
+            kept(self.leaf_specs),
+            kept(self.global_shapes),
+        )
 
     def part_indices(self, primal: PyTree, num_parts: int) -> PyTree:
         """The parts of the local shard of each leaf: contiguous blocks of the

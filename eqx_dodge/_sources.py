@@ -19,18 +19,31 @@ from ._checks import (
 )
 from ._directions import check_direction, num_coordinates, trainable
 from ._estimator import value_and_estimate
+from ._live import LiveSplit, split_live
 from ._record import initial_record, record_step, refuse_multi_steps
-from ._tangents import explored_tangents, random_tangents
+from ._tangents import explored_tangents, random_tangents, Tangents
 from ._value_fn import candidate_of, loss_of_trainable
+
+
+def _estimate(fun, split: LiveSplit, tangents: Tangents) -> tuple[Array, PyTree, Any]:
+    """`(value, estimate, aux)` of `fun(primal) = (value, aux)`: the estimate along
+    `tangents` of the live leaves, zero at the dead ones."""
+    value, estimate, aux = value_and_estimate(
+        split.of(fun), split.live, tangents, has_aux=True
+    )
+    return value, split.widen(estimate), aux
 
 
 def _explored_estimate(
     fun, primal: PyTree, candidate: PyTree, key: Any, **options: Any
 ) -> tuple[Array, PyTree, Any]:
-    """`(value, estimate, aux)` along the candidate and its random exploration
-    directions."""
-    tangents = explored_tangents(primal, candidate, key=key, **options)
-    return value_and_estimate(fun, primal, tangents, has_aux=True)
+    """`(value, estimate, aux)` along the candidate (projected onto the live leaves)
+    and its random exploration directions."""
+    split = split_live(fun, primal, has_aux=True)
+    tangents = explored_tangents(
+        split.live, split.restrict(candidate), key=key, **options
+    )
+    return _estimate(fun, split, tangents)
 
 
 def _step_keys(data: Array | None, impl: Any) -> tuple[Array | None, Any]:
@@ -143,12 +156,11 @@ def dodge_random(
         if updates is not None:
             check_direction(updates, primal, name="updates")
         next_key, step_key = split_stored_key(state.key, impl)
-        tangents = random_tangents(step_key, primal, num_directions, sampler, mode)
+        split = split_live(fun, primal, has_aux=True)
+        tangents = random_tangents(step_key, split.live, num_directions, sampler, mode)
         baseline = state.baseline
         if baseline is None:
-            value, estimate, aux = value_and_estimate(
-                fun, primal, tangents, has_aux=True
-            )
+            value, estimate, aux = _estimate(fun, split, tangents)
         else:
             # Differentiate L(w) − b·w, whose directional derivative is (g − b)·u,
             # then add b back: unbiased, since b depends on past directions only.
@@ -157,10 +169,8 @@ def dodge_random(
                 shift = jnp.asarray(optax.tree.vdot(baseline, _primal))
                 return value - shift.astype(value.dtype), (value, aux)
 
-            _, estimate, (value, aux) = value_and_estimate(
-                shifted, primal, tangents, has_aux=True
-            )
-            estimate = optax.tree.add(estimate, baseline)
+            _, estimate, (value, aux) = _estimate(shifted, split, tangents)
+            estimate = optax.tree.add(estimate, split.project(baseline))
             baseline = optax.tree.update_moment(estimate, baseline, baseline_decay, 1)
         count = jnp.asarray(optax.safe_increment(state.count))
         new_state = state._replace(count=count, key=next_key, baseline=baseline)

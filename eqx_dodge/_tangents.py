@@ -53,6 +53,12 @@ class Layout(eqx.Module):
     def check_num_parts(self, primal: PyTree, num_parts: int) -> None:
         check_num_parts(num_coordinates(primal), num_parts)
 
+    def restrict(self, mask: tuple[bool, ...]) -> "Layout":
+        """This layout for the leaves of the primal where `mask` is true (the live
+        leaves, `_live.py`)."""
+        del mask
+        return self
+
     def chunk_size(self, num_directions: int, primitives: Set[str]) -> int:
         """How many of the k directions one vectorised jvp carries."""
         if jax.default_backend() != "cpu" or primitives & {"scan", "while"}:
