@@ -21,8 +21,11 @@ backprop within the blocks (LG-BP, Ren's control) or by activity perturbation wi
 separate layers (LG-FG-A). "Global target, local guess" (Fournier et al.,
 `eqx_dodge.local_guess_dodge`): the global loss's gradient projected on the
 local-loss gradient (exact by LG-BP, or its LG-FG-A estimate), `(g·ĉ)ĉ`; the local
-head follows its local gradient. Every model predicts with its last head, and the
-training loss that selects the step size is the global one.
+head follows its local gradient. "8 group-wise local losses" (Ren et al.'s
+group-wise losses, `_local_models.py`): the hidden layer's units in 8 groups of 8,
+each a Linear layer with a local loss of its own (the local head on the features with
+the other groups stopped). Every model predicts with its last head, and the training
+loss that selects the step size is the global one.
 
 Every method gets the same step-size grid; for each, the step size with the lowest
 final training loss (mean over seeds) is kept, and we report its TEST accuracy,
@@ -45,11 +48,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import _common
+import _local_models
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import eqx_dodge
 
@@ -79,22 +82,16 @@ def make_model(key: jax.Array) -> eqx.nn.MLP:
 
 
 def make_local_model(key: jax.Array) -> eqx_dodge.LocalLosses:
-    """`make_model(key)`'s MLP, the same weights, as two blocks with local losses:
-    the hidden layer with a local head of its own, then the output layer."""
-    hidden, output = make_model(key).layers
-    # Not `fold_in(key, 1)`: for Threefry that is `split(key)[1]`, the MLP's own
-    # output layer, and two equal heads would make the local loss the global one.
-    return eqx_dodge.LocalLosses(
-        blocks=[
-            eqx.nn.Sequential([hidden, eqx.nn.Lambda(jax.nn.relu)]),
-            eqx.nn.Identity(),
-        ],
-        heads=[eqx.nn.Linear(HIDDEN, 10, key=jax.random.fold_in(key, 7)), output],
-    )
+    """`make_model(key)`'s MLP, the same weights, as two blocks with local losses."""
+    return _local_models.local_model(make_model(key), key)
 
 
-def output_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+def make_grouped_model(key: jax.Array) -> eqx_dodge.LocalLosses:
+    """The same with `GROUPS` group-wise local losses on the hidden layer."""
+    return _local_models.grouped_model(make_model(key), key)
+
+
+output_loss = _local_models.output_loss
 
 
 def example_loss(model: Callable, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -153,7 +150,8 @@ def local_guess(activity_candidate: bool) -> Estimator:
     )(model, x, y)
 
 
-MLP, LOCAL = make_model, make_local_model
+MLP, LOCAL, GROUPED = make_model, make_local_model, make_grouped_model
+GROUPS = _local_models.GROUPS
 METHODS: dict[str, Method] = {
     "backprop": Method(MLP, backprop(batch_loss), batch_loss, False),
     "weight DODGE k=1": Method(MLP, weight_dodge(1), batch_loss, True),
@@ -170,6 +168,12 @@ METHODS: dict[str, Method] = {
     ),
     "global target, LG-BP guess": Method(LOCAL, local_guess(False), batch_loss, False),
     "global target, LG-FG-A guess": Method(LOCAL, local_guess(True), batch_loss, True),
+    f"{GROUPS} group-wise local losses, backprop": Method(
+        GROUPED, backprop(local_batch_loss), local_batch_loss, False
+    ),
+    f"{GROUPS} group-wise local losses, activity": Method(
+        GROUPED, activity(local_example_loss, True), local_batch_loss, True
+    ),
 }
 
 

@@ -157,9 +157,10 @@ def test_digits_directions_quick(tmp_path):
 
 def test_activity_quick(tmp_path):
     """Every method of the activity benchmark learns the digits (chance is 0.10).
-    Measured (100 updates, 2 seeds, step sizes 0.01 to 3): 0.92-0.93 for the three
-    methods that use backprop, 0.78 and 0.61 for activity with separate layers and
-    LG-FG-A, 0.21 for weight DODGE k = 1 and 0.17 for the LG-FG-A guess."""
+    Measured (100 updates, 2 seeds, step sizes 0.01 to 3): 0.92-0.95 for the four
+    methods that use backprop, 0.78, 0.61 and 0.82 for activity with separate
+    layers, LG-FG-A and group-wise LG-FG-A, 0.21 for weight DODGE k = 1 and 0.17 for
+    the LG-FG-A guess."""
     check_ok(run_script("activity.py", "--quick", "--out", str(tmp_path)))
     record = json.loads((tmp_path / "activity.json").read_text())
     assert (tmp_path / "activity.png").stat().st_size > 0
@@ -169,6 +170,7 @@ def test_activity_quick(tmp_path):
     minimums = {
         "activity, separate layers": 0.5,
         "local losses, activity (LG-FG-A)": 0.5,
+        "8 group-wise local losses, activity": 0.5,
     }
     for name, method in methods.items():
         minimum = minimums.get(name, 0.14 if method["forward_only"] else 0.85)
