@@ -225,6 +225,41 @@ def test_baseline_is_moving_average_of_estimates():
     np.testing.assert_allclose(flat(second), (d - b @ u) * u + b, rtol=1e-4, atol=1e-4)
 
 
+def test_baseline_early_steps_descend():
+    """A baseline with `optax.sgd` on a small regression MLP (33 parameters, decay
+    0.99) lowers the loss from the first steps on, as the plain estimate does.
+    Catches 0.1's bias-corrected baseline, whose rate is about 1/count in the first
+    steps, above its stability bound 2/q: with it this run climbs from 0.34 to 0.87
+    by step 20 and overflows by step 60 (measured)."""
+    model = eqx.nn.MLP(2, "scalar", 8, 1, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (64, 2))
+    y = jnp.sin(x[:, 0]) * jnp.cos(x[:, 1])
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss(p):
+        return jnp.mean((jax.vmap(eqx.combine(p, static))(x) - y) ** 2)
+
+    @jax.jit
+    def losses(params):
+        optimizer = optax.chain(
+            eqx_dodge.dodge(key=0, baseline_decay=0.99), optax.sgd(1e-2)
+        )
+
+        def step(carry, _):
+            params, state = carry
+            updates, state = optimizer.update(None, state, params, value_fn=loss)
+            return (optax.apply_updates(params, updates), state), loss(params)
+
+        return jax.lax.scan(step, (params, optimizer.init(params)), length=120)[1]
+
+    curve = losses(params)
+    # Measured: 0.342 at step 0, then 0.297, 0.254, 0.220, 0.195, 0.171 every 20
+    # steps (without a baseline 0.299, 0.259, 0.227, 0.208, 0.184).
+    assert jnp.max(curve) == curve[0]
+    assert jnp.all(curve[20::20] < curve[:-20:20])
+    assert curve[-1] < 0.6 * curve[0]
+
+
 @pytest.mark.parametrize("num_directions, mode", [(1, "average"), (3, "partition")])
 def test_baseline_converges_to_gradient(num_directions, mode):
     """At `β = 1/q` the baseline error contracts by `1 − 1/q` per step in mean
