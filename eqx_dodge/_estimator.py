@@ -56,6 +56,25 @@ def _chunks(seeds: PyTree, num: int, chunk: int) -> tuple[PyTree, PyTree]:
     return head, tail
 
 
+def _after(seeds: PyTree, previous: PyTree) -> PyTree:
+    """`seeds`, made to depend on what the chunks before computed (`previous`: their
+    derivatives and sum), so that XLA runs the chunks one after the other and never
+    holds two chunks' tangents at once. (It inlines a loop of one step and would
+    overlap unrolled chunks; `optimization_barrier` does not keep them apart.)"""
+    # A dependency XLA cannot fold away: the seeds change only if something before
+    # is NaN, and then the estimate is NaN anyway.
+    sums = [jnp.sum(x).astype(jnp.float32) for x in jax.tree.leaves(previous)]
+    nan = jnp.isnan(sum(sums)).astype(jnp.uint32)
+
+    def depend(seed):
+        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            data = jax.random.key_data(seed) ^ nan
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(seed))
+        return seed + nan.astype(seed.dtype)
+
+    return jax.tree.map(depend, seeds)
+
+
 def run_tangents(
     value_and_aux: Callable[[PyTree], tuple[Array, Any]],
     primal: PyTree,
@@ -78,10 +97,8 @@ def run_tangents(
         # the estimate is the empty tree, as `eqx.filter_grad` returns.
         value, aux = value_and_aux(primal)
         return value, jnp.zeros((num,), value.dtype), aux, primal
-    primitives = set()
-    if num > 4:
-        primitives = _primitives(value_and_aux, primal)
-    chunk = layout.chunk_size(num, primitives)
+    chunk = layout.chunk_size(num)
+    primitives = _primitives(value_and_aux, primal) if num > chunk else set()
     accumulate = tangents.accumulates
 
     def run(seeds):
@@ -104,14 +121,14 @@ def run_tangents(
         if "conv_general_dilated" in primitives:
             # XLA:CPU runs convolutions inside a loop several times slower, so the
             # chunks are unrolled by hand (`lax.scan(unroll=True)` still emits a loop).
-            more = []
+            more = [derivatives]
             for i in range(jax.tree.leaves(tail)[0].shape[0]):
-                total, chunk_derivatives = body(
-                    total, jax.tree.map(lambda s: s[i], tail)
-                )
+                seeds = _after(jax.tree.map(lambda s: s[i], tail), (more[-1], total))
+                total, chunk_derivatives = body(total, seeds)
                 more.append(chunk_derivatives)
-            rest = jnp.stack(more)
+            rest = jnp.stack(more[1:])
         else:
+            tail = _after(tail, (derivatives, total))
             total, rest = jax.lax.scan(body, total, tail)
         derivatives = jnp.concatenate([derivatives, rest.reshape(-1)])
     if value is None:

@@ -2,7 +2,7 @@
 piece of a direction, sums norms and assigns partition blocks."""
 
 import math
-from collections.abc import Hashable, Sequence, Set
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -106,10 +106,9 @@ class ShardedLayout(Layout):
             pieces.append(sample_direction(group_key, subtree, sampler))
         return eqx.combine(*pieces)
 
-    def chunk_size(self, num_directions: int, primitives: Set[str]) -> int:
+    def chunk_size(self, num_directions: int) -> int:
         # All k directions in one vectorised jvp, so that their derivatives cross
         # the network in a single all-reduce of k + 1 floats.
-        del primitives
         return num_directions
 
     def squared_norm(self, tree: PyTree) -> Scalar:
