@@ -34,8 +34,9 @@ lint: $(DEV_STAMP)
 	$(VENV)/bin/pyright
 
 # One worker per core: the suite is mostly XLA compilation, which is single-threaded.
+# Work stealing keeps both workers busy to the end (a few tests take over a minute).
 pytest: $(DEV_STAMP)
-	$(VENV)/bin/pytest -n auto
+	$(VENV)/bin/pytest -n auto --dist worksteal
 
 test: lint pytest docs
 
