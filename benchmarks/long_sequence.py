@@ -14,10 +14,15 @@ own: we report XLA's compiled memory analysis (`peak_bytes` = arguments + output
 temporaries − aliased) and the process's peak resident set (`ru_maxrss`, which also
 holds the Python/XLA runtime and the compiler's own peak). A point whose predicted
 peak exceeds `--max-run-bytes` is compiled and analysed but not run.
+
+The quality side: at the smallest T, the cosine of each DODGE method's summed estimate
+(one fixed key) with the exact BPTT gradient. `bptt_remat` computes the exact gradient
+too (to float tolerance; tests/test_long_sequence.py checks it).
 """
 
 import argparse
 import json
+import math
 import pathlib
 import resource
 import subprocess
@@ -41,7 +46,8 @@ BATCH = 32
 WINDOW = 100
 LENGTHS = (1_000, 10_000, 50_000)
 QUICK_LENGTHS = (200,)
-METHODS = ("forward", "bptt", "dodge_k1", "dodge_k8")
+METHODS = ("forward", "bptt", "bptt_remat", "dodge_k1", "dodge_k8")
+DODGE_METHODS = tuple(m for m in METHODS if m.startswith("dodge_k"))
 
 
 class Model(eqx.Module):
@@ -70,11 +76,39 @@ def forward_loss(model, state, xs):
     return jnp.mean(losses)
 
 
+def segment_length(length: int) -> int:
+    """The divisor of `length` nearest its square root (the smaller one on a tie)."""
+    root = math.sqrt(length)
+    divisors = [d for d in range(1, length + 1) if length % d == 0]
+    return min(divisors, key=lambda d: (abs(d - root), d))
+
+
+def remat_loss(model, state, xs):
+    """`forward_loss` as √T checkpointed segments: the same value, and under
+    `jax.grad` the same gradient, with one stored state per segment."""
+    length = xs.shape[0]
+    segment = segment_length(length)
+    segments = xs.reshape((length // segment, segment) + xs.shape[1:])
+
+    @jax.checkpoint
+    def segment_body(s, segment_inputs):
+        def body(s, x):
+            s, loss = step(model, s, x)
+            return s, loss
+
+        return jax.lax.scan(body, s, segment_inputs)
+
+    _, losses = jax.lax.scan(segment_body, state, segments)
+    return jnp.mean(losses)
+
+
 def make_computation(method: str):
     if method == "forward":
         return forward_loss
     if method == "bptt":
         return eqx.filter_grad(forward_loss)
+    if method == "bptt_remat":
+        return eqx.filter_grad(remat_loss)
     num_directions = int(method.removeprefix("dodge_k"))
     online = eqx_dodge.OnlineDodge(step, num_directions=num_directions)
 
@@ -94,11 +128,17 @@ def make_computation(method: str):
     return dodge
 
 
-def measure_point(method: str, length: int, repeats: int, max_run_bytes: int):
-    """Runs in a fresh subprocess: compile, analyse, run, and report."""
+def inputs(length: int):
+    """The model, initial state and sequence every point uses."""
     model = Model(jax.random.key(0))
     state = (jnp.zeros((BATCH, HIDDEN)), jnp.zeros((BATCH, HIDDEN)))
     xs = jax.random.normal(jax.random.key(1), (length, BATCH, INPUT))
+    return model, state, xs
+
+
+def measure_point(method: str, length: int, repeats: int, max_run_bytes: int):
+    """Runs in a fresh subprocess: compile, analyse, run, and report."""
+    model, state, xs = inputs(length)
     rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     fun = eqx.filter_jit(make_computation(method))
     start = time.perf_counter()
@@ -134,6 +174,47 @@ def measure_point(method: str, length: int, repeats: int, max_run_bytes: int):
         )
     record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return record
+
+
+def _cosine(a, b) -> float:
+    a_leaves = jax.tree.leaves(eqx.filter(a, eqx.is_inexact_array))
+    b_leaves = jax.tree.leaves(eqx.filter(b, eqx.is_inexact_array))
+    dot = sum(jnp.vdot(x, y) for x, y in zip(a_leaves, b_leaves, strict=True))
+    a_norm = jnp.sqrt(sum(jnp.vdot(x, x) for x in a_leaves))
+    b_norm = jnp.sqrt(sum(jnp.vdot(y, y) for y in b_leaves))
+    return float(dot / (a_norm * b_norm))
+
+
+def _max_relative_difference(got, expected) -> float:
+    pairs = zip(
+        jax.tree.leaves(eqx.filter(got, eqx.is_inexact_array)),
+        jax.tree.leaves(eqx.filter(expected, eqx.is_inexact_array)),
+        strict=True,
+    )
+    return max(float(jnp.max(jnp.abs(g - e)) / jnp.max(jnp.abs(e))) for g, e in pairs)
+
+
+def quality(length: int) -> dict[str, Any]:
+    """Against the exact BPTT gradient: the cosine of each DODGE method's summed
+    estimate, and the largest difference of the remat gradient (relative to each
+    leaf's largest entry), which is zero up to float rounding unless the segmentation
+    is wrong."""
+    model, state, xs = inputs(length)
+
+    def compute(method):
+        return eqx.filter_jit(make_computation(method))(model, state, xs)
+
+    exact = compute("bptt")
+    return {
+        "length": length,
+        "key": 0,
+        "cosine_with_bptt": {
+            method: _cosine(compute(method), exact) for method in DODGE_METHODS
+        },
+        "bptt_remat_max_relative_difference": _max_relative_difference(
+            compute("bptt_remat"), exact
+        ),
+    }
 
 
 def run_point(method: str, length: int, repeats: int, max_run_bytes: int):
@@ -227,18 +308,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
 
     ratios = summarize_ratios(points)
+    gradient_quality = quality(min(lengths))
+    print(f"cosine with BPTT: {gradient_quality}", file=sys.stderr)
     payload = {
         "config": {
             "hidden": HIDDEN,
             "input": INPUT,
             "batch": BATCH,
             "window": WINDOW,
+            "remat_segments": {
+                str(length): segment_length(length) for length in lengths
+            },
             "lengths": list(lengths),
             "max_run_bytes": args.max_run_bytes,
             "quick": args.quick,
         },
         "goal": "dodge / forward peak memory <= 1.2 at the largest T",
         "ratios": ratios,
+        "quality": gradient_quality,
         "points": {str(length): records for length, records in points.items()},
     }
     _common.write_json(args.out, "long_sequence", payload)

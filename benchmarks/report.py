@@ -324,6 +324,8 @@ def _method_label(key: str) -> str:
     name = key.removesuffix("_over_forward")
     if name.startswith("dodge_k"):
         return f"DODGE k={name.removeprefix('dodge_k')}"
+    if name == "bptt_remat":
+        return "BPTT + remat"
     return name.upper()
 
 
@@ -367,7 +369,45 @@ def long_sequence_section(record: dict[str, Any], results_path: str) -> list[str
         )
     lines += [
         "",
-        "Timings are in the JSON; on a shared machine they are noisy.",
+        "Seconds of one computation relative to the forward pass (median of 3 runs, "
+        "1 at the largest T; a shared machine, so noisy):",
+        "",
+        "| T | " + " | ".join(f"{_method_label(m)} / forward" for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for length, row in ratios.items():
+        cells = [
+            "compiled only" if row[m]["seconds"] is None else f"{row[m]['seconds']:.3g}"
+            for m in methods
+        ]
+        lines.append(f"| {int(length):,} | " + " | ".join(cells) + " |")
+    segments = config.get("remat_segments")
+    if segments:
+        lines += [
+            "",
+            "BPTT + remat: BPTT with `jax.checkpoint` on segments of the divisor "
+            "of T nearest √T ("
+            + ", ".join(
+                f"{segment} steps at T = {int(length):,}"
+                for length, segment in segments.items()
+            )
+            + "), the baseline to beat when BPTT does not fit.",
+        ]
+    quality = record.get("quality")
+    if quality:
+        cosines = ", ".join(
+            f"{_method_label(method)} {cosine:.3f}"
+            for method, cosine in quality["cosine_with_bptt"].items()
+        )
+        lines += [
+            "",
+            f"Quality at T = {quality['length']:,}: cosine of the summed DODGE "
+            f"estimate (one key) with the exact BPTT gradient: {cosines}; "
+            "BPTT + remat is exact (largest difference "
+            f"{quality['bptt_remat_max_relative_difference']:.1e} of a leaf's "
+            "largest entry).",
+        ]
+    lines += [
         "",
         f"![long sequence]({results_path}/long_sequence.png)",
         "",
