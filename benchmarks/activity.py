@@ -351,6 +351,31 @@ def plot(results: dict[str, Any], out_dir) -> None:
     _common.save_figure(fig, out_dir, "activity")
 
 
+def method_record(
+    method: Method, runs: dict[str, np.ndarray], rates: Sequence[float]
+) -> dict[str, Any]:
+    """A method's record: its best step size (lowest mean final training loss; a
+    diverged run, NaN, never wins), test accuracy there, and every step size's runs."""
+    losses = np.nan_to_num(runs["train_loss"].astype(np.float64), nan=np.inf)
+    best = int(np.argmin(losses.mean(axis=1)))
+    test = runs["test_accuracy"][best]
+    return {
+        "best_learning_rate": rates[best],
+        "forward_only": method.forward_only,
+        "target": "local losses" if method.target is local_batch_loss else "global",
+        "test_accuracy_mean": float(test.mean()),
+        "test_accuracy_std": float(test.std(ddof=1)),
+        "train_accuracy_mean": float(runs["train_accuracy"][best].mean()),
+        "per_learning_rate": {
+            str(rate): {
+                key: [float(v) for v in runs[key][i]]
+                for key in ("train_loss", "train_accuracy", "test_accuracy")
+            }
+            for i, rate in enumerate(rates)
+        },
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _common.parse_args(__doc__, argv)
     if args.quick:
@@ -365,26 +390,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         runs = run_method(method, seeds, rates, data, num_updates)
         print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-        # A diverged run (NaN loss) never wins.
-        losses = np.nan_to_num(runs["train_loss"].astype(np.float64), nan=np.inf)
-        losses = losses.mean(axis=1)
-        best = int(np.argmin(losses))
+        methods[name] = method_record(method, runs, rates)
+        best = rates.index(methods[name]["best_learning_rate"])
         test = runs["test_accuracy"][best]
-        methods[name] = {
-            "best_learning_rate": rates[best],
-            "forward_only": method.forward_only,
-            "target": "local losses" if method.target is local_batch_loss else "global",
-            "test_accuracy_mean": float(test.mean()),
-            "test_accuracy_std": float(test.std(ddof=1)),
-            "train_accuracy_mean": float(runs["train_accuracy"][best].mean()),
-            "per_learning_rate": {
-                str(rate): {
-                    key: [float(v) for v in runs[key][i]]
-                    for key in ("train_loss", "train_accuracy", "test_accuracy")
-                }
-                for i, rate in enumerate(rates)
-            },
-        }
         print(
             f"{name:32s} lr={rates[best]:<6} test "
             f"{100 * test.mean():.2f} ± {100 * test.std(ddof=1):.2f} %",

@@ -243,28 +243,7 @@ def summarize_runs(
 ) -> dict[str, Any]:
     records = {}
     for name, method in table.items():
-        runs = all_runs[name]
-        # A diverged run (NaN loss) never wins.
-        losses = np.nan_to_num(runs["train_loss"].astype(np.float64), nan=np.inf)
-        best = int(np.argmin(losses.mean(axis=1)))
-        test = runs["test_accuracy"][best]
-        records[name] = {
-            "best_learning_rate": rates[best],
-            "forward_only": method.forward_only,
-            "target": "local losses"
-            if method.target is base.local_batch_loss
-            else "global",
-            "test_accuracy_mean": float(test.mean()),
-            "test_accuracy_std": float(test.std(ddof=1)),
-            "train_accuracy_mean": float(runs["train_accuracy"][best].mean()),
-            "per_learning_rate": {
-                str(rate): {
-                    key: [float(v) for v in runs[key][i]]
-                    for key in ("train_loss", "train_accuracy", "test_accuracy")
-                }
-                for i, rate in enumerate(rates)
-            },
-        }
+        records[name] = base.method_record(method, all_runs[name], rates)
     backprop = records["backprop"]
     for record in records.values():
         gap = 100 * (backprop["test_accuracy_mean"] - record["test_accuracy_mean"])
