@@ -376,6 +376,23 @@ def method_record(
     }
 
 
+def compare_with_backprop(
+    records: dict[str, dict[str, Any]], num_seeds: int, goal_points: float
+) -> None:
+    """Adds to every method's record its gap to backprop in accuracy points, the
+    gap's standard error, and whether the gap is within `goal_points`."""
+    backprop = records["backprop"]
+    for record in records.values():
+        gap = 100 * (backprop["test_accuracy_mean"] - record["test_accuracy_mean"])
+        record["points_below_backprop"] = gap
+        # The standard error of the difference of two independent means.
+        record["gap_standard_error"] = 100 * float(
+            np.hypot(backprop["test_accuracy_std"], record["test_accuracy_std"])
+            / np.sqrt(num_seeds)
+        )
+        record["within_goal"] = bool(gap <= goal_points)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _common.parse_args(__doc__, argv)
     if args.quick:
@@ -398,16 +415,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{100 * test.mean():.2f} ± {100 * test.std(ddof=1):.2f} %",
             file=sys.stderr,
         )
-    backprop = methods["backprop"]
-    for record in methods.values():
-        gap = 100 * (backprop["test_accuracy_mean"] - record["test_accuracy_mean"])
-        record["points_below_backprop"] = gap
-        # The standard error of the difference of two independent means.
-        record["gap_standard_error"] = 100 * float(
-            np.hypot(backprop["test_accuracy_std"], record["test_accuracy_std"])
-            / np.sqrt(len(seeds))
-        )
-        record["within_goal"] = bool(gap <= GOAL_POINTS)
+    compare_with_backprop(methods, len(seeds), GOAL_POINTS)
     forward_only = [n for n, r in methods.items() if r["forward_only"]]
     best_forward_only = max(
         forward_only, key=lambda n: methods[n]["test_accuracy_mean"]

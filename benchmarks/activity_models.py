@@ -244,16 +244,7 @@ def summarize_runs(
     records = {}
     for name, method in table.items():
         records[name] = base.method_record(method, all_runs[name], rates)
-    backprop = records["backprop"]
-    for record in records.values():
-        gap = 100 * (backprop["test_accuracy_mean"] - record["test_accuracy_mean"])
-        record["points_below_backprop"] = gap
-        # The standard error of the difference of two independent means.
-        record["gap_standard_error"] = 100 * float(
-            np.hypot(backprop["test_accuracy_std"], record["test_accuracy_std"])
-            / np.sqrt(num_seeds)
-        )
-        record["within_goal"] = bool(gap <= goal_points)
+    base.compare_with_backprop(records, num_seeds, goal_points)
     return records
 
 
