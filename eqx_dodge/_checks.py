@@ -5,7 +5,7 @@ checked at run time, and a bad value raises a `ValueError` (a bad type a `TypeEr
 that names the argument and says what it should be.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -126,6 +126,21 @@ def check_derivative_options(derivative: Any, finite_difference_step: Any) -> No
 def check_callable(name: str, value: Any) -> None:
     if not callable(value):
         raise TypeError(f"`{name}` must be callable, got {type(value).__name__}.")
+
+
+def check_keywords(function: str, options: Mapping[str, Any], accepted: Any) -> None:
+    """`options`, passed to `function` as `**options: Unpack[accepted]` (a
+    `TypedDict`), holds its required keys and no other: at run time, what Python
+    checks for an explicit signature (type checkers check the `TypedDict` itself)."""
+    known = list(accepted.__annotations__)
+    for name in options:
+        if name not in known:
+            raise TypeError(
+                f"{function}() got an unexpected keyword argument {name!r}; besides "
+                f"those named in its signature, it takes {', '.join(known)}."
+            )
+    for name in sorted(accepted.__required_keys__ - options.keys()):
+        raise TypeError(f"{function}() missing required keyword argument {name!r}.")
 
 
 def check_random_options(num_directions: Any, sampler: Any, mode: Any) -> None:

@@ -1,8 +1,8 @@
 """`filter_dodge` and `filter_value_and_dodge`: `eqx.filter_grad` with forward mode."""
 
 import abc
-from collections.abc import Callable
-from typing import Any, Literal, overload
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, overload, TypedDict, Unpack
 
 import equinox as eqx
 from jaxtyping import Array, PyTree
@@ -12,6 +12,7 @@ from ._checks import (
     check_callable,
     check_candidate_options,
     check_derivative_options,
+    check_keywords,
     check_one_source,
     check_random_options,
     FINITE_DIFFERENCE_STEP,
@@ -28,16 +29,31 @@ from ._tangents import draw_tangents, Layout, SINGLE_DEVICE, Tangents
 _sentinel: Any = object()
 
 
-class EstimatorOptions(eqx.Module):
-    """Where the directions come from and how the estimate is formed: the options
-    shared by `filter_*`, `sharded_*` and their decorator forms."""
+class EstimatorKeywords(TypedDict, total=False):
+    """The keyword arguments of `filter_*` and `sharded_*` besides `has_aux` (explicit
+    for the overloads on it), declared once for all their signatures (PEP 692); the
+    defaults are `EstimatorOptions`'s."""
 
     key: KeyLike | None
     direction: PyTree | None
-    num_directions: int = eqx.field(static=True)
-    sampler: str = eqx.field(static=True)
-    mode: str = eqx.field(static=True)
-    has_aux: bool = eqx.field(static=True)
+    num_directions: int
+    sampler: str
+    mode: str
+    derivative: str
+    finite_difference_step: ScalarLike
+
+
+class EstimatorOptions(eqx.Module):
+    """Where the directions come from and how the estimate is formed: the options
+    shared by `filter_*`, `sharded_*` and their decorator forms, with their
+    defaults."""
+
+    key: KeyLike | None = None
+    direction: PyTree | None = None
+    num_directions: int = eqx.field(static=True, default=1)
+    sampler: str = eqx.field(static=True, default="rademacher")
+    mode: str = eqx.field(static=True, default="average")
+    has_aux: bool = eqx.field(static=True, default=False)
     derivative: str = eqx.field(static=True, default="jvp")
     finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP
 
@@ -69,30 +85,16 @@ class EstimatorOptions(eqx.Module):
 
 
 def estimator_options(
-    key: Any,
-    direction: Any,
-    num_directions: Any,
-    sampler: Any,
-    mode: Any,
-    has_aux: bool,
-    derivative: Any,
-    finite_difference_step: Any,
+    function: str, has_aux: bool, options: Mapping[str, Any]
 ) -> EstimatorOptions:
-    """The options, checked, with the key as a typed key array (an int seed would
-    be a static value under `jit` and recompile for every seed)."""
-    options = EstimatorOptions(
-        key,
-        direction,
-        num_directions,
-        sampler,
-        mode,
-        has_aux,
-        derivative,
-        finite_difference_step,
-    )
-    if key is None:
-        return options
-    return eqx.tree_at(lambda o: o.key, options, as_key(key))
+    """The `**options` given to the public `function`, checked, with the key as a
+    typed key array (an int seed would be a static value under `jit` and recompile
+    for every seed)."""
+    check_keywords(function, options, EstimatorKeywords)
+    checked = EstimatorOptions(has_aux=has_aux, **options)
+    if checked.key is None:
+        return checked
+    return eqx.tree_at(lambda o: o.key, checked, as_key(checked.key))
 
 
 class WrapperMethods(eqx.Module):
@@ -175,15 +177,7 @@ def wrap(fun: Any, make: Callable[[Callable], eqx.Module]) -> Callable:
 
 @overload
 def filter_value_and_dodge(
-    *,
-    key: KeyLike | None = None,
-    direction: PyTree | None = None,
-    num_directions: int = 1,
-    sampler: str = "rademacher",
-    mode: str = "average",
-    has_aux: bool = False,
-    derivative: str = "jvp",
-    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    *, has_aux: bool = False, **options: Unpack[EstimatorKeywords]
 ) -> Callable[[Callable], Callable]: ...
 
 
@@ -191,43 +185,22 @@ def filter_value_and_dodge(
 def filter_value_and_dodge(
     fun: Callable,
     *,
-    key: KeyLike | None = None,
-    direction: PyTree | None = None,
-    num_directions: int = 1,
-    sampler: str = "rademacher",
-    mode: str = "average",
     has_aux: Literal[False] = False,
-    derivative: str = "jvp",
-    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    **options: Unpack[EstimatorKeywords],
 ) -> Callable[..., tuple[Array, PyTree]]: ...
 
 
 @overload
 def filter_value_and_dodge(
-    fun: Callable,
-    *,
-    key: KeyLike | None = None,
-    direction: PyTree | None = None,
-    num_directions: int = 1,
-    sampler: str = "rademacher",
-    mode: str = "average",
-    has_aux: Literal[True],
-    derivative: str = "jvp",
-    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    fun: Callable, *, has_aux: Literal[True], **options: Unpack[EstimatorKeywords]
 ) -> Callable[..., tuple[tuple[Array, Any], PyTree]]: ...
 
 
 def filter_value_and_dodge(
     fun: Callable = _sentinel,
     *,
-    key: KeyLike | None = None,
-    direction: PyTree | None = None,
-    num_directions: int = 1,
-    sampler: str = "rademacher",
-    mode: str = "average",
     has_aux: bool = False,
-    derivative: str = "jvp",
-    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    **options: Unpack[EstimatorKeywords],
 ) -> Callable:
     r"""Creates a function that evaluates `fun` and a DODGE estimate of its gradient.
 
@@ -256,17 +229,20 @@ def filter_value_and_dodge(
         a scalar (or `(scalar, aux)` when `has_aux=True`).
     - `key`: a PRNG key (`jax.random.key`, a legacy `jax.random.PRNGKey`) or an int
         seed, for random directions. Use a fresh key at every step.
-    - `direction`: a candidate direction, instead of `key`.
-    - `num_directions`: the number `k` of directions evaluated, in one vectorised
-        forward pass (a few at a time on CPU).
-    - `sampler`: `"rademacher"` or `"gaussian"` entries for random directions.
-    - `mode`: how `k > 1` random directions combine. `"average"` averages `k`
-        independent estimates, dividing the added variance by `k`. `"partition"`
-        splits one random direction into `k` zero-padded parts over contiguous
-        blocks of the flattened parameters and sums their estimates: the variance
-        of coordinate $i$ only involves the other coordinates of its block, and
-        `k = p` gives the exact gradient (with Rademacher entries).
-    - `has_aux`: if `True`, `fun` returns `(value, aux)` and `aux` is passed back.
+    - `direction`: a candidate direction, instead of `key` (both default to `None`:
+        pass one of them).
+    - `num_directions`: the number `k` of directions evaluated (default 1), in one
+        vectorised forward pass (a few at a time on CPU).
+    - `sampler`: `"rademacher"` (the default) or `"gaussian"` entries for random
+        directions.
+    - `mode`: how `k > 1` random directions combine. `"average"` (the default)
+        averages `k` independent estimates, dividing the added variance by `k`.
+        `"partition"` splits one random direction into `k` zero-padded parts over
+        contiguous blocks of the flattened parameters and sums their estimates: the
+        variance of coordinate $i$ only involves the other coordinates of its block,
+        and `k = p` gives the exact gradient (with Rademacher entries).
+    - `has_aux`: if `True` (default `False`), `fun` returns `(value, aux)` and `aux`
+        is passed back.
     - `derivative`: how each directional derivative $\nabla L \cdot u$ is taken.
         `"jvp"` (the default): exactly, by forward mode. `"central"`: by central
         finite differences, $(L(\theta + h u) - L(\theta - h u)) / 2h$, two forward
@@ -294,30 +270,15 @@ def filter_value_and_dodge(
 
     Can be used as a decorator, `@filter_value_and_dodge(key=key)`, also on methods.
     """
-    options = estimator_options(
-        key,
-        direction,
-        num_directions,
-        sampler,
-        mode,
-        has_aux,
-        derivative,
-        finite_difference_step,
-    )
-    return wrap(fun, lambda f: _ValueAndDodgeWrapper(f, options))
+    checked = estimator_options("filter_value_and_dodge", has_aux, options)
+    return wrap(fun, lambda f: _ValueAndDodgeWrapper(f, checked))
 
 
 def filter_dodge(
     fun: Callable = _sentinel,
     *,
-    key: KeyLike | None = None,
-    direction: PyTree | None = None,
-    num_directions: int = 1,
-    sampler: str = "rademacher",
-    mode: str = "average",
     has_aux: bool = False,
-    derivative: str = "jvp",
-    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    **options: Unpack[EstimatorKeywords],
 ) -> Callable:
     r"""Creates a function that returns a DODGE estimate of the gradient of `fun`.
 
@@ -339,16 +300,7 @@ def filter_dodge(
     the first argument with `None` at its non-floating-point leaves; or
     `(estimate, aux)` when `has_aux=True`, as `eqx.filter_grad` does.
     """
-    options = estimator_options(
-        key,
-        direction,
-        num_directions,
-        sampler,
-        mode,
-        has_aux,
-        derivative,
-        finite_difference_step,
-    )
+    checked = estimator_options("filter_dodge", has_aux, options)
     return wrap(
-        fun, lambda f: _DodgeWrapper(_ValueAndDodgeWrapper(f, options), has_aux)
+        fun, lambda f: _DodgeWrapper(_ValueAndDodgeWrapper(f, checked), has_aux)
     )

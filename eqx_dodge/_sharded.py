@@ -8,7 +8,7 @@ backpropagation all-reduces a `p`-float gradient.
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Required, Unpack
 
 import equinox as eqx
 import jax
@@ -18,12 +18,10 @@ from jaxtyping import PyTree
 
 from ._checks import (
     as_key,
+    check_keywords,
     check_option,
-    FINITE_DIFFERENCE_STEP,
     first_argument,
-    KeyLike,
     REDUCTIONS,
-    ScalarLike,
 )
 from ._directions import check_direction, check_num_parts, num_coordinates, trainable
 from ._estimator import value_and_estimate
@@ -31,6 +29,7 @@ from ._filter import (
     _DodgeWrapper,
     _sentinel,
     estimator_options,
+    EstimatorKeywords,
     EstimatorOptions,
     wrap,
     WrapperMethods,
@@ -47,6 +46,15 @@ from ._tangents import draw_tangents
 
 
 AxisNames = str | tuple[str, ...]
+
+
+class ShardedKeywords(EstimatorKeywords, total=False):
+    """The keyword arguments of both `sharded_*` besides `has_aux`."""
+
+    mesh: Required[Mesh]
+    data_axis: AxisNames
+    param_specs: PyTree | None
+    batch_reduction: str
 
 
 def _check_batch(batch: PyTree, num_shards: int, data_axes: tuple[str, ...]) -> None:
@@ -203,21 +211,29 @@ def _sharded_call_jit(wrapper: _ShardedValueAndDodgeWrapper, args: tuple, kwargs
     return wrapper._call(args, kwargs)
 
 
+def _sharded_wrapper(
+    function: str, has_aux: bool, options: ShardedKeywords
+) -> Callable[[Callable], _ShardedValueAndDodgeWrapper]:
+    """What wraps `fun` for the public `function` with these `**options`, checked
+    once here for both `sharded_*`."""
+    check_keywords(function, options, ShardedKeywords)
+    estimator: dict[str, Any] = dict(options)
+    mesh = estimator.pop("mesh")
+    data_axis = estimator.pop("data_axis", "data")
+    param_specs = estimator.pop("param_specs", None)
+    batch_reduction = estimator.pop("batch_reduction", "mean")
+    checked = estimator_options(function, has_aux, estimator)
+    data_axes = _check_data_axes(mesh, data_axis)
+    return lambda f: _ShardedValueAndDodgeWrapper(
+        f, checked, mesh, data_axes, param_specs, batch_reduction
+    )
+
+
 def sharded_value_and_dodge(
     fun: Callable = _sentinel,
     *,
-    mesh: Mesh,
-    data_axis: AxisNames = "data",
-    param_specs: PyTree | None = None,
-    key: KeyLike | None = None,
-    direction: PyTree | None = None,
-    num_directions: int = 1,
-    sampler: str = "rademacher",
-    mode: str = "average",
     has_aux: bool = False,
-    batch_reduction: str = "mean",
-    derivative: str = "jvp",
-    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    **options: Unpack[ShardedKeywords],
 ) -> Callable:
     r"""[`eqx_dodge.filter_value_and_dodge`][], data-parallel over a device mesh.
 
@@ -270,25 +286,26 @@ def sharded_value_and_dodge(
     - `fun`: a pure function `fun(model, *batch, **kwargs)` returning a scalar loss
         averaged over its batch (or `(loss, aux)` when `has_aux=True`). Its first
         argument is differentiated (its floating-point array leaves).
-    - `mesh`: the `jax.sharding.Mesh` to run on.
+    - `mesh`: the `jax.sharding.Mesh` to run on (required).
     - `data_axis`: the name of the mesh axis (or a tuple of names) the batch is
-        split over; the loss and the derivatives are all-reduced over it.
-    - `param_specs`: how the model is laid out over the mesh: `None` (replicated,
-        pure data parallelism), one `PartitionSpec` for every array leaf, or a PyTree
-        prefix of the model with a `PartitionSpec` (or `None`) at its leaves. It may
-        not name a data axis.
+        split over, `"data"` by default; the loss and the derivatives are
+        all-reduced over it.
+    - `param_specs`: how the model is laid out over the mesh: `None` (the default:
+        replicated, pure data parallelism), one `PartitionSpec` for every array
+        leaf, or a PyTree prefix of the model with a `PartitionSpec` (or `None`) at
+        its leaves. It may not name a data axis.
     - `key`: a PRNG key or an int seed for random directions (replicated). Use a
         fresh key at every step.
     - `direction`: a candidate direction, instead of `key`, laid out like the
-        parameters.
-    - `num_directions`: the number `k` of directions evaluated.
-    - `sampler`: `"rademacher"` or `"gaussian"`.
-    - `mode`: `"average"` or `"partition"`, as in
+        parameters (both default to `None`: pass one of them).
+    - `num_directions`: the number `k` of directions evaluated (default 1).
+    - `sampler`: `"rademacher"` (the default) or `"gaussian"`.
+    - `mode`: `"average"` (the default) or `"partition"`, as in
         [`eqx_dodge.filter_value_and_dodge`][].
-    - `has_aux`: if `True`, `fun` returns `(value, aux)`.
-    - `batch_reduction`: `"mean"` or `"sum"`: how the losses of the data shards
-        combine into the loss of the whole batch.
-    - `derivative`, `finite_difference_step`: `"jvp"` (forward mode) or
+    - `has_aux`: if `True` (default `False`), `fun` returns `(value, aux)`.
+    - `batch_reduction`: `"mean"` (the default) or `"sum"`: how the losses of the
+        data shards combine into the loss of the whole batch.
+    - `derivative`, `finite_difference_step`: `"jvp"` (the default: forward mode) or
         `"central"` (central finite differences with step $h$, for a loss with a
         `jax.custom_vjp` inside), as in [`eqx_dodge.filter_value_and_dodge`][].
         With `"central"` each of the `2k + 1` forward passes all-reduces its loss:
@@ -320,40 +337,14 @@ def sharded_value_and_dodge(
             return eqx.apply_updates(model, updates), opt_state, loss
         ```
     """
-    options = estimator_options(
-        key,
-        direction,
-        num_directions,
-        sampler,
-        mode,
-        has_aux,
-        derivative,
-        finite_difference_step,
-    )
-    data_axes = _check_data_axes(mesh, data_axis)
-    return wrap(
-        fun,
-        lambda f: _ShardedValueAndDodgeWrapper(
-            f, options, mesh, data_axes, param_specs, batch_reduction
-        ),
-    )
+    return wrap(fun, _sharded_wrapper("sharded_value_and_dodge", has_aux, options))
 
 
 def sharded_dodge(
     fun: Callable = _sentinel,
     *,
-    mesh: Mesh,
-    data_axis: AxisNames = "data",
-    param_specs: PyTree | None = None,
-    key: KeyLike | None = None,
-    direction: PyTree | None = None,
-    num_directions: int = 1,
-    sampler: str = "rademacher",
-    mode: str = "average",
     has_aux: bool = False,
-    batch_reduction: str = "mean",
-    derivative: str = "jvp",
-    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    **options: Unpack[ShardedKeywords],
 ) -> Callable:
     """[`eqx_dodge.filter_dodge`][], data-parallel over a device mesh.
 
@@ -377,23 +368,5 @@ def sharded_dodge(
     A function with the same arguments as `fun` returning the estimate, or
     `(estimate, aux)` when `has_aux=True`.
     """
-    options = estimator_options(
-        key,
-        direction,
-        num_directions,
-        sampler,
-        mode,
-        has_aux,
-        derivative,
-        finite_difference_step,
-    )
-    data_axes = _check_data_axes(mesh, data_axis)
-    return wrap(
-        fun,
-        lambda f: _DodgeWrapper(
-            _ShardedValueAndDodgeWrapper(
-                f, options, mesh, data_axes, param_specs, batch_reduction
-            ),
-            has_aux,
-        ),
-    )
+    sharded = _sharded_wrapper("sharded_dodge", has_aux, options)
+    return wrap(fun, lambda f: _DodgeWrapper(sharded(f), has_aux))
