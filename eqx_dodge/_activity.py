@@ -24,7 +24,7 @@ leaves a trace except through its outputs.
 
 import functools as ft
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, TypedDict, Unpack
 
 import equinox as eqx
 import jax
@@ -33,17 +33,15 @@ from jaxtyping import Array, Float, PyTree, UInt32
 
 from ._activity_points import (
     _CotangentContext,
-    _INDEX_BITS,
-    _num_points,
-    _point_mask,
     _TangentContext,
-    _with_points,
-    weight_space_groups,
+    ModelParts,
+    split_model,
 )
 from ._checks import (
     as_key,
     check_callable,
     check_int,
+    check_keywords,
     check_scalar_loss,
     first_argument,
     KeyLike,
@@ -54,12 +52,21 @@ from ._filter import _DodgeWrapper, WrapperMethods
 from ._tangents import weighted_sum
 
 
+class ActivityKeywords(TypedDict, total=False):
+    """The keyword arguments of both `activity_*` besides `key`, declared once for
+    their signatures (PEP 692); the defaults are `ActivityOptions`'s."""
+
+    num_directions: int
+    separate_layers: bool
+    has_aux: bool
+
+
 class ActivityOptions(eqx.Module):
     # Annotated `Any`: `__check_init__` checks them and names the argument.
     key: Any
-    num_directions: Any = eqx.field(static=True)
-    separate_layers: Any = eqx.field(static=True)
-    has_aux: Any = eqx.field(static=True)
+    num_directions: Any = eqx.field(static=True, default=1)
+    separate_layers: Any = eqx.field(static=True, default=False)
+    has_aux: Any = eqx.field(static=True, default=False)
 
     def __check_init__(self):
         as_key(self.key)
@@ -89,51 +96,6 @@ def _batch_size(batch: tuple) -> int:
             f"got shapes {shapes}."
         )
     return shapes[0][0]
-
-
-class _Parts(NamedTuple):
-    """The model split for the two passes: the points' trainable leaves, the other
-    trainable leaves, the rest, and how the tangents are grouped (`other_groups`:
-    the group of each leaf of `others`, after the points' groups)."""
-
-    layers: PyTree
-    others: PyTree
-    static: PyTree
-    separate: bool
-    num_points: int
-    num_groups: int
-    other_groups: tuple[int, ...]
-
-    def other_group_tree(self, like: PyTree) -> PyTree:
-        """`other_groups` as a PyTree shaped like `like` (a direction of `others`)."""
-        return jax.tree.unflatten(jax.tree.structure(like), self.other_groups)
-
-    def with_points(
-        self,
-        layers: PyTree,
-        others: PyTree,
-        context: _TangentContext | _CotangentContext,
-    ) -> PyTree:
-        full = eqx.combine(layers, others, self.static)
-        return _with_points(full, context, self.separate)
-
-
-def _split_model(model: PyTree, separate: bool) -> _Parts:
-    layers, rest = eqx.partition(trainable(model), _point_mask(model))
-    others, _ = eqx.partition(rest, eqx.is_inexact_array)
-    static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
-    num_points = _num_points(model)
-    if num_points >= 2**_INDEX_BITS:
-        raise ValueError(
-            f"At most {2**_INDEX_BITS - 1} Linear and Conv layers are supported, "
-            f"the model has {num_points}."
-        )
-    first = num_points if separate else 0
-    other_groups, num_other_groups = weight_space_groups(others, first, separate)
-    num_groups = max((num_points + num_other_groups) if separate else 1, 1)
-    return _Parts(
-        layers, others, static, separate, num_points, num_groups, other_groups
-    )
 
 
 def _example_value(
@@ -166,7 +128,7 @@ def _draw_tangents(
 
 def _example_derivatives(
     example_value: Callable,
-    parts: _Parts,
+    parts: ModelParts,
     example: tuple,
     words_jb: UInt32[Array, "2"],
     direction: PyTree,
@@ -202,7 +164,7 @@ def _example_derivatives(
 
 def _forward_pass(
     example_value: Callable,
-    parts: _Parts,
+    parts: ModelParts,
     batch: tuple,
     words: UInt32[Array, "k b 2"],
     directions: PyTree,
@@ -226,7 +188,7 @@ def _forward_pass(
 
 def _local_pass(
     example_value: Callable,
-    parts: _Parts,
+    parts: ModelParts,
     batch: tuple,
     words: UInt32[Array, "k b 2"],
     derivatives: Float[Array, "k b g"],
@@ -253,7 +215,7 @@ def _local_pass(
 
 def _assemble_estimate(
     model: PyTree,
-    parts: _Parts,
+    parts: ModelParts,
     layer_estimate: PyTree,
     directions: PyTree,
     derivatives: Float[Array, "k b g"],
@@ -280,7 +242,7 @@ class _ActivityValueAndDodgeWrapper(WrapperMethods):
         model, batch = args[0], tuple(args[1:])
         options = self._options
         batch_size = _batch_size(batch)
-        parts = _split_model(model, options.separate_layers)
+        parts = split_model(model, options.separate_layers)
         example_value = ft.partial(_example_value, self._fun, kwargs, options.has_aux)
         words, directions = _draw_tangents(
             options.key, parts.others, options.num_directions, batch_size
@@ -296,13 +258,18 @@ class _ActivityValueAndDodgeWrapper(WrapperMethods):
         return ((value, aux) if options.has_aux else value), estimate
 
 
+def _activity_wrapper(
+    function: str, example_loss: Any, key: Any, options: ActivityKeywords
+) -> _ActivityValueAndDodgeWrapper:
+    """The value-and-estimate wrapper of `example_loss` for the public `function`,
+    its arguments checked."""
+    check_callable("example_loss", example_loss)
+    check_keywords(function, options, ActivityKeywords)
+    return _ActivityValueAndDodgeWrapper(example_loss, ActivityOptions(key, **options))
+
+
 def activity_value_and_dodge(
-    example_loss: Callable,
-    *,
-    key: KeyLike,
-    num_directions: int = 1,
-    separate_layers: bool = False,
-    has_aux: bool = False,
+    example_loss: Callable, *, key: KeyLike, **options: Unpack[ActivityKeywords]
 ) -> Callable:
     r"""Creates a function that evaluates the mean loss of a batch and an
     activity-perturbed forward-gradient estimate of its gradient.
@@ -347,16 +314,17 @@ def activity_value_and_dodge(
     - `key`: a PRNG key (`jax.random.key`, a legacy `jax.random.PRNGKey`) or an int
         seed. Use a fresh key at every step.
     - `num_directions`: the number `k` of independent draws of all the tangents,
-        averaged; the forward-mode pass carries them in one `vmap`, the local pass
-        runs once whatever `k`.
-    - `separate_layers`: if `True`, each point gets its own forward-mode pass (the
-        points' passes vectorised with `vmap`), and so does each Module holding other
-        leaves directly (a LayerNorm), so that no other layer's noise enters a
-        layer's estimate: lower variance for about `L + M` forward-mode passes
-        instead of one. With [`eqx_dodge.LocalLosses`][] it keeps every block's
-        estimate free of the other blocks' losses.
-    - `has_aux`: if `True`, `example_loss` returns `(value, aux)`; the `aux` of
-        every example is passed back, stacked along a leading batch axis.
+        averaged (default 1); the forward-mode pass carries them in one `vmap`, the
+        local pass runs once whatever `k`.
+    - `separate_layers`: if `True` (default `False`), each point gets its own
+        forward-mode pass (the points' passes vectorised with `vmap`), and so does
+        each Module holding other leaves directly (a LayerNorm), so that no other
+        layer's noise enters a layer's estimate: lower variance for about `L + M`
+        forward-mode passes instead of one. With [`eqx_dodge.LocalLosses`][] it keeps
+        every block's estimate free of the other blocks' losses.
+    - `has_aux`: if `True` (default `False`), `example_loss` returns `(value, aux)`;
+        the `aux` of every example is passed back, stacked along a leading batch
+        axis.
 
     **Returns:**
 
@@ -368,20 +336,12 @@ def activity_value_and_dodge(
     `eqx.filter_grad`'s output for that mean (the dtype of each floating-point leaf,
     `None` at every other leaf).
     """
-    check_callable("example_loss", example_loss)
-    options = ActivityOptions(key, num_directions, separate_layers, has_aux)
-    return eqx.module_update_wrapper(
-        _ActivityValueAndDodgeWrapper(example_loss, options)
-    )
+    wrapper = _activity_wrapper("activity_value_and_dodge", example_loss, key, options)
+    return eqx.module_update_wrapper(wrapper)
 
 
 def activity_dodge(
-    example_loss: Callable,
-    *,
-    key: KeyLike,
-    num_directions: int = 1,
-    separate_layers: bool = False,
-    has_aux: bool = False,
+    example_loss: Callable, *, key: KeyLike, **options: Unpack[ActivityKeywords]
 ) -> Callable:
     r"""Creates a function that returns an activity-perturbed forward-gradient
     estimate of the gradient of a batch's mean loss.
@@ -405,8 +365,5 @@ def activity_dodge(
     like the model with `None` at its non-floating-point leaves; or
     `(estimate, aux)` when `has_aux=True`.
     """
-    check_callable("example_loss", example_loss)
-    options = ActivityOptions(key, num_directions, separate_layers, has_aux)
-    return eqx.module_update_wrapper(
-        _DodgeWrapper(_ActivityValueAndDodgeWrapper(example_loss, options), has_aux)
-    )
+    wrapper = _activity_wrapper("activity_dodge", example_loss, key, options)
+    return eqx.module_update_wrapper(_DodgeWrapper(wrapper, wrapper._options.has_aux))

@@ -1,16 +1,18 @@
 """The perturbation points of `activity_{dodge, value_and_dodge}`: the Linear and
 Conv layers wrapped so that their outputs get a random tangent (pass A) or a fixed
-cotangent (pass B), and the raw Threefry words their signs are drawn from."""
+cotangent (pass B), the raw Threefry words their signs are drawn from, and the model
+split around them for the two passes."""
 
 import functools as ft
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree, UInt32
 
+from ._directions import trainable
 from ._threefry import rademacher_like
 
 
@@ -217,3 +219,51 @@ def weight_space_groups(
     numbers: dict[tuple, int] = {}
     groups = tuple(first + numbers.setdefault(owner, len(numbers)) for owner in owners)
     return groups, len(numbers)
+
+
+# --- The model split for the two passes ---------------------------------------------
+
+
+class ModelParts(NamedTuple):
+    """The model split for the two passes: the points' trainable leaves, the other
+    trainable leaves, the rest, and how the tangents are grouped (`other_groups`:
+    the group of each leaf of `others`, after the points' groups)."""
+
+    layers: PyTree
+    others: PyTree
+    static: PyTree
+    separate: bool
+    num_points: int
+    num_groups: int
+    other_groups: tuple[int, ...]
+
+    def other_group_tree(self, like: PyTree) -> PyTree:
+        """`other_groups` as a PyTree shaped like `like` (a direction of `others`)."""
+        return jax.tree.unflatten(jax.tree.structure(like), self.other_groups)
+
+    def with_points(
+        self,
+        layers: PyTree,
+        others: PyTree,
+        context: _TangentContext | _CotangentContext,
+    ) -> PyTree:
+        full = eqx.combine(layers, others, self.static)
+        return _with_points(full, context, self.separate)
+
+
+def split_model(model: PyTree, separate: bool) -> ModelParts:
+    layers, rest = eqx.partition(trainable(model), _point_mask(model))
+    others, _ = eqx.partition(rest, eqx.is_inexact_array)
+    static = eqx.filter(model, eqx.is_inexact_array, inverse=True)
+    num_points = _num_points(model)
+    if num_points >= 2**_INDEX_BITS:
+        raise ValueError(
+            f"At most {2**_INDEX_BITS - 1} Linear and Conv layers are supported, "
+            f"the model has {num_points}."
+        )
+    first = num_points if separate else 0
+    other_groups, num_other_groups = weight_space_groups(others, first, separate)
+    num_groups = max((num_points + num_other_groups) if separate else 1, 1)
+    return ModelParts(
+        layers, others, static, separate, num_points, num_groups, other_groups
+    )
