@@ -13,7 +13,6 @@ from ._checks import (
     check_nonnegative,
     check_option,
     check_random_options,
-    check_record_options,
     KeyLike,
     ScalarLike,
     split_stored_key,
@@ -22,9 +21,9 @@ from ._checks import (
 from ._directions import scale_to_unit, squared_norm, trainable
 from ._estimator import run_tangents, value_and_aux_of, value_and_estimate
 from ._live import split_live
-from ._record import initial_record, record_step, refuse_multi_steps
+from ._record import record_options, recording_transform, RecordOptions
 from ._tangents import fixed_tangents, random_tangents
-from ._value_fn import candidate_of, loss_of_trainable
+from ._value_fn import candidate_of
 
 
 ADAM_SOURCES: tuple[str, ...] = ("random", "updates")
@@ -60,42 +59,38 @@ def bias_corrected(moment: PyTree, decay: Any, count: Array) -> PyTree:
 
 def _adam_step(
     sample: PyTree, state: ScaleByAdamDodgeState, b1, b2, eps, eps_root
-) -> tuple[PyTree, PyTree, PyTree, PyTree, Array]:
+) -> tuple[PyTree, PyTree, PyTree, PyTree]:
     """Adam's moments updated with `sample` and the step `m̂/(√(v̂ + eps_root) + eps)`,
     exactly as `optax.scale_by_adam` computes them. Returns
-    `(step, mu, nu, mu_hat, count)`."""
+    `(step, mu, nu, mu_hat)`."""
     count = jnp.asarray(optax.safe_increment(state.count))
     mu = optax.tree.update_moment(sample, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(sample, state.nu, b2, 2)
     mu_hat = bias_corrected(mu, b1, count)
     nu_hat = bias_corrected(nu, b2, count)
     step = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
-    return step, mu, nu, mu_hat, count
+    return step, mu, nu, mu_hat
+
+
+def _init(key_data: Array | None):
+    """`init` of both sources: zero moments, and the raw key data of `"random"`."""
+
+    def init(params, initial_record):
+        zeros = optax.tree.zeros_like(trainable(params))
+        zero = jnp.zeros((), jnp.int32)
+        return ScaleByAdamDodgeState(zero, zeros, zeros, key_data, *initial_record)
+
+    return init
 
 
 def _scale_by_adam_dodge_random(
     b1, b2, eps, eps_root, key, num_directions: int, sampler: str, mode: str, record
 ) -> optax.GradientTransformationExtraArgs:
     check_random_options(num_directions, sampler, mode)
-    has_aux, aux_init, skip_nonfinite = record
     data, impl = stored_key(key, True, "for random directions")
 
-    def init_fn(params):
-        refuse_multi_steps("scale_by_adam_dodge")
-        zeros = optax.tree.zeros_like(trainable(params))
-        return ScaleByAdamDodgeState(
-            jnp.zeros((), jnp.int32),
-            zeros,
-            zeros,
-            data,
-            *initial_record(params, has_aux, aux_init),
-        )
-
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    def step(updates, state, fun, primal):
         del updates
-        fun, primal = loss_of_trainable(
-            "scale_by_adam_dodge", params, value_fn, extra_args, has_aux
-        )
         next_key, step_key = split_stored_key(state.key, impl)
         split = split_live(fun, primal, has_aux=True)
         tangents = random_tangents(step_key, split.live, num_directions, sampler, mode)
@@ -103,13 +98,11 @@ def _scale_by_adam_dodge_random(
             split.of(fun), split.live, tangents, has_aux=True
         )
         estimate = split.widen(estimate)
-        step, mu, nu, _, count = _adam_step(estimate, state, b1, b2, eps, eps_root)
-        new_state = state._replace(count=count, mu=mu, nu=nu, key=next_key)
-        return record_step(
-            state, new_state, step, value, aux, skip_nonfinite=skip_nonfinite
-        )
+        adam_step, mu, nu, _ = _adam_step(estimate, state, b1, b2, eps, eps_root)
+        new_state = state._replace(mu=mu, nu=nu, key=next_key)
+        return adam_step, new_state, value, aux, None
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return recording_transform("scale_by_adam_dodge", record, _init(data), step)
 
 
 def _descent_scale(
@@ -135,46 +128,20 @@ def _descent_scale(
 
 
 def _scale_by_adam_dodge_updates(
-    b1, b2, eps, eps_root, record
+    b1, b2, eps, eps_root, record: RecordOptions
 ) -> optax.GradientTransformationExtraArgs:
-    has_aux, aux_init, skip_nonfinite = record
-
-    def init_fn(params):
-        refuse_multi_steps("scale_by_adam_dodge")
-        zeros = optax.tree.zeros_like(trainable(params))
-        return ScaleByAdamDodgeState(
-            jnp.zeros((), jnp.int32),
-            zeros,
-            zeros,
-            None,
-            *initial_record(params, has_aux, aux_init),
-        )
-
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        fun, primal = loss_of_trainable(
-            "scale_by_adam_dodge", params, value_fn, extra_args, has_aux
-        )
+    def step(updates, state, fun, primal):
         # Projected onto the live leaves, so that dead ones keep zero moments.
         candidate = split_live(fun, primal, has_aux=True).project(
             candidate_of(updates, primal, "updates")
         )
-        step, mu, nu, mu_hat, count = _adam_step(
-            candidate, state, b1, b2, eps, eps_root
-        )
-        scale, value, aux = _descent_scale(fun, primal, step, mu_hat)
-        output = jax.tree.map(lambda a: scale.astype(a.dtype) * a, step)
-        new_state = state._replace(count=count, mu=mu, nu=nu)
-        return record_step(
-            state,
-            new_state,
-            output,
-            value,
-            aux,
-            skip_nonfinite=skip_nonfinite,
-            checked=candidate,
-        )
+        adam_step, mu, nu, mu_hat = _adam_step(candidate, state, b1, b2, eps, eps_root)
+        scale, value, aux = _descent_scale(fun, primal, adam_step, mu_hat)
+        output = jax.tree.map(lambda a: scale.astype(a.dtype) * a, adam_step)
+        new_state = state._replace(mu=mu, nu=nu)
+        return output, new_state, value, aux, candidate
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return recording_transform("scale_by_adam_dodge", record, _init(None), step)
 
 
 def scale_by_adam_dodge(
@@ -256,8 +223,7 @@ def scale_by_adam_dodge(
     check_decay("b2", b2)
     check_nonnegative("eps", eps)
     check_nonnegative("eps_root", eps_root)
-    check_record_options(has_aux, aux_init, skip_nonfinite)
-    record = (has_aux, aux_init, skip_nonfinite)
+    record = record_options(has_aux, aux_init, skip_nonfinite)
     if source == "random":
         return _scale_by_adam_dodge_random(
             b1, b2, eps, eps_root, key, num_directions, sampler, mode, record

@@ -1,15 +1,33 @@
 """What every optax transform of eqx_dodge records besides its own state, in the last
 four fields of its state: the loss value, `value_fn`'s auxiliary output, and the
-count of non-finite steps, which are skipped by default."""
+count of non-finite steps, which are skipped by default; and the `init` and `update`
+around each transform's own computation that keep that record."""
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, PyTree
+
+from ._checks import check_record_options
+from ._value_fn import loss_of_trainable
+
+
+class RecordOptions(NamedTuple):
+    """The arguments of a transform that say what its record keeps."""
+
+    has_aux: bool
+    aux_init: PyTree
+    skip_nonfinite: bool
+
+
+def record_options(has_aux: Any, aux_init: Any, skip_nonfinite: Any) -> RecordOptions:
+    check_record_options(has_aux, aux_init, skip_nonfinite)
+    return RecordOptions(has_aux, aux_init, skip_nonfinite)
 
 
 def refuse_multi_steps(name: str) -> None:
@@ -102,3 +120,39 @@ def record_step(
         notfinite_count=notfinite_count,
         total_notfinite=total_notfinite,
     )
+
+
+def recording_transform(
+    name: str,
+    record: RecordOptions,
+    init: Callable[[PyTree, tuple], Any],
+    step: Callable[[Any, Any, Callable, PyTree], tuple],
+) -> optax.GradientTransformationExtraArgs:
+    """The transform `name` from its own parts. `init(params, initial_record)`
+    returns its state, ending with `initial_record`. `step(updates, state, fun,
+    primal)` returns `(output, new_state, value, aux, checked)`, where `fun(primal)`
+    is `(value, aux)` of `value_fn` on the trainable leaves `primal` of `params`,
+    `new_state` is the state after the step but for its `count` (counted here), and
+    `checked` is what must be finite besides the value and output (or `None`)."""
+
+    def init_fn(params):
+        refuse_multi_steps(name)
+        return init(params, initial_record(params, record.has_aux, record.aux_init))
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        fun, primal = loss_of_trainable(
+            name, params, value_fn, extra_args, record.has_aux
+        )
+        output, new_state, value, aux, checked = step(updates, state, fun, primal)
+        new_state = new_state._replace(count=optax.safe_increment(state.count))
+        return record_step(
+            state,
+            new_state,
+            output,
+            value,
+            aux,
+            skip_nonfinite=record.skip_nonfinite,
+            checked=checked,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

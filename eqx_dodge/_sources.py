@@ -11,7 +11,6 @@ from jaxtyping import Array, PyTree
 from ._checks import (
     check_decay,
     check_random_options,
-    check_record_options,
     KeyLike,
     ScalarLike,
     split_stored_key,
@@ -20,9 +19,9 @@ from ._checks import (
 from ._directions import check_direction, num_coordinates, trainable
 from ._estimator import value_and_estimate
 from ._live import LiveSplit, split_live
-from ._record import initial_record, record_step, refuse_multi_steps
+from ._record import record_options, recording_transform
 from ._tangents import explored_tangents, random_tangents, Tangents
-from ._value_fn import candidate_of, loss_of_trainable
+from ._value_fn import candidate_of
 
 
 def _estimate(fun, split: LiveSplit, tangents: Tangents) -> tuple[Array, PyTree, Any]:
@@ -136,23 +135,19 @@ def dodge_random(
     check_random_options(num_directions, sampler, mode)
     if baseline_decay is not None:
         check_decay("baseline_decay", baseline_decay)
-    check_record_options(has_aux, aux_init, skip_nonfinite)
+    record = record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = stored_key(key, True, "for random directions")
 
-    def init_fn(params):
-        refuse_multi_steps("dodge_random")
+    def init(params, initial_record):
         primal = trainable(params)
         baseline = None
         if baseline_decay is not None:
             _check_baseline(baseline_decay, primal, num_directions, sampler, mode)
             baseline = optax.tree.zeros_like(primal)
-        record = initial_record(params, has_aux, aux_init)
-        return DodgeRandomState(jnp.zeros((), jnp.int32), data, baseline, *record)
+        zero = jnp.zeros((), jnp.int32)
+        return DodgeRandomState(zero, data, baseline, *initial_record)
 
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        fun, primal = loss_of_trainable(
-            "dodge_random", params, value_fn, extra_args, has_aux
-        )
+    def step(updates, state, fun, primal):
         if updates is not None:
             check_direction(updates, primal, name="updates")
         next_key, step_key = split_stored_key(state.key, impl)
@@ -172,13 +167,10 @@ def dodge_random(
             _, estimate, (value, aux) = _estimate(shifted, split, tangents)
             estimate = optax.tree.add(estimate, split.project(baseline))
             baseline = optax.tree.update_moment(estimate, baseline, baseline_decay, 1)
-        count = jnp.asarray(optax.safe_increment(state.count))
-        new_state = state._replace(count=count, key=next_key, baseline=baseline)
-        return record_step(
-            state, new_state, estimate, value, aux, skip_nonfinite=skip_nonfinite
-        )
+        new_state = state._replace(key=next_key, baseline=baseline)
+        return estimate, new_state, value, aux, None
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return recording_transform("dodge_random", record, init, step)
 
 
 class DodgeUpdatesState(NamedTuple):
@@ -224,31 +216,24 @@ def dodge_updates(
     [`eqx_dodge.DodgeUpdatesState`][].
     """
     check_random_options(num_directions, sampler, mode)
-    check_record_options(has_aux, aux_init, skip_nonfinite)
+    record = record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = _exploration_key(key, num_directions, mode, "updates")
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
-    def init_fn(params):
-        refuse_multi_steps("dodge_updates")
-        record = initial_record(params, has_aux, aux_init)
-        return DodgeUpdatesState(jnp.zeros((), jnp.int32), data, *record)
+    def init(params, initial_record):
+        del params
+        return DodgeUpdatesState(jnp.zeros((), jnp.int32), data, *initial_record)
 
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        fun, primal = loss_of_trainable(
-            "dodge_updates", params, value_fn, extra_args, has_aux
-        )
+    def step(updates, state, fun, primal):
         candidate = candidate_of(updates, primal, "updates")
         next_key, step_key = _step_keys(state.key, impl)
         value, estimate, aux = _explored_estimate(
             fun, primal, candidate, step_key, **options
         )
-        count = jnp.asarray(optax.safe_increment(state.count))
-        new_state = state._replace(count=count, key=next_key)
-        return record_step(
-            state, new_state, estimate, value, aux, skip_nonfinite=skip_nonfinite
-        )
+        new_state = state._replace(key=next_key)
+        return estimate, new_state, value, aux, None
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return recording_transform("dodge_updates", record, init, step)
 
 
 class DodgeEmaState(NamedTuple):
@@ -304,20 +289,16 @@ def dodge_ema(
     """
     check_random_options(num_directions, sampler, mode)
     check_decay("ema_decay", ema_decay)
-    check_record_options(has_aux, aux_init, skip_nonfinite)
+    record = record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = _exploration_key(key, num_directions, mode, "ema")
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
-    def init_fn(params):
-        refuse_multi_steps("dodge_ema")
+    def init(params, initial_record):
         zeros = optax.tree.zeros_like(trainable(params))
-        record = initial_record(params, has_aux, aux_init)
-        return DodgeEmaState(jnp.zeros((), jnp.int32), data, zeros, zeros, *record)
+        zero = jnp.zeros((), jnp.int32)
+        return DodgeEmaState(zero, data, zeros, zeros, *initial_record)
 
-    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        fun, primal = loss_of_trainable(
-            "dodge_ema", params, value_fn, extra_args, has_aux
-        )
+    def step(updates, state, fun, primal):
         guess = state.estimate
         if updates is not None:
             check_direction(updates, primal, name="updates")
@@ -328,12 +309,7 @@ def dodge_ema(
         value, estimate, aux = _explored_estimate(
             fun, primal, average, step_key, **options
         )
-        count = jnp.asarray(optax.safe_increment(state.count))
-        new_state = state._replace(
-            count=count, key=next_key, average=average, estimate=estimate
-        )
-        return record_step(
-            state, new_state, estimate, value, aux, skip_nonfinite=skip_nonfinite
-        )
+        new_state = state._replace(key=next_key, average=average, estimate=estimate)
+        return estimate, new_state, value, aux, None
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return recording_transform("dodge_ema", record, init, step)
