@@ -59,17 +59,17 @@ def bias_corrected(moment: PyTree, decay: Any, count: Array) -> PyTree:
 
 def _adam_step(
     sample: PyTree, state: ScaleByAdamDodgeState, b1, b2, eps, eps_root
-) -> tuple[PyTree, PyTree, PyTree, PyTree]:
+) -> tuple[PyTree, PyTree, PyTree, PyTree, Array]:
     """Adam's moments updated with `sample` and the step `m̂/(√(v̂ + eps_root) + eps)`,
     exactly as `optax.scale_by_adam` computes them. Returns
-    `(step, mu, nu, mu_hat)`."""
+    `(step, mu, nu, mu_hat, count)`."""
     count = jnp.asarray(optax.safe_increment(state.count))
     mu = optax.tree.update_moment(sample, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(sample, state.nu, b2, 2)
     mu_hat = bias_corrected(mu, b1, count)
     nu_hat = bias_corrected(nu, b2, count)
     step = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
-    return step, mu, nu, mu_hat
+    return step, mu, nu, mu_hat, count
 
 
 def _init(key_data: Array | None):
@@ -98,7 +98,7 @@ def _scale_by_adam_dodge_random(
             split.of(fun), split.live, tangents, has_aux=True
         )
         estimate = split.widen(estimate)
-        adam_step, mu, nu, _ = _adam_step(estimate, state, b1, b2, eps, eps_root)
+        adam_step, mu, nu, _, _ = _adam_step(estimate, state, b1, b2, eps, eps_root)
         new_state = state._replace(mu=mu, nu=nu, key=next_key)
         return adam_step, new_state, value, aux, None
 
@@ -135,7 +135,9 @@ def _scale_by_adam_dodge_updates(
         candidate = split_live(fun, primal, has_aux=True).project(
             candidate_of(updates, primal, "updates")
         )
-        adam_step, mu, nu, mu_hat = _adam_step(candidate, state, b1, b2, eps, eps_root)
+        adam_step, mu, nu, mu_hat, _ = _adam_step(
+            candidate, state, b1, b2, eps, eps_root
+        )
         scale, value, aux = _descent_scale(fun, primal, adam_step, mu_hat)
         output = jax.tree.map(lambda a: scale.astype(a.dtype) * a, adam_step)
         new_state = state._replace(mu=mu, nu=nu)
