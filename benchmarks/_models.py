@@ -81,36 +81,40 @@ def lstm_loss(model: LSTM, x: Array, y: Array) -> Array:
     return cross_entropy(model(x), y)
 
 
+@eqx.filter_jit
+def _models_and_data(key: PRNGKeyArray, steps: int) -> tuple:
+    # Compiled whole: eagerly, every initialiser and draw would compile on its own.
+    keys = jax.random.split(key, 6)
+    models = (
+        eqx.nn.MLP(784, 10, 256, 2, activation=jax.nn.relu, key=keys[0]),
+        ConvNet(keys[1]),
+        LSTM(16, 128, keys[2]),
+    )
+    inputs = (
+        jax.random.normal(keys[3], (256, 784)),
+        jax.random.normal(keys[4], (128, 1, 28, 28)),
+        jax.random.normal(keys[5], (steps, 32, 16)),
+    )
+    targets = (
+        jax.random.randint(keys[3], (256,), 0, 10),
+        jax.random.randint(keys[4], (128,), 0, 10),
+        jax.random.randint(keys[5], (steps, 32), 0, 10),
+    )
+    return models, inputs, targets
+
+
 def make_problems(key: PRNGKeyArray, quick: bool = False) -> list[Problem]:
     """The benchmark problems; `quick` shrinks the LSTM's unroll (T = 10)."""
-    keys = jax.random.split(key, 6)
-    mlp = eqx.nn.MLP(784, 10, 256, 2, activation=jax.nn.relu, key=keys[0])
-    conv = ConvNet(keys[1])
-    lstm = LSTM(16, 128, keys[2])
     steps = 10 if quick else 100
+    models, inputs, targets = _models_and_data(key, steps)
+    names = ("mlp", "conv", "lstm")
+    descriptions = (
+        "MLP 784-256-256-10, batch 256",
+        "ConvNet 2×conv3×3/2 (16, 32 ch) + linear, 28×28, batch 128",
+        f"LSTM-128 (16 inputs), T = {steps}, batch 32, loss at every step",
+    )
+    losses = (mlp_loss, conv_loss, lstm_loss)
     return [
-        Problem(
-            "mlp",
-            "MLP 784-256-256-10, batch 256",
-            mlp,
-            mlp_loss,
-            jax.random.normal(keys[3], (256, 784)),
-            jax.random.randint(keys[3], (256,), 0, 10),
-        ),
-        Problem(
-            "conv",
-            "ConvNet 2×conv3×3/2 (16, 32 ch) + linear, 28×28, batch 128",
-            conv,
-            conv_loss,
-            jax.random.normal(keys[4], (128, 1, 28, 28)),
-            jax.random.randint(keys[4], (128,), 0, 10),
-        ),
-        Problem(
-            "lstm",
-            f"LSTM-128 (16 inputs), T = {steps}, batch 32, loss at every step",
-            lstm,
-            lstm_loss,
-            jax.random.normal(keys[5], (steps, 32, 16)),
-            jax.random.randint(keys[5], (steps, 32), 0, 10),
-        ),
+        Problem(*fields)
+        for fields in zip(names, descriptions, models, losses, inputs, targets)
     ]

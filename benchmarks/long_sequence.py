@@ -287,6 +287,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="compile but do not run points predicted to need more (default 4 GiB)",
     )
     parser.add_argument("--lengths", type=int, nargs="*", help="override T values")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure every point in this process (faster; the peak RSS is then the "
+        "largest so far, not the point's own)",
+    )
     args = parser.parse_args(argv)
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else LENGTHS)
 
@@ -295,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         points[length] = {}
         for method in METHODS:
             repeats = 3 if length <= 10_000 else 1
-            record = run_point(method, length, repeats, int(args.max_run_bytes))
+            measure = measure_point if args.in_process else run_point
+            record = measure(method, length, repeats, int(args.max_run_bytes))
             points[length][method] = record
             peak = (record.get("xla_memory") or {}).get("peak_bytes")
             print(
@@ -322,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "lengths": list(lengths),
             "max_run_bytes": args.max_run_bytes,
             "quick": args.quick,
+            "in_process": args.in_process,
         },
         "goal": "dodge / forward peak memory <= 1.2 at the largest T",
         "ratios": ratios,

@@ -92,6 +92,12 @@ def sample_direction(key: PRNGKeyArray, primal: PyTree, sampler: str) -> PyTree:
     return optax.tree.random_like(key, primal, sampler=jax.random.normal)
 
 
+# Called eagerly, the sampler's hash would dispatch (and compile) each of its
+# hundreds of small operations on its own; compiled whole it is one program per
+# model structure.
+_sample_direction_jit = eqx.filter_jit(sample_direction)
+
+
 def random_direction(
     key: KeyLike, tree: PyTree, *, sampler: str = "rademacher"
 ) -> PyTree:
@@ -120,7 +126,7 @@ def random_direction(
     leaves and `None` elsewhere.
     """
     check_option("sampler", sampler, SAMPLERS)
-    return sample_direction(as_key(key), trainable(tree), sampler)
+    return _sample_direction_jit(as_key(key), trainable(tree), sampler)
 
 
 def part_of(position: Int[Array, "..."], total: int, num_parts: int) -> Array:

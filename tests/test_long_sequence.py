@@ -8,7 +8,10 @@ long_sequence = importlib.import_module("long_sequence")
 
 
 def test_quick_run(tmp_path):
-    long_sequence.main(["--quick", "--lengths", "200", "--out", str(tmp_path)])
+    # In-process: five subprocesses would each import JAX again (the subprocess
+    # path has a test of its own below).
+    argv = ["--quick", "--in-process", "--lengths", "200", "--out", str(tmp_path)]
+    long_sequence.main(argv)
     record = json.loads((tmp_path / "long_sequence.json").read_text())
     assert (tmp_path / "long_sequence.png").stat().st_size > 0
     points = record["points"]["200"]
@@ -38,6 +41,17 @@ def test_quick_run(tmp_path):
     cosines = quality["cosine_with_bptt"]
     assert set(cosines) == set(long_sequence.DODGE_METHODS)
     assert all(-1 <= c <= 1 for c in cosines.values())
+
+
+def test_point_in_a_subprocess():
+    """The subprocess that measures one point reports what it measured: a broken
+    command line or output parsing gives an `error` record instead."""
+    record = long_sequence.run_point("dodge_k1", 100, 2, 2**30)
+    assert "error" not in record, record.get("error")
+    assert (record["method"], record["length"]) == ("dodge_k1", 100)
+    assert record["xla_memory"]["peak_bytes"] > 0
+    assert record["seconds"]["repeats"] == 2
+    assert record["peak_rss_bytes"] >= record["rss_after_setup_bytes"] > 0
 
 
 @pytest.mark.parametrize(
