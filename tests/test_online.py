@@ -82,38 +82,57 @@ def flat(tree):
     return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+def np_flat(tree):
+    """`flat` in NumPy, for results already computed (no eager JAX operations,
+    each of which would compile on its own)."""
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
 def test_carried_tangent_equals_one_long_jvp(getkey):
     model = RNN(getkey(), eqx.nn.LSTMCell)
     stream = make_stream(getkey())
     state0 = (jnp.zeros(HIDDEN), jnp.zeros(HIDDEN))
     online = eqx_dodge.OnlineDodge(lstm_step, num_directions=4, reduction="sum")
-    carry = online.init(model, state0, key=getkey())
-    values, estimates, carry = eqx.filter_jit(run_online)(online, model, carry, stream)
-    diff, static = eqx.partition(model, eqx.is_inexact_array)
     long_inputs = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), stream)
 
-    def long_run(_diff):
-        value, (state, _) = scan_window(
-            lstm_step, eqx.combine(_diff, static), state0, long_inputs, reduction="sum"
-        )
-        return value, state
+    # The windows and the reference, one jvp through the whole stream, in one
+    # program (eagerly, every operation of the reference would compile on its own).
+    @eqx.filter_jit
+    def online_and_long_jvp(model, key):
+        carry = online.init(model, state0, key=key)
+        values, estimates, carry = run_online(online, model, carry, stream)
+        diff, static = eqx.partition(model, eqx.is_inexact_array)
 
-    def along(direction):
-        return jax.jvp(long_run, (diff,), (direction,))
+        def long_run(_diff):
+            value, (state, _) = scan_window(
+                lstm_step,
+                eqx.combine(_diff, static),
+                state0,
+                long_inputs,
+                reduction="sum",
+            )
+            return value, state
 
-    (value, state), (derivative, tangent) = jax.vmap(along)(carry.directions)
-    np.testing.assert_allclose(jnp.sum(values), value[0], rtol=1e-5)
+        def along(direction):
+            return jax.jvp(long_run, (diff,), (direction,))
+
+        return values, estimates, carry, jax.vmap(along)(carry.directions)
+
+    values, estimates, carry, long = online_and_long_jvp(model, getkey())
+    (value, state), (derivative, tangent) = long
+    np.testing.assert_allclose(np.sum(values), value[0], rtol=1e-5)
     for carried, expected in zip(jax.tree.leaves(carry.tangent), tangent):
         np.testing.assert_allclose(carried, expected, rtol=1e-4, atol=1e-6)
     for carried, expected in zip(jax.tree.leaves(carry.state), state):
         np.testing.assert_allclose(carried, expected[0], rtol=1e-5, atol=1e-7)
     # Σ_windows (1/k) Σ_j d_j u_j with the long jvp's d_j.
-    summed = jax.tree.map(lambda e: jnp.sum(e, axis=0), estimates)
+    summed = jax.tree.map(lambda e: np.sum(e, axis=0), estimates)
     expected_estimate = jax.tree.map(
-        lambda u: jnp.tensordot(derivative / 4, u, axes=1), carry.directions
+        lambda u: np.tensordot(np.asarray(derivative) / 4, u, axes=1),
+        carry.directions,
     )
     np.testing.assert_allclose(
-        flat(summed), flat(expected_estimate), rtol=1e-4, atol=1e-5
+        np_flat(summed), np_flat(expected_estimate), rtol=1e-4, atol=1e-5
     )
 
 
@@ -125,12 +144,20 @@ def test_partition_with_p_parts_is_rtrl(getkey):
     online = eqx_dodge.OnlineDodge(
         gru_step, num_directions=p, mode="partition", reduction="sum"
     )
-    carry = online.init(model, state0, key=getkey())
-    _, estimates, _ = eqx.filter_jit(run_online)(online, model, carry, stream)
-    exact = window_gradients(model, state0, stream)
-    estimate = jnp.concatenate(
-        [x.reshape(WINDOWS, -1) for x in jax.tree.leaves(estimates)], axis=1
+
+    @eqx.filter_jit
+    def estimates(model, key):
+        carry = online.init(model, state0, key=key)
+        return run_online(online, model, carry, stream)[1]
+
+    estimate = np.concatenate(
+        [
+            np.reshape(x, (WINDOWS, -1))
+            for x in jax.tree.leaves(estimates(model, getkey()))
+        ],
+        axis=1,
     )
+    exact = window_gradients(model, state0, stream)
     np.testing.assert_allclose(estimate, exact, rtol=1e-4, atol=1e-6)
 
 
@@ -166,14 +193,20 @@ def test_average_of_k_directions_and_mean_reduction(getkey):
     stream = make_stream(getkey())
     state0 = jnp.zeros(HIDDEN)
     online = eqx_dodge.OnlineDodge(gru_step, num_directions=3)
-    carry = online.init(model, state0, key=getkey())
-    window = jax.tree.map(lambda x: x[0], stream)
-    value, estimate, _ = eqx.filter_jit(online)(model, carry, window)
-    exact_value = window_losses(model, state0, stream)[0] / LENGTH
+
+    @eqx.filter_jit
+    def first_window(model, key):
+        carry = online.init(model, state0, key=key)
+        window = jax.tree.map(lambda x: x[0], stream)
+        value, estimate, _ = online(model, carry, window)
+        exact_value = window_losses(model, state0, stream)[0] / LENGTH
+        return value, estimate, exact_value, carry.directions
+
+    value, estimate, exact_value, directions = first_window(model, getkey())
     np.testing.assert_allclose(value, exact_value, rtol=1e-6)
-    g = window_gradients(model, state0, stream)[0] / LENGTH
-    u = jax.vmap(flat)(carry.directions)
-    np.testing.assert_allclose(flat(estimate), (u @ g) @ u / 3, rtol=1e-4, atol=1e-6)
+    g = np.asarray(window_gradients(model, state0, stream)[0]) / LENGTH
+    u = np.stack([np_flat(jax.tree.map(lambda d: d[j], directions)) for j in range(3)])
+    np.testing.assert_allclose(np_flat(estimate), (u @ g) @ u / 3, rtol=1e-4, atol=1e-6)
 
 
 def test_candidate_direction_and_redirect(getkey):
@@ -183,36 +216,78 @@ def test_candidate_direction_and_redirect(getkey):
     online = eqx_dodge.OnlineDodge(gru_step, reduction="sum")
     _, unravel = jax.flatten_util.ravel_pytree(eqx.filter(model, eqx.is_inexact_array))
     exact = unravel(window_gradients(model, state0, stream)[0])
-    carry = online.init(model, state0, direction=exact)
-    first = jax.tree.map(lambda x: x[0], stream)
-    _, estimate, carry = online(model, carry, first)
+
+    @eqx.filter_jit
+    def oracle_then_redirect(model, exact):
+        carry = online.init(model, state0, direction=exact)
+        first = jax.tree.map(lambda x: x[0], stream)
+        _, oracle, carry = online(model, carry, first)
+        tangent = carry.tangent
+        zero = jax.tree.map(jnp.zeros_like, exact)
+        carry = online.redirect(model, carry, direction=zero)
+        _, estimate, _ = online(model, carry, first)
+        return oracle, tangent, carry.tangent, estimate
+
+    oracle, tangent, redirected_tangent, estimate = oracle_then_redirect(model, exact)
     # The exact gradient as the candidate gives back the gradient (the oracle).
-    np.testing.assert_allclose(flat(estimate), flat(exact), rtol=1e-4, atol=1e-6)
-    assert jnp.any(flat(carry.tangent) != 0)
-    zero = jax.tree.map(jnp.zeros_like, exact)
-    carry = online.redirect(model, carry, direction=zero)
-    assert jnp.all(flat(carry.tangent) == 0)
-    _, estimate, _ = online(model, carry, first)
-    assert jnp.all(flat(estimate) == 0)
+    np.testing.assert_allclose(np_flat(oracle), np_flat(exact), rtol=1e-4, atol=1e-6)
+    assert np.any(np_flat(tangent) != 0)
+    assert np.all(np_flat(redirected_tangent) == 0)
+    assert np.all(np_flat(estimate) == 0)
+
+
+@eqx.filter_jit
+def forward_step(model, state, x, y):
+    return gru_step(model, state, (x, y))[0]
+
+
+@eqx.filter_jit
+def backward_step(model, state, x, y, state_cotangent, loss_cotangent):
+    """Backpropagation through one `gru_step` from `state`: the cotangents of the
+    model and of `state`, given those of the new state and of the step's loss."""
+    _, vjp = eqx.filter_vjp(lambda m, s: gru_step(m, s, (x, y)), model, state)
+    model_cotangent, state_cotangent = vjp((state_cotangent, loss_cotangent))
+    return flat(model_cotangent), state_cotangent
+
+
+def forward_states(model, state0, window):
+    """The states entering every step of `window`, and the final one."""
+    xs, ys = (np.asarray(a) for a in window)
+    states = [state0]
+    for t in range(LENGTH):
+        states.append(forward_step(model, states[-1], xs[t], ys[t]))
+    return states
+
+
+def backpropagate(model, states, window, start, stop, state_cotangent, loss_weights):
+    """Backpropagation by hand, one step at a time, from step `stop - 1` down to
+    step `start`, whose entering state is held constant: the model's cotangent for
+    the loss `Σ_t loss_weights[t]·ℓ_t` plus `state_cotangent`·s_stop."""
+    xs, ys = (np.asarray(a) for a in window)
+    total = np.zeros(num_coordinates(model), np.float32)
+    for t in reversed(range(start, stop)):
+        model_cotangent, state_cotangent = backward_step(
+            model, states[t], xs[t], ys[t], state_cotangent, loss_weights[t]
+        )
+        total += np.asarray(model_cotangent)
+    return total
+
+
+# The references are explicit backpropagation through jitted single steps (each
+# compiled once, then reused by every step of every reference) rather than autodiff
+# through an unrolled Python loop, whose program grows with every step of every
+# truncation (and which, run eagerly, compiles every operation on its own).
 
 
 def reference_tbptt(model, state0, window, truncation):
     """TBPTT by hand: loss t backpropagates to the last multiple of `truncation`."""
-    xs, ys = window
-    states = [state0]
-    for t in range(LENGTH):
-        states.append(gru_step(model, states[-1], (xs[t], ys[t]))[0])
-    total = jnp.zeros(num_coordinates(model))
+    states = forward_states(model, state0, window)
+    zero_state = np.zeros(HIDDEN, np.float32)
+    total = np.zeros(num_coordinates(model), np.float32)
     for t in range(LENGTH):
         start = (t // truncation) * truncation
-
-        def loss(_model):
-            state = states[start]
-            for s in range(start, t + 1):
-                state, value = gru_step(_model, state, (xs[s], ys[s]))
-            return value
-
-        total = total + flat(eqx.filter_grad(loss)(model))
+        only_t = np.eye(LENGTH, dtype=np.float32)[t]
+        total += backpropagate(model, states, window, start, t + 1, zero_state, only_t)
     return total
 
 
@@ -221,119 +296,116 @@ def test_tbptt_candidate(getkey):
     xs, ys = make_stream(getkey())
     window = (xs[0], ys[0])
     state0 = jax.random.normal(getkey(), (HIDDEN,))
-    references = jnp.stack(
+    references = np.stack(
         [reference_tbptt(model, state0, window, tau) for tau in (1, 2, 3)]
     )
 
-    @eqx.filter_jit
-    def candidates(keys, max_truncation):
-        def one(key):
-            return flat(
-                eqx_dodge.recurrent.tbptt_candidate(
-                    gru_step,
-                    model,
-                    state0,
-                    window,
-                    key=key,
-                    max_truncation=max_truncation,
-                    reduction="sum",
-                )
-            )
+    def candidate(model, key, max_truncation, reduction):
+        return eqx_dodge.recurrent.tbptt_candidate(
+            gru_step,
+            model,
+            state0,
+            window,
+            key=key,
+            max_truncation=max_truncation,
+            reduction=reduction,
+        )
 
-        return jax.vmap(one)(keys)
-
-    one_step = candidates(jax.random.split(getkey(), 2), 1)
-    np.testing.assert_allclose(one_step[0], references[0], rtol=1e-4, atol=1e-6)
-    samples = candidates(jax.random.split(getkey(), 300), 3)
-    distance = jnp.max(jnp.abs(samples[:, None, :] - references[None, :, :]), axis=-1)
-    nearest = jnp.argmin(distance, axis=1)
-    assert jnp.all(jnp.min(distance, axis=1) < 1e-5)
-    # Uniform over {1, 2, 3}: each truncation is drawn 100 ± 8 times out of 300.
-    counts = jnp.bincount(nearest, length=3)
-    assert jnp.all(jnp.abs(counts - 100) < 41)  # 5 standard deviations
-    # The full window with a truncation as long as the window.
-    full = eqx_dodge.recurrent.tbptt_candidate(
-        gru_step,
-        model,
-        state0,
-        window,
-        key=getkey(),
-        max_truncation=1,
-    )
-    assert jax.tree.structure(full) == jax.tree.structure(
-        eqx.filter(model, eqx.is_inexact_array)
-    )
-
-    # Usable as a candidate direction of `filter_dodge`.
     def window_value(_model):
         value, _ = scan_window(gru_step, _model, state0, window)
         return value
 
+    @eqx.filter_jit
+    def run(model, keys, key):
+        samples = jax.vmap(lambda k: flat(candidate(model, k, 3, "sum")))(keys)
+        # `max_truncation=1`: always one step; with the default mean over the steps.
+        one_step = candidate(model, key, 1, "mean")
+        # Usable as a candidate direction of `filter_dodge`.
+        estimate = eqx_dodge.filter_dodge(window_value, direction=one_step)(model)
+        gradient = eqx.filter_grad(window_value)(model)
+        return samples, one_step, estimate, gradient
+
+    samples, one_step, estimate, gradient = run(
+        model, jax.random.split(getkey(), 300), getkey()
+    )
+    assert jax.tree.structure(one_step) == jax.tree.structure(
+        eqx.filter(model, eqx.is_inexact_array)
+    )
+    c = np_flat(one_step)
+    np.testing.assert_allclose(c, references[0] / LENGTH, rtol=1e-4, atol=1e-6)
+    samples = np.asarray(samples)
+    distance = np.max(np.abs(samples[:, None, :] - references[None, :, :]), axis=-1)
+    nearest = np.argmin(distance, axis=1)
+    assert np.all(np.min(distance, axis=1) < 1e-5)
+    # Uniform over {1, 2, 3}: each truncation is drawn 100 ± 8 times out of 300.
+    counts = np.bincount(nearest, minlength=3)
+    assert np.all(np.abs(counts - 100) < 41)  # 5 standard deviations
     # DODGE along it is exactly (g·ĉ)ĉ, with g backpropagated through the window.
     # (Catches a candidate whose leaves do not line up with the model's, or a
     # projection with the wrong scale or sign.)
-    estimate = eqx.filter_jit(eqx_dodge.filter_dodge(window_value, direction=full))(
-        model
-    )
-    c = flat(full)
-    g = flat(eqx.filter_grad(window_value)(model))
+    g = np_flat(gradient)
     expected = (g @ c) / (c @ c) * c
-    np.testing.assert_allclose(flat(estimate), expected, rtol=1e-4, atol=1e-6)
-    assert jnp.linalg.norm(expected) > 1e-3 * jnp.linalg.norm(g)
+    np.testing.assert_allclose(np_flat(estimate), expected, rtol=1e-4, atol=1e-6)
+    assert np.linalg.norm(expected) > 1e-3 * np.linalg.norm(g)
 
 
 def test_errors(getkey):
     model = RNN(getkey())
     state0 = jnp.zeros(HIDDEN)
     online = eqx_dodge.OnlineDodge(gru_step)
+    # The checks run while tracing: `filter_eval_shape` traces without compiling.
+    trace = eqx.filter_eval_shape
     with pytest.raises(ValueError, match="exactly one of"):
-        online.init(model, state0)
+        trace(online.init, model, state0)
     with pytest.raises(ValueError, match="exactly one of"):
-        online.init(
-            model, state0, key=getkey(), direction=eqx.filter(model, eqx.is_array)
-        )
-    with pytest.raises(TypeError, match="floating-point"):
-        online.init(model, jnp.zeros(HIDDEN, jnp.int32), key=getkey())
-    with pytest.raises(ValueError, match="num_directions"):
-        eqx_dodge.OnlineDodge(gru_step, num_directions=10**6, mode="partition").init(
-            model, state0, key=getkey()
-        )
-    with pytest.raises(ValueError, match="max_truncation"):
-        eqx_dodge.recurrent.tbptt_candidate(
-            gru_step,
+        trace(
+            online.init,
             model,
             state0,
-            make_stream(getkey()),
             key=getkey(),
-            max_truncation=0,
+            direction=eqx.filter(model, eqx.is_array),
+        )
+    with pytest.raises(TypeError, match="floating-point"):
+        trace(online.init, model, jnp.zeros(HIDDEN, jnp.int32), key=getkey())
+    with pytest.raises(ValueError, match="num_directions"):
+        trace(
+            eqx_dodge.OnlineDodge(
+                gru_step, num_directions=10**6, mode="partition"
+            ).init,
+            model,
+            state0,
+            key=getkey(),
+        )
+    stream = make_stream(getkey())
+    with pytest.raises(ValueError, match="max_truncation"):
+        trace(
+            lambda: eqx_dodge.recurrent.tbptt_candidate(
+                gru_step, model, state0, stream, key=getkey(), max_truncation=0
+            )
         )
 
     def bad_step(model, state, inputs):
         return gru_step(model, state, inputs)[1]
 
-    carry = eqx_dodge.OnlineDodge(bad_step).init(model, state0, key=getkey())
-    window = jax.tree.map(lambda x: x[0], make_stream(getkey()))
+    bad = eqx_dodge.OnlineDodge(bad_step)
+    window = jax.tree.map(lambda x: x[0], stream)
     with pytest.raises(TypeError, match="pair"):
-        eqx_dodge.OnlineDodge(bad_step)(model, carry, window)
+        trace(lambda: bad(model, bad.init(model, state0, key=getkey()), window))
 
 
 def reference_synthetic(model, critic, state0, window, truncation, scale):
     """Chunk by chunk by hand: each chunk's summed loss plus the scaled critic at
     its end, differentiated with the chunk's start state held constant."""
-    xs, ys = window
-    total = jnp.zeros(num_coordinates(model))
-    state = state0
+    states = forward_states(model, state0, window)
+    critic_gradient = eqx.filter_jit(jax.grad(lambda c, s: c(s), argnums=1))
+    every_step = np.ones(LENGTH, np.float32)
+    total = np.zeros(num_coordinates(model), np.float32)
     for start in range(0, LENGTH, truncation):
-
-        def chunk(_model, _state):
-            value = jnp.zeros(())
-            for s in range(start, min(start + truncation, LENGTH)):
-                _state, loss = gru_step(_model, _state, (xs[s], ys[s]))
-                value = value + loss
-            return value + scale * critic(_state), _state
-
-        grad, state = eqx.filter_grad(chunk, has_aux=True)(model, state)
-        total = total + flat(grad)
+        stop = min(start + truncation, LENGTH)
+        end_cotangent = scale * np.asarray(critic_gradient(critic, states[stop]))
+        total += backpropagate(
+            model, states, window, start, stop, end_cotangent, every_step
+        )
     return total
 
 
@@ -342,27 +414,34 @@ def test_synthetic_gradient_candidate(getkey):
     xs, ys = make_stream(getkey())
     window = (xs[0], ys[0])
     state0 = jax.random.normal(getkey(), (HIDDEN,))
-    critic = eqx_dodge.recurrent.QuadraticCritic(HIDDEN)
-    # A zero critic: TBPTT with a fixed truncation.
-    candidate = eqx_dodge.recurrent.synthetic_gradient_candidate(
-        gru_step, model, critic, state0, window, truncation=2
-    )
-    np.testing.assert_allclose(
-        flat(candidate), reference_tbptt(model, state0, window, 2), rtol=1e-4, atol=1e-6
-    )
+    zero_critic = eqx_dodge.recurrent.QuadraticCritic(HIDDEN)
     critic = eqx.tree_at(
         lambda c: (c.linear.weight, c.curvature),
-        critic,
+        zero_critic,
         (
             jax.random.normal(getkey(), (HIDDEN,)),
             jax.random.normal(getkey(), (HIDDEN, HIDDEN)),
         ),
     )
-    candidate = eqx_dodge.recurrent.synthetic_gradient_candidate(
-        gru_step, model, critic, state0, window, truncation=2, scale=0.5
+
+    # Both critics in one vmapped trace (the default `scale` is 0.5).
+    @eqx.filter_jit
+    @eqx.filter_vmap
+    def synthetic(critic):
+        return flat(
+            eqx_dodge.recurrent.synthetic_gradient_candidate(
+                gru_step, model, critic, state0, window, truncation=2
+            )
+        )
+
+    critics = jax.tree.map(lambda *leaves: jnp.stack(leaves), zero_critic, critic)
+    zero, candidate = synthetic(critics)
+    # A zero critic: TBPTT with a fixed truncation.
+    np.testing.assert_allclose(
+        zero, reference_tbptt(model, state0, window, 2), rtol=1e-4, atol=1e-6
     )
     expected = reference_synthetic(model, critic, state0, window, 2, 0.5)
-    np.testing.assert_allclose(flat(candidate), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(candidate, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_value_critic_learns_the_loss_to_go():
