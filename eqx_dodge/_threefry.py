@@ -51,31 +51,35 @@ def is_threefry(key: PRNGKeyArray) -> bool:
     return str(jax.random.key_impl(key)) == "threefry2x32"
 
 
-def _leaf_words(
-    key: PRNGKeyArray, index: int, offset: int, num_pairs: int
-) -> UInt32[Array, "n 2"]:
-    if is_threefry(key):
-        if offset + num_pairs > _MAX_COUNTERS:
-            raise ValueError("Rademacher directions support at most 2³⁸ coordinates.")
-        counters = jnp.arange(offset, offset + num_pairs, dtype=jnp.uint32)
-        return jnp.stack(threefry_2x32(jax.random.key_data(key), counters), axis=1)
-    # Keys of other implementations (`impl="rbg"`, ...) use their own generator.
-    return jax.random.bits(jax.random.fold_in(key, index), (num_pairs, 2), jnp.uint32)
+def _words(key: PRNGKeyArray, sizes: list[int]) -> list[UInt32[Array, "n 2"]]:
+    """The hash words of every leaf: `⌈size/64⌉` pairs each."""
+    num_pairs = [-(-size // (2 * _BITS_PER_WORD)) for size in sizes]
+    if not is_threefry(key):
+        # Keys of other implementations (`impl="rbg"`, ...) use their own generator.
+        return [
+            jax.random.bits(jax.random.fold_in(key, index), (n, 2), jnp.uint32)
+            for index, n in enumerate(num_pairs)
+        ]
+    total = sum(num_pairs)
+    if total > _MAX_COUNTERS:
+        raise ValueError("Rademacher directions support at most 2³⁸ coordinates.")
+    # One hash over the consecutive counter ranges of all leaves, not one per leaf:
+    # the same words, and a twentieth of the program XLA compiles per leaf.
+    counters = jnp.arange(total, dtype=jnp.uint32)
+    words = jnp.stack(threefry_2x32(jax.random.key_data(key), counters), axis=1)
+    offsets = [sum(num_pairs[:index]) for index in range(len(num_pairs))]
+    return [words[o : o + n] for o, n in zip(offsets, num_pairs)]
 
 
 def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
     """Independent ±1 entries shaped and typed like every leaf of `tree`."""
     leaves, treedef = jax.tree.flatten(tree)
     shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32).reshape(1, 1, -1)
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
     signs = []
-    offset = 0  # the first counter of the current leaf
-    for index, leaf in enumerate(leaves):
-        size = math.prod(leaf.shape)
-        num_pairs = -(-size // (2 * _BITS_PER_WORD))
-        words = _leaf_words(key, index, offset, num_pairs)
+    for leaf, size, words in zip(leaves, sizes, _words(key, sizes)):
         bits = (words[..., None] >> shifts) & jnp.uint32(1)
         leaf_bits = bits.reshape(-1)[:size].reshape(leaf.shape)
         # 1 - 2·bit maps {0, 1} to {+1, -1}, exactly, in every floating dtype.
         signs.append((1 - 2 * leaf_bits.astype(jnp.int32)).astype(leaf.dtype))
-        offset += num_pairs
     return jax.tree.unflatten(treedef, signs)
