@@ -61,19 +61,26 @@ def test_chunk_size():
 @pytest.mark.parametrize("k", [5, 33])
 def test_average_matches_one_vmap(k):
     model, x, loss = make_problem()
-    key = jax.random.key(3)
-    params = eqx.filter(model, eqx.is_inexact_array)
-    tangents = random_directions(key, params, k, "rademacher")
-    value, derivatives = one_vmap(loss, model, x, tangents)
-    expected = jax.tree.map(
-        lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
-    )
-    estimate_fn = eqx_dodge.filter_value_and_dodge(
-        loss, key=key, num_directions=k, has_aux=True
-    )
-    (got_value, aux), estimate = eqx.filter_jit(estimate_fn)(model, x)
+
+    # The estimate and its reference in one program (eagerly, every operation of
+    # the reference would compile on its own).
+    @eqx.filter_jit
+    def estimate_and_reference(model, x, key):
+        params = eqx.filter(model, eqx.is_inexact_array)
+        tangents = random_directions(key, params, k, "rademacher")
+        value, derivatives = one_vmap(loss, model, x, tangents)
+        expected = jax.tree.map(
+            lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
+        )
+        estimate_fn = eqx_dodge.filter_value_and_dodge(
+            loss, key=key, num_directions=k, has_aux=True
+        )
+        return estimate_fn(model, x), value, jax.vmap(model)(x), expected
+
+    got, value, out, expected = estimate_and_reference(model, x, jax.random.key(3))
+    (got_value, aux), estimate = got
     np.testing.assert_allclose(got_value, value, rtol=1e-6)
-    np.testing.assert_allclose(aux, jax.vmap(model)(x), rtol=1e-6)
+    np.testing.assert_allclose(aux, out, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -81,16 +88,19 @@ def test_average_matches_one_vmap(k):
 @pytest.mark.parametrize("k", [6, 23])
 def test_partition_matches_one_vmap(k):
     model, x, loss = make_problem()
-    key = jax.random.key(4)
-    params = eqx.filter(model, eqx.is_inexact_array)
-    parts = partition_direction(random_direction(key, params), k)
-    _, derivatives = one_vmap(loss, model, x, parts)
-    expected = jax.tree.map(lambda u: jnp.tensordot(derivatives, u, axes=1), parts)
-    estimate = eqx.filter_jit(
-        eqx_dodge.filter_dodge(
+
+    @eqx.filter_jit
+    def estimate_and_reference(model, x, key):
+        params = eqx.filter(model, eqx.is_inexact_array)
+        parts = partition_direction(random_direction(key, params), k)
+        _, derivatives = one_vmap(loss, model, x, parts)
+        expected = jax.tree.map(lambda u: jnp.tensordot(derivatives, u, axes=1), parts)
+        estimate = eqx_dodge.filter_dodge(
             loss, key=key, num_directions=k, mode="partition", has_aux=True
-        )
-    )(model, x)[0]
+        )(model, x)[0]
+        return estimate, expected
+
+    estimate, expected = estimate_and_reference(model, x, jax.random.key(4))
     for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -98,16 +108,19 @@ def test_partition_matches_one_vmap(k):
 def test_partition_with_every_coordinate_is_the_gradient():
     model, x, loss = make_problem()
     p = num_coordinates(model)  # 26 coordinates: 7 chunks of at most 4 parts
-    estimate = eqx.filter_jit(
-        eqx_dodge.filter_dodge(
+
+    @eqx.filter_jit
+    def estimate_and_gradient(model, x):
+        estimate = eqx_dodge.filter_dodge(
             loss,
             key=jax.random.key(5),
             num_directions=p,
             mode="partition",
             has_aux=True,
-        )
-    )(model, x)[0]
-    gradient = eqx.filter_grad(lambda m, x: loss(m, x)[0])(model, x)
+        )(model, x)[0]
+        return estimate, eqx.filter_grad(lambda m, x: loss(m, x)[0])(model, x)
+
+    estimate, gradient = estimate_and_gradient(model, x)
     for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(gradient)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -115,13 +128,19 @@ def test_partition_with_every_coordinate_is_the_gradient():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_chunked_estimate_keeps_dtypes(dtype):
     model, x, loss = make_problem(dtype)
-    for mode in ("average", "partition"):
-        estimate = eqx_dodge.filter_dodge(
-            loss, key=jax.random.key(6), num_directions=9, mode=mode, has_aux=True
-        )(model, x)[0]
-        for leaf in jax.tree.leaves(estimate):
-            assert leaf.dtype == dtype
-            assert bool(jnp.all(jnp.isfinite(leaf)))
+
+    @eqx.filter_jit
+    def estimates(model, x):
+        return [
+            eqx_dodge.filter_dodge(
+                loss, key=jax.random.key(6), num_directions=9, mode=mode, has_aux=True
+            )(model, x)[0]
+            for mode in ("average", "partition")
+        ]
+
+    for leaf in jax.tree.leaves(estimates(model, x)):
+        assert leaf.dtype == dtype
+        assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
 
 
 def test_chunked_estimate_is_deterministic():
@@ -150,18 +169,28 @@ def test_convolutions_take_the_unrolled_path():
     def loss(conv, x):
         return jnp.mean(jnp.tanh(conv(x)) ** 2), None
 
-    k, key = 8, jax.random.key(10)  # one chunk after the first: no loop either
-    tangents = random_directions(key, params, k, "rademacher")
-    _, derivatives = one_vmap(loss, conv, x, tangents)
-    expected = jax.tree.map(
-        lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
-    )
-    estimate_fn = eqx.filter_jit(
-        eqx_dodge.filter_dodge(loss, key=key, num_directions=k, has_aux=True)
-    )
-    estimate = estimate_fn(conv, x)[0]
+    k = 8  # one chunk after the first: no loop either
+
+    @eqx.filter_jit
+    def estimate_and_reference(conv, x, key):
+        params = eqx.filter(conv, eqx.is_inexact_array)
+        tangents = random_directions(key, params, k, "rademacher")
+        _, derivatives = one_vmap(loss, conv, x, tangents)
+        expected = jax.tree.map(
+            lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
+        )
+        estimate = eqx_dodge.filter_dodge(
+            loss, key=key, num_directions=k, has_aux=True
+        )(conv, x)[0]
+        return estimate, expected
+
+    estimate, expected = estimate_and_reference(conv, x, jax.random.key(10))
     for a, b in zip(jax.tree.leaves(estimate), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# The models of the memory test have no biases: every leaf costs a Threefry hash of
+# its own in each chunk's draw, which dominates the compilation time here.
 
 
 class _Conv(eqx.Module):
@@ -170,8 +199,8 @@ class _Conv(eqx.Module):
 
     def __init__(self, key):
         conv_key, linear_key = jax.random.split(key)
-        self.conv = eqx.nn.Conv2d(1, 8, 3, key=conv_key)
-        self.linear = eqx.nn.Linear(8 * 6 * 6, 10, key=linear_key)
+        self.conv = eqx.nn.Conv2d(1, 8, 3, use_bias=False, key=conv_key)
+        self.linear = eqx.nn.Linear(8 * 6 * 6, 10, use_bias=False, key=linear_key)
 
     def __call__(self, x):
         return self.linear(jnp.tanh(self.conv(x)).reshape(-1))
@@ -187,20 +216,24 @@ class _Recurrent(eqx.Module):
 
 @pytest.mark.parametrize("name", ["mlp", "conv", "scan"])
 def test_peak_memory_is_flat_in_k(name):
-    """XLA's compiled temporary memory for k = 8 and 32 directions is within 25 % of
-    k = 4's (one chunk): the chunks run one after the other. Measured ratios: at
-    most 1.11 (MLP), 1.16 (conv), 1.07 (scan). Catches chunks that XLA may overlap
-    (a one-step loop is inlined, 1.9x at k = 8 on the MLP; unrolled convolution
-    chunks, 4x and more) and a looped loss with all k directions in one `vmap`
-    (8x at k = 32)."""
+    """XLA's compiled temporary memory for k = 8 and 32 directions (8 and 12 for the
+    convolution, whose chunks are unrolled: each one compiles on its own) is within
+    25 % of k = 4's (one chunk): the chunks run one after the other. Measured
+    ratios: at most 1.10 (MLP), 1.18 (conv), 1.07 (scan). Catches chunks that XLA
+    may overlap (a one-step loop is inlined, 1.9x at k = 8 on the MLP; unrolled
+    convolution chunks, 1.5x at k = 8 and 1.9x at k = 12) and a looped loss with
+    all k directions in one `vmap` (7x at k = 32)."""
     if jax.default_backend() != "cpu":
         pytest.skip("chunks of CPU_CHUNK directions are the CPU backend's rule")
     key = jax.random.key(0)
     model, x = {
-        "mlp": lambda: (eqx.nn.MLP(64, 10, 64, 2, key=key), jnp.ones((32, 64))),
+        "mlp": lambda: (
+            eqx.nn.MLP(64, 10, 64, 2, use_bias=False, use_final_bias=False, key=key),
+            jnp.ones((32, 64)),
+        ),
         "conv": lambda: (_Conv(key), jnp.ones((32, 1, 8, 8))),
         "scan": lambda: (
-            _Recurrent(eqx.nn.GRUCell(4, 32, key=key)),
+            _Recurrent(eqx.nn.GRUCell(4, 32, use_bias=False, key=key)),
             jnp.ones((32, 20, 4)),
         ),
     }[name]()
@@ -214,5 +247,5 @@ def test_peak_memory_is_flat_in_k(name):
         return compiled.compiled.memory_analysis().temp_size_in_bytes
 
     one_chunk = temporary_bytes(4)
-    for k in (8, 32):
+    for k in (8, 12) if name == "conv" else (8, 32):
         assert temporary_bytes(k) <= 1.25 * one_chunk, k
