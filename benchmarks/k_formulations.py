@@ -137,7 +137,8 @@ def run_problem(
             compiled = fun.lower(params, key).compile()
             calls[name] = ft.partial(compiled, params, key)
             memory[name] = _common.memory_analysis(compiled)
-        tangents = random_directions(key, params, k)
+        # Compiled: eagerly, the sampler's hash would compile op by op.
+        tangents = jax.jit(random_directions, static_argnums=2)(key, params, k)
         fun = jax.jit(ft.partial(vmap_jvp_given_tangents, loss, k=k))
         compiled = fun.lower(params, tangents).compile()
         calls["vmap_jvp_given_tangents"] = ft.partial(compiled, params, tangents)
