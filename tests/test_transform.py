@@ -4,6 +4,7 @@
 # updates, Equinox models and NamedTuple states, as users of the transforms do.
 # pyright: reportArgumentType=false, reportAttributeAccessIssue=false
 
+import functools
 import math
 
 import equinox as eqx
@@ -15,7 +16,7 @@ import pytest
 
 import eqx_dodge
 
-from .helpers import assert_unbiased, dodge_variance
+from .helpers import assert_tree_allclose, assert_unbiased, dodge_variance
 from .optax_problems import (
     along_keys,
     data,
@@ -24,27 +25,47 @@ from .optax_problems import (
     Model,
     model_loss,
     P,
-    quadratic,
+    quadratic as _quadratic,
 )
+
+
+# The same problem for every test, built once (eagerly it costs a compile per
+# operation of its gradient).
+quadratic = functools.cache(_quadratic)
+
+
+def np_flat(tree):
+    """`flat` in NumPy, for results already computed (no eager JAX operations,
+    each of which would compile on its own)."""
+    return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+
+def np_noise(seed, tree):
+    """Standard normal noise shaped like `tree`, from NumPy's generator."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32), tree
+    )
 
 
 # -- the three sources ------------------------------------------------------------
 
 
-def test_updates_source_projects_on_candidate(getkey):
+def test_updates_source_projects_on_candidate():
     loss, w0, grad = quadratic()
-    candidate = jax.tree.map(lambda g: g + jax.random.normal(getkey(), g.shape), grad)
+    candidate = jax.tree.map(np.add, grad, np_noise(0, grad))
     transform = eqx_dodge.dodge(source="updates")
     update = jax.jit(ft_update(transform, loss))
-    estimate, _ = update(candidate, transform.init(w0), w0)
-    c, g = flat(candidate), flat(grad)
-    np.testing.assert_allclose(flat(estimate), (g @ c) / (c @ c) * c, rtol=1e-5)
+    state = transform.init(w0)
+    estimate, _ = update(candidate, state, w0)
+    c, g = np_flat(candidate), np_flat(grad)
+    np.testing.assert_allclose(np_flat(estimate), (g @ c) / (c @ c) * c, rtol=1e-5)
     # The exact gradient as candidate is the oracle; a zero candidate gives zero.
-    estimate, _ = update(grad, transform.init(w0), w0)
-    np.testing.assert_allclose(flat(estimate), g, rtol=1e-5)
-    zero = jax.tree.map(jnp.zeros_like, grad)
-    estimate, _ = update(zero, transform.init(w0), w0)
-    assert jnp.all(flat(estimate) == 0)
+    estimate, _ = update(grad, state, w0)
+    np.testing.assert_allclose(np_flat(estimate), g, rtol=1e-5)
+    zero = jax.tree.map(np.zeros_like, grad)
+    estimate, _ = update(zero, state, w0)
+    assert np.all(np_flat(estimate) == 0)
 
 
 def ft_update(transform, loss):
@@ -60,17 +81,24 @@ def test_random_source_matches_filter_dodge(getkey):
     key = getkey()
     transform = eqx_dodge.dodge(key=key, num_directions=3)
     state = transform.init(eqx.filter(model, eqx.is_inexact_array))
-    estimate, state = eqx.filter_jit(transform.update)(
-        None, state, model, value_fn=model_loss, x=x, y=y
-    )
-    # The state's key is split as `optax.add_noise` does: (next, this step).
-    next_key, step_key = jax.random.split(key)
-    expected = eqx.filter_jit(
-        eqx_dodge.filter_dodge(model_loss, key=step_key, num_directions=3)
-    )(model, x, y)
-    assert eqx.tree_equal(estimate, expected, rtol=1e-6, atol=1e-7)
+
+    # Both in one program (and the keys: eagerly, each operation compiles alone).
+    @eqx.filter_jit
+    def update_and_reference(model, state, key):
+        estimate, state = transform.update(
+            None, state, model, value_fn=model_loss, x=x, y=y
+        )
+        # The state's key is split as `optax.add_noise` does: (next, this step).
+        next_key, step_key = jax.random.split(key)
+        expected = eqx_dodge.filter_dodge(model_loss, key=step_key, num_directions=3)(
+            model, x, y
+        )
+        return estimate, state, expected, jax.random.key_data(next_key)
+
+    estimate, state, expected, next_key = update_and_reference(model, state, key)
+    assert_tree_allclose(estimate, expected, rtol=1e-6, atol=1e-7)
     assert estimate.table is None
-    assert jnp.all(state.key == jax.random.key_data(next_key))
+    np.testing.assert_array_equal(state.key, next_key)
 
 
 @pytest.mark.parametrize(
@@ -97,20 +125,22 @@ def test_random_source_unbiased(num_directions, sampler, mode):
     assert_unbiased(samples, g, variance)
 
 
-def test_updates_source_with_exploration_unbiased(getkey):
+def test_updates_source_with_exploration_unbiased():
     """Random directions orthogonal to any candidate complete it: unbiased."""
     loss, w0, grad = quadratic()
-    candidate = jax.tree.map(lambda g: -g + jax.random.normal(getkey(), g.shape), grad)
+    candidate = jax.tree.map(np.subtract, np_noise(1, grad), grad)
     transform = eqx_dodge.dodge(source="updates", key=0, num_directions=3)
     n = 20_000
     keys = jax.random.split(jax.random.key(2), n)
-    samples = along_keys(transform, transform.init(w0), keys, w0, loss, candidate)
-    mean = jnp.mean(samples, axis=0)
-    standard_error = jnp.std(samples, axis=0) / math.sqrt(n)
-    assert jnp.all(jnp.abs(mean - flat(grad)) < 4 * standard_error)
+    samples = np.asarray(
+        along_keys(transform, transform.init(w0), keys, w0, loss, candidate)
+    )
+    mean = np.mean(samples, axis=0)
+    standard_error = np.std(samples, axis=0) / math.sqrt(n)
+    c, g = np_flat(candidate), np_flat(grad)
+    assert np.all(np.abs(mean - g) < 4 * standard_error)
     # It is far from the projection on the (bad) candidate alone.
-    c, g = flat(candidate), flat(grad)
-    assert jnp.linalg.norm(mean - g) < 0.1 * jnp.linalg.norm((g @ c) / (c @ c) * c - g)
+    assert np.linalg.norm(mean - g) < 0.1 * np.linalg.norm((g @ c) / (c @ c) * c - g)
 
 
 @pytest.mark.parametrize("with_candidates", [False, True])
@@ -155,26 +185,26 @@ def test_ema_source_converges_to_gradient_direction(with_candidates):
     assert cosines[10] < cosines[-1]
 
 
-def test_ema_falls_back_on_previous_estimate(getkey):
+def test_ema_falls_back_on_previous_estimate():
     loss, w0, grad = quadratic()
     transform = eqx_dodge.dodge(source="ema", key=0, num_directions=2, ema_decay=0.5)
     state = transform.init(w0)
     update = jax.jit(ft_update(transform, loss))
     estimate, state = update(grad, state, w0)
-    np.testing.assert_allclose(flat(state.average), 0.5 * flat(grad), rtol=1e-6)
+    np.testing.assert_allclose(np_flat(state.average), 0.5 * np_flat(grad), rtol=1e-6)
     # All-zero updates: the guess is the previous estimate.
-    zero = jax.tree.map(jnp.zeros_like, grad)
+    zero = jax.tree.map(np.zeros_like, grad)
     _, new_state = update(zero, state, w0)
-    expected = 0.5 * flat(state.average) + 0.5 * flat(estimate)
-    np.testing.assert_allclose(flat(new_state.average), expected, rtol=1e-6)
+    expected = 0.5 * np_flat(state.average) + 0.5 * np_flat(estimate)
+    np.testing.assert_allclose(np_flat(new_state.average), expected, rtol=1e-6)
     _, none_state = update(None, state, w0)
-    np.testing.assert_allclose(flat(none_state.average), expected, rtol=1e-6)
+    np.testing.assert_allclose(np_flat(none_state.average), expected, rtol=1e-6)
 
 
 # -- baseline ---------------------------------------------------------------------
 
 
-def test_baseline_unbiased_with_eq16_variance(getkey):
+def test_baseline_unbiased_with_eq16_variance():
     loss, w0, grad = quadratic()
     g = flat(grad)
     n = 20_000
@@ -182,10 +212,8 @@ def test_baseline_unbiased_with_eq16_variance(getkey):
     plain = eqx_dodge.dodge(key=0)
     with_baseline = eqx_dodge.dodge(key=0, baseline_decay=0.9)
     # A baseline close to g (independent of the directions).
-    noise = jax.tree.map(
-        lambda leaf: 0.1 * jax.random.normal(getkey(), leaf.shape), grad
-    )
-    baseline = jax.tree.map(jnp.add, grad, noise)
+    noise = np_noise(2, grad)
+    baseline = jax.tree.map(lambda g, n: g + 0.1 * n, grad, noise)
     state = with_baseline.init(w0)._replace(baseline=baseline)
     samples = along_keys(with_baseline, state, keys, w0, loss)
     plain_samples = along_keys(plain, plain.init(w0), keys, w0, loss)
@@ -204,25 +232,35 @@ def test_baseline_unbiased_with_eq16_variance(getkey):
 
 
 def test_baseline_is_moving_average_of_estimates():
-    loss, w0, _ = quadratic()
+    loss, w0, grad = quadratic()
     transform = eqx_dodge.dodge(key=0, baseline_decay=0.9)
     update = jax.jit(ft_update(transform, loss))
     state = transform.init(w0)
     estimate, state = update(None, state, w0)
     # Step 0: the baseline is zero, so the estimate is the plain one.
-    plain, _ = eqx_dodge.dodge(key=0).update(
-        None, eqx_dodge.dodge(key=0).init(w0), w0, value_fn=loss
+    plain_transform = eqx_dodge.dodge(key=0)
+    plain, _ = jax.jit(ft_update(plain_transform, loss))(
+        None, plain_transform.init(w0), w0
     )
-    np.testing.assert_allclose(flat(estimate), flat(plain), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(flat(state.baseline), 0.1 * flat(estimate), rtol=1e-6)
+    np.testing.assert_allclose(np_flat(estimate), np_flat(plain), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np_flat(state.baseline), 0.1 * np_flat(estimate), rtol=1e-6
+    )
     # Step 1 uses that baseline as it is (no bias correction: the baseline grows from
     # zero at its own rate, within its stability bound from the first step).
     second, state2 = update(None, state, w0)
-    b = flat(state.baseline)
-    sample_key = jax.random.split(jax.random.wrap_key_data(state.key))[1]
-    u = flat(eqx_dodge.random_direction(sample_key, w0))
-    d = flat(jax.grad(loss)(w0)) @ u
-    np.testing.assert_allclose(flat(second), (d - b @ u) * u + b, rtol=1e-4, atol=1e-4)
+    b = np_flat(state.baseline)
+
+    @jax.jit
+    def sampled_direction(key_data):
+        sample_key = jax.random.split(jax.random.wrap_key_data(key_data))[1]
+        return eqx_dodge.random_direction(sample_key, w0)
+
+    u = np_flat(sampled_direction(state.key))
+    d = np_flat(grad) @ u
+    np.testing.assert_allclose(
+        np_flat(second), (d - b @ u) * u + b, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_baseline_early_steps_descend():
@@ -342,30 +380,36 @@ def test_chain_with_clip_and_equinox_partition(getkey):
         return eqx.apply_updates(model, updates), state, updates
 
     new_model, new_state, updates = step(model, state)
-    estimate, _ = dodge.update(
-        None, dodge.init(params), model, value_fn=lambda m: model_loss(m, x, y)
-    )
-    norm = optax.tree.norm(estimate)
-    expected = jax.tree.map(lambda e: -0.5 * e * jnp.minimum(1, 0.1 / norm), estimate)
-    assert eqx.tree_equal(updates, expected, rtol=1e-5, atol=1e-7)
-    assert jnp.array_equal(new_model.table, model.table)
-    assert new_model.activation is jnp.tanh
 
-    # The same estimate from the partitioned parameters: `value_fn` recombines.
-    partitioned, _ = jax.jit(
-        lambda p: dodge.update(
+    @eqx.filter_jit
+    def estimates(model, params):
+        fresh = dodge.init(params)
+        estimate, _ = dodge.update(
+            None, fresh, model, value_fn=lambda m: model_loss(m, x, y)
+        )
+        # From the partitioned parameters: `value_fn` recombines.
+        partitioned, _ = dodge.update(
             None,
-            dodge.init(params),
-            p,
+            fresh,
+            params,
             value_fn=lambda p: model_loss(eqx.combine(p, static), x, y),
         )
-    )(params)
-    assert eqx.tree_equal(partitioned, estimate, rtol=1e-6, atol=1e-7)
+        return estimate, partitioned
+
+    estimate, partitioned = estimates(model, params)
+    norm = np.linalg.norm(np_flat(estimate))
+    expected = jax.tree.map(lambda e: -0.5 * e * min(1, 0.1 / norm), estimate)
+    assert_tree_allclose(updates, expected, rtol=1e-5, atol=1e-7)
+    assert jnp.array_equal(new_model.table, model.table)
+    assert new_model.activation is jnp.tanh
+    # The same estimate from the partitioned parameters.
+    assert_tree_allclose(partitioned, estimate, rtol=1e-6, atol=1e-7)
     # Training decreases the loss.
     model_t, state_t = model, state
     for _ in range(30):
         model_t, state_t, _ = step(model_t, state_t)
-    assert model_loss(model_t, x, y) < model_loss(model, x, y)
+    loss = eqx.filter_jit(model_loss)
+    assert loss(model_t, x, y) < loss(model, x, y)
 
 
 def test_filter_grad_candidate_on_equinox_model(getkey):
@@ -474,22 +518,26 @@ def test_update_errors(getkey):
     loss, w0, grad = quadratic()
     transform = eqx_dodge.dodge(key=0)
     state = transform.init(w0)
+    # The checks run while tracing: `filter_eval_shape` traces without compiling
+    # (eagerly, the work before an error compiles operation by operation).
+    update = functools.partial(eqx.filter_eval_shape, transform.update)
     with pytest.raises(ValueError, match="params"):
-        transform.update(None, state, None, value_fn=loss)
+        update(None, state, None, value_fn=loss)
     with pytest.raises(ValueError, match="value_fn"):
-        transform.update(None, state, w0)
+        update(None, state, w0)
     with pytest.raises(TypeError, match="value_fn"):
-        transform.update(None, state, w0, value_fn=3)
+        update(None, state, w0, value_fn=3)
     with pytest.raises(TypeError, match="value_fn"):
-        transform.update(None, state, w0, value_fn=lambda p: flat(p))
+        update(None, state, w0, value_fn=lambda p: flat(p))
     with pytest.raises(ValueError, match="updates"):
-        transform.update({"w": grad["w"]}, state, w0, value_fn=loss)
+        update({"w": grad["w"]}, state, w0, value_fn=loss)
     candidate = eqx_dodge.dodge(source="updates")
+    candidate_update = functools.partial(eqx.filter_eval_shape, candidate.update)
     with pytest.raises(ValueError, match="updates"):
-        candidate.update(None, candidate.init(w0), w0, value_fn=loss)
+        candidate_update(None, candidate.init(w0), w0, value_fn=loss)
     bad = {"w": grad["w"], "b": grad["b"][:2]}
     with pytest.raises(ValueError, match="updates"):
-        candidate.update(bad, candidate.init(w0), w0, value_fn=loss)
+        candidate_update(bad, candidate.init(w0), w0, value_fn=loss)
 
 
 @pytest.mark.parametrize(
