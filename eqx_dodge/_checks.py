@@ -6,7 +6,7 @@ that names the argument and says what it should be.
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +107,8 @@ def check_record_options(has_aux: Any, aux_init: Any, skip_nonfinite: Any) -> No
 
 def check_derivative_options(derivative: Any, finite_difference_step: Any) -> None:
     """`derivative` is `"jvp"` or `"central"`; the step is a positive float (or an
-    array) and applies to central differences only."""
+    array) and applies to central differences only. An array step is not compared
+    with the default: `optax.inject_hyperparams` turns the default into one."""
     check_option("derivative", derivative, DERIVATIVES)
     step, name = finite_difference_step, "finite_difference_step"
     if isinstance(step, bool) or not isinstance(step, int | float | jax.Array):
@@ -115,12 +116,28 @@ def check_derivative_options(derivative: Any, finite_difference_step: Any) -> No
     if isinstance(step, int | float) and not step > 0:
         raise ValueError(f"`{name}` must be positive, got {step}.")
     if derivative == "jvp" and (
-        isinstance(step, jax.Array) or step != FINITE_DIFFERENCE_STEP
+        isinstance(step, int | float) and step != FINITE_DIFFERENCE_STEP
     ):
         raise ValueError(
             f"`{name}` applies to `derivative='central'` only; with the default "
             "`derivative='jvp'` leave it unset."
         )
+
+
+class DerivativeOptions(NamedTuple):
+    """How an optax transform takes its directional derivatives: the keywords
+    `derivative` and `finite_difference_step` of `value_and_estimate` and
+    `run_tangents` (pass them as `**options._asdict()`)."""
+
+    derivative: str
+    finite_difference_step: ScalarLike
+
+
+def derivative_options(
+    derivative: Any, finite_difference_step: Any
+) -> DerivativeOptions:
+    check_derivative_options(derivative, finite_difference_step)
+    return DerivativeOptions(derivative, finite_difference_step)
 
 
 def check_callable(name: str, value: Any) -> None:
