@@ -11,6 +11,9 @@ from jaxtyping import Array, PyTree
 from ._checks import (
     check_decay,
     check_random_options,
+    derivative_options,
+    DerivativeOptions,
+    FINITE_DIFFERENCE_STEP,
     KeyLike,
     ScalarLike,
     split_stored_key,
@@ -24,17 +27,24 @@ from ._tangents import explored_tangents, random_tangents, Tangents
 from ._value_fn import candidate_of
 
 
-def _estimate(fun, split: LiveSplit, tangents: Tangents) -> tuple[Array, PyTree, Any]:
+def _estimate(
+    fun, split: LiveSplit, tangents: Tangents, derivatives: DerivativeOptions
+) -> tuple[Array, PyTree, Any]:
     """`(value, estimate, aux)` of `fun(primal) = (value, aux)`: the estimate along
     `tangents` of the live leaves, zero at the dead ones."""
     value, estimate, aux = value_and_estimate(
-        split.of(fun), split.live, tangents, has_aux=True
+        split.of(fun), split.live, tangents, has_aux=True, **derivatives._asdict()
     )
     return value, split.widen(estimate), aux
 
 
 def _explored_estimate(
-    fun, primal: PyTree, candidate: PyTree, key: Any, **options: Any
+    fun,
+    primal: PyTree,
+    candidate: PyTree,
+    key: Any,
+    derivatives: DerivativeOptions,
+    **options: Any,
 ) -> tuple[Array, PyTree, Any]:
     """`(value, estimate, aux)` along the candidate (projected onto the live leaves)
     and its random exploration directions."""
@@ -42,7 +52,7 @@ def _explored_estimate(
     tangents = explored_tangents(
         split.live, split.restrict(candidate), key=key, **options
     )
-    return _estimate(fun, split, tangents)
+    return _estimate(fun, split, tangents, derivatives)
 
 
 def _step_keys(data: Array | None, impl: Any) -> tuple[Array | None, Any]:
@@ -117,6 +127,8 @@ def dodge_random(
     has_aux: bool = False,
     aux_init: PyTree = None,
     skip_nonfinite: bool = True,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE with fresh random directions at every step: `dodge(source="random")`.
 
@@ -125,7 +137,8 @@ def dodge_random(
     for `baseline_decay`.
 
     **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `baseline_decay`,
-    `has_aux`, `aux_init`, `skip_nonfinite`, as for [`eqx_dodge.dodge`][].
+    `has_aux`, `aux_init`, `skip_nonfinite`, `derivative`, `finite_difference_step`,
+    as for [`eqx_dodge.dodge`][].
 
     **Returns:**
 
@@ -136,6 +149,7 @@ def dodge_random(
     if baseline_decay is not None:
         check_decay("baseline_decay", baseline_decay)
     record = record_options(has_aux, aux_init, skip_nonfinite)
+    derivatives = derivative_options(derivative, finite_difference_step)
     data, impl = stored_key(key, True, "for random directions")
 
     def init(params, initial_record):
@@ -155,7 +169,7 @@ def dodge_random(
         tangents = random_tangents(step_key, split.live, num_directions, sampler, mode)
         baseline = state.baseline
         if baseline is None:
-            value, estimate, aux = _estimate(fun, split, tangents)
+            value, estimate, aux = _estimate(fun, split, tangents, derivatives)
         else:
             # Differentiate L(w) − b·w, whose directional derivative is (g − b)·u,
             # then add b back: unbiased, since b depends on past directions only.
@@ -164,7 +178,7 @@ def dodge_random(
                 shift = jnp.asarray(optax.tree.vdot(baseline, _primal))
                 return value - shift.astype(value.dtype), (value, aux)
 
-            _, estimate, (value, aux) = _estimate(shifted, split, tangents)
+            _, estimate, (value, aux) = _estimate(shifted, split, tangents, derivatives)
             estimate = optax.tree.add(estimate, split.project(baseline))
             baseline = optax.tree.update_moment(estimate, baseline, baseline_decay, 1)
         new_state = state._replace(key=next_key, baseline=baseline)
@@ -200,6 +214,8 @@ def dodge_updates(
     has_aux: bool = False,
     aux_init: PyTree = None,
     skip_nonfinite: bool = True,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE along the incoming updates as a candidate: `dodge(source="updates")`.
 
@@ -208,7 +224,8 @@ def dodge_updates(
     [`eqx_dodge.dodge`][].
 
     **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `has_aux`,
-    `aux_init`, `skip_nonfinite`, as for [`eqx_dodge.dodge`][].
+    `aux_init`, `skip_nonfinite`, `derivative`, `finite_difference_step`, as for
+    [`eqx_dodge.dodge`][].
 
     **Returns:**
 
@@ -218,6 +235,7 @@ def dodge_updates(
     check_random_options(num_directions, sampler, mode)
     record = record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = _exploration_key(key, num_directions, mode, "updates")
+    derivatives = derivative_options(derivative, finite_difference_step)
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
     def init(params, initial_record):
@@ -228,7 +246,7 @@ def dodge_updates(
         candidate = candidate_of(updates, primal, "updates")
         next_key, step_key = _step_keys(state.key, impl)
         value, estimate, aux = _explored_estimate(
-            fun, primal, candidate, step_key, **options
+            fun, primal, candidate, step_key, derivatives, **options
         )
         new_state = state._replace(key=next_key)
         return estimate, new_state, value, aux, None
@@ -274,13 +292,16 @@ def dodge_ema(
     has_aux: bool = False,
     aux_init: PyTree = None,
     skip_nonfinite: bool = True,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE along a moving average of gradient guesses: `dodge(source="ema")`.
 
     See [`eqx_dodge.dodge`][].
 
     **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `ema_decay`,
-    `has_aux`, `aux_init`, `skip_nonfinite`, as for [`eqx_dodge.dodge`][].
+    `has_aux`, `aux_init`, `skip_nonfinite`, `derivative`, `finite_difference_step`,
+    as for [`eqx_dodge.dodge`][].
 
     **Returns:**
 
@@ -291,6 +312,7 @@ def dodge_ema(
     check_decay("ema_decay", ema_decay)
     record = record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = _exploration_key(key, num_directions, mode, "ema")
+    derivatives = derivative_options(derivative, finite_difference_step)
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
     def init(params, initial_record):
@@ -307,7 +329,7 @@ def dodge_ema(
         average = optax.tree.update_moment(guess, state.average, ema_decay, 1)
         next_key, step_key = _step_keys(state.key, impl)
         value, estimate, aux = _explored_estimate(
-            fun, primal, average, step_key, **options
+            fun, primal, average, step_key, derivatives, **options
         )
         new_state = state._replace(key=next_key, average=average, estimate=estimate)
         return estimate, new_state, value, aux, None

@@ -6,7 +6,14 @@ from typing import Any
 import optax
 from jaxtyping import PyTree
 
-from ._checks import check_option, check_record_options, KeyLike, ScalarLike
+from ._checks import (
+    check_derivative_options,
+    check_option,
+    check_record_options,
+    FINITE_DIFFERENCE_STEP,
+    KeyLike,
+    ScalarLike,
+)
 from ._sources import dodge_ema, dodge_random, dodge_updates
 
 
@@ -25,11 +32,14 @@ def dodge(
     has_aux: bool = False,
     aux_init: PyTree = None,
     skip_nonfinite: bool = True,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The DODGE gradient estimator as an optax transformation.
 
     Replaces the incoming updates by a DODGE estimate of the gradient of the loss,
-    computed with forward-mode differentiation (`jax.jvp`) of `value_fn` at `params`:
+    computed with forward-mode differentiation (`jax.jvp`) of `value_fn` at `params`
+    (or central finite differences, with `derivative="central"`):
     $\hat g = \sum_j w_j (g \cdot u_j)\, u_j$ for directions $u_j$ chosen by `source`.
     Follow it with any optimizer:
 
@@ -49,9 +59,10 @@ def dodge(
         floating-point array leaves (`eqx.is_inexact_array`), exactly as
         `eqx.filter_grad` would; other leaves are held fixed.
     - `value_fn(params, **kwargs)` returns the scalar loss; it is evaluated once,
-        under `jax.jvp`. This is the extra argument optax's line searches use. As
-        there, the extra keyword arguments of `update` whose names are parameters of
-        `value_fn` are passed on to it, so `update(..., value_fn=loss, x=x, y=y)`
+        under `jax.jvp` (`2k + 1` times, without it, with `derivative="central"`).
+        This is the extra argument optax's line searches use. As there, the extra
+        keyword arguments of `update` whose names are parameters of `value_fn`
+        are passed on to it, so `update(..., value_fn=loss, x=x, y=y)`
         works for `def loss(model, x, y)`; the others are left to the other
         transforms of the chain. `updates`, `state` and `params` cannot reach
         `value_fn` that way (they are `update`'s own arguments): bind them,
@@ -184,6 +195,22 @@ def dodge(
         must have, as the state's structure is fixed at `init`.
     - `skip_nonfinite`: whether to skip updates whose loss or estimate is not
         finite, as described above (default `True`).
+    - `derivative`: how each directional derivative $\nabla L \cdot u$ is taken.
+        `"jvp"` (the default): exactly, by forward mode. `"central"`: by central
+        finite differences, $(L(\theta + h u) - L(\theta - h u)) / 2h$, two forward
+        passes per direction plus one for the value and `aux` (taken at $\theta$),
+        for losses that forward mode cannot differentiate (a `jax.custom_vjp`
+        inside: diffrax's default adjoint, `eqx.filter_custom_vjp`, ...). The same
+        `key` gives the same directions either way. Its error per direction is
+        about $\frac{h^2}{6} |\nabla^3 L[u, u, u]|$ plus float rounding of order
+        $\varepsilon\,(|L| + \sum_i |\theta_i \partial_i L|)/h$ (see the
+        Troubleshooting page of the docs).
+    - `finite_difference_step`: the step $h$ of `derivative="central"` along the
+        direction $u$ as drawn (Rademacher entries $\pm 1$, so every parameter
+        moves by $\pm h$; a candidate is scaled to unit norm first). The default
+        `1e-3` suits float32 parameters and losses of order one. Under
+        `optax.inject_hyperparams` it is injected like the other floats, while
+        `derivative`, a string, stays static.
 
     **Returns:**
 
@@ -220,6 +247,7 @@ def dodge(
             f"random-direction estimates unbiased; got source {source!r}."
         )
     check_record_options(has_aux, aux_init, skip_nonfinite)
+    check_derivative_options(derivative, finite_difference_step)
     options: dict[str, Any] = dict(
         num_directions=num_directions,
         sampler=sampler,
@@ -227,6 +255,8 @@ def dodge(
         has_aux=has_aux,
         aux_init=aux_init,
         skip_nonfinite=skip_nonfinite,
+        derivative=derivative,
+        finite_difference_step=finite_difference_step,
     )
     if source == "random":
         if key is None:
