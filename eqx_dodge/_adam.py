@@ -13,6 +13,9 @@ from ._checks import (
     check_nonnegative,
     check_option,
     check_random_options,
+    derivative_options,
+    DerivativeOptions,
+    FINITE_DIFFERENCE_STEP,
     KeyLike,
     ScalarLike,
     split_stored_key,
@@ -84,7 +87,16 @@ def _init(key_data: Array | None):
 
 
 def _scale_by_adam_dodge_random(
-    b1, b2, eps, eps_root, key, num_directions: int, sampler: str, mode: str, record
+    b1,
+    b2,
+    eps,
+    eps_root,
+    key,
+    num_directions: int,
+    sampler: str,
+    mode: str,
+    record: RecordOptions,
+    derivatives: DerivativeOptions,
 ) -> optax.GradientTransformationExtraArgs:
     check_random_options(num_directions, sampler, mode)
     data, impl = stored_key(key, True, "for random directions")
@@ -95,7 +107,7 @@ def _scale_by_adam_dodge_random(
         split = split_live(fun, primal, has_aux=True)
         tangents = random_tangents(step_key, split.live, num_directions, sampler, mode)
         value, estimate, aux = value_and_estimate(
-            split.of(fun), split.live, tangents, has_aux=True
+            split.of(fun), split.live, tangents, has_aux=True, **derivatives._asdict()
         )
         estimate = split.widen(estimate)
         adam_step, mu, nu, _, _ = _adam_step(estimate, state, b1, b2, eps, eps_root)
@@ -106,11 +118,12 @@ def _scale_by_adam_dodge_random(
 
 
 def _descent_scale(
-    fun, primal: PyTree, step: PyTree, mu_hat: PyTree
+    fun, primal: PyTree, step: PyTree, mu_hat: PyTree, derivatives: DerivativeOptions
 ) -> tuple[Array, Array, Any]:
     """`(s, value, aux)`: `s = (g·a)/(m̂·a)` clipped to `[−1, 1]`, for Adam's step
     `a`: `s·a` is the appendix-A output `(g·u)u`, `u = a/√(m̂·a)`, bounded by Adam's
-    own step."""
+    own step. `g·a` is the derivative along `a/‖a‖` (the finite-difference step is
+    taken along that unit vector) times `‖a‖`."""
     norm_squared = squared_norm(step)
     value, (derivative,), aux, _ = run_tangents(
         value_and_aux_of(fun, True),
@@ -119,6 +132,7 @@ def _descent_scale(
             jax.tree.map(lambda a: a[None], scale_to_unit(step, norm_squared)),
             jnp.ones((1,), jnp.float32),
         ),
+        **derivatives._asdict(),
     )
     along = derivative.astype(jnp.float32) * jnp.sqrt(norm_squared)  # g·a
     alignment = jnp.asarray(optax.tree.vdot(mu_hat, step), jnp.float32)  # m̂·a ≥ 0
@@ -128,7 +142,7 @@ def _descent_scale(
 
 
 def _scale_by_adam_dodge_updates(
-    b1, b2, eps, eps_root, record: RecordOptions
+    b1, b2, eps, eps_root, record: RecordOptions, derivatives: DerivativeOptions
 ) -> optax.GradientTransformationExtraArgs:
     def step(updates, state, fun, primal):
         # Projected onto the live leaves, so that dead ones keep zero moments.
@@ -138,7 +152,7 @@ def _scale_by_adam_dodge_updates(
         adam_step, mu, nu, mu_hat, _ = _adam_step(
             candidate, state, b1, b2, eps, eps_root
         )
-        scale, value, aux = _descent_scale(fun, primal, adam_step, mu_hat)
+        scale, value, aux = _descent_scale(fun, primal, adam_step, mu_hat, derivatives)
         output = jax.tree.map(lambda a: scale.astype(a.dtype) * a, adam_step)
         new_state = state._replace(mu=mu, nu=nu)
         return output, new_state, value, aux, candidate
@@ -160,6 +174,8 @@ def scale_by_adam_dodge(
     has_aux: bool = False,
     aux_init: PyTree = None,
     skip_nonfinite: bool = True,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam's rescaling for DODGE: the counterpart of `optax.scale_by_adam`.
 
@@ -209,6 +225,11 @@ def scale_by_adam_dodge(
         finite (the default): the output is zero and the moments stay as they
         were, so one NaN loss cannot poison them; the key moves on and the state
         counts the skipped updates. See [`eqx_dodge.dodge`][].
+    - `derivative`, `finite_difference_step`: how each directional derivative is
+        taken, `"jvp"` (the default) or `"central"` finite differences with step
+        $h$, as for [`eqx_dodge.dodge`][], for losses that forward mode cannot
+        differentiate (a `jax.custom_vjp` inside). With `"updates"` the step is
+        taken along Adam's step $a$ scaled to unit norm.
 
     Calling `update` and the optax wrappers work as for [`eqx_dodge.dodge`][]; the
     loss of each update is in the state's `value`
@@ -226,9 +247,19 @@ def scale_by_adam_dodge(
     check_nonnegative("eps", eps)
     check_nonnegative("eps_root", eps_root)
     record = record_options(has_aux, aux_init, skip_nonfinite)
+    derivatives = derivative_options(derivative, finite_difference_step)
     if source == "random":
         return _scale_by_adam_dodge_random(
-            b1, b2, eps, eps_root, key, num_directions, sampler, mode, record
+            b1,
+            b2,
+            eps,
+            eps_root,
+            key,
+            num_directions,
+            sampler,
+            mode,
+            record,
+            derivatives,
         )
     check_int("num_directions", num_directions, 1)
     if num_directions != 1:
@@ -238,7 +269,7 @@ def scale_by_adam_dodge(
         )
     stored_key(key, False, "with source 'updates'")
     check_random_options(num_directions, sampler, mode)
-    return _scale_by_adam_dodge_updates(b1, b2, eps, eps_root, record)
+    return _scale_by_adam_dodge_updates(b1, b2, eps, eps_root, record, derivatives)
 
 
 def adam_dodge(
@@ -256,6 +287,8 @@ def adam_dodge(
     has_aux: bool = False,
     aux_init: PyTree = None,
     skip_nonfinite: bool = True,
+    derivative: str = "jvp",
+    finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam for DODGE: a drop-in replacement for `optax.adam` that needs no gradient.
 
@@ -275,8 +308,8 @@ def adam_dodge(
 
     - `learning_rate`: a float or an optax schedule, as for `optax.adam`.
     - `b1`, `b2`, `eps`, `eps_root`, `source`, `key`, `num_directions`, `sampler`,
-        `mode`, `has_aux`, `aux_init`, `skip_nonfinite`: as for
-        [`eqx_dodge.scale_by_adam_dodge`][].
+        `mode`, `has_aux`, `aux_init`, `skip_nonfinite`, `derivative`,
+        `finite_difference_step`: as for [`eqx_dodge.scale_by_adam_dodge`][].
 
     **Returns:**
 
@@ -296,6 +329,8 @@ def adam_dodge(
             has_aux=has_aux,
             aux_init=aux_init,
             skip_nonfinite=skip_nonfinite,
+            derivative=derivative,
+            finite_difference_step=finite_difference_step,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
