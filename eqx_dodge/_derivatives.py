@@ -48,7 +48,9 @@ it too.
 - otherwise: estimate the directional derivatives by central finite differences, \
 two extra forward passes per direction, with `derivative="central"` (step \
 `finite_difference_step`) in `filter_dodge`, `filter_value_and_dodge`, \
-`sharded_dodge` or `sharded_value_and_dodge`.
+`sharded_dodge` or `sharded_value_and_dodge`, and in the optax transforms \
+`dodge` (every source), `adam_dodge` and `scale_by_adam_dodge`, e.g. \
+`eqx_dodge.adam_dodge(1e-3, key=0, derivative="central")`.
 
 See "Troubleshooting" in the eqx_dodge docs."""
 
