@@ -149,16 +149,19 @@ def test_extra_arguments_meant_for_others(name):
     rejects them): `update` must accept arguments meant for other transforms."""
     optimizer, exact_gradient = _optimizer(name)
     params = {"w": jnp.array([-1.0, 10.0, 1.0])}
-    state = optimizer.init(params)
-    updates = jax.grad(parabola)(params) if exact_gradient else None
-    expected, _ = jax.jit(
-        lambda: optimizer.update(updates, state, params, value_fn=parabola)
-    )()
-    got, _ = jax.jit(
-        lambda: optimizer.update(
+
+    # Both calls in one program (two would compile the same update twice).
+    @jax.jit
+    def with_and_without(params):
+        state = optimizer.init(params)
+        updates = jax.grad(parabola)(params) if exact_gradient else None
+        expected, _ = optimizer.update(updates, state, params, value_fn=parabola)
+        got, _ = optimizer.update(
             updates, state, params, value_fn=parabola, unexpected_argument=1.0
         )
-    )()
+        return got, expected
+
+    got, expected = with_and_without(params)
     np.testing.assert_array_equal(got["w"], expected["w"])
 
 
@@ -174,18 +177,20 @@ def test_inject_hyperparams_equals_plain(name):
     )(learning_rate=1e-2, key=5, **options)
     params = {"w": jnp.array([-1.0, 10.0, 1.0])}
 
-    def run(optimizer):
+    def run(optimizer, state):
         def step(carry, _):
             params, state = carry
             updates, state = optimizer.update(None, state, params, value_fn=parabola)
             return (optax.apply_updates(params, updates), state), updates["w"]
 
-        scan = ft.partial(jax.lax.scan, step, length=3)
-        return jax.jit(scan)((params, optimizer.init(params)))[1]
+        return jax.lax.scan(step, (params, state), length=3)[1]
 
+    # Both runs in one program, from the states `init` returns.
+    both = jax.jit(lambda p, i: (run(plain, p), run(injected, i)))
+    plain_steps, injected_steps = both(plain.init(params), injected.init(params))
     # Injected hyperparameters are float32 arrays: 1 − b2 differs from the plain
     # float's by 1.3e-5 relative, which moves the step by about 6e-6.
-    np.testing.assert_allclose(run(plain), run(injected), rtol=1e-4)
+    np.testing.assert_allclose(plain_steps, injected_steps, rtol=1e-4)
 
 
 def test_inject_hyperparams_structural_argument_error():
@@ -212,11 +217,16 @@ def test_dtypes_preserved(name, dtype):
     def loss(params):
         return parabola({"w": params["w"].astype(jnp.float32)}).astype(dtype)
 
+    # The state as `init` returns it (not through `jit`, which would cast a
+    # float64 leaf to float32); the gradient in the update's program.
     state = optimizer.init(params)
-    updates = jax.grad(loss)(params) if exact_gradient else None
-    updates, new_state = jax.jit(
-        lambda u, s, p: optimizer.update(u, s, p, value_fn=loss)
-    )(updates, state, params)
+
+    @jax.jit
+    def update(state, params):
+        updates = jax.grad(loss)(params) if exact_gradient else None
+        return optimizer.update(updates, state, params, value_fn=loss)
+
+    updates, new_state = update(state, params)
     assert updates["w"].dtype == dtype
     assert jax.tree.map(jnp.result_type, new_state) == jax.tree.map(
         jnp.result_type, state
