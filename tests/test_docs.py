@@ -5,9 +5,11 @@ page (a page reads as one script), with `pymdownx.snippets` includes expanded; a
 tutorial scripts run with a small configuration and must actually learn.
 """
 
+import inspect
 import pathlib
 import re
 import types
+import typing
 
 import jax
 import pytest
@@ -101,3 +103,38 @@ def test_digits_tutorial_learns():
     assert backprop.test_accuracy > 0.85
     assert dodge.test_accuracy > 0.6
     assert dodge.last_loss < 0.6 * dodge.first_loss
+
+
+_API_ROW = re.compile(
+    r"^\| \[`[\w.]+`\]\[eqx_dodge\.(?P<target>[\w.]+)\][^|]*\| `\((?P<args>.*?)\)` \|",
+    flags=re.MULTILINE,
+)
+
+
+def _parameter_names(obj) -> set[str]:
+    """The names `obj` accepts, with `**options: Unpack[SomeTypedDict]` expanded."""
+    names = set()
+    for name, parameter in inspect.signature(obj).parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            (typed_dict,) = typing.get_args(
+                typing.get_type_hints(obj, include_extras=True)[name]
+            )
+            names |= set(typed_dict.__annotations__)
+        elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
+            names.add(name)
+    return names
+
+
+def test_api_table_lists_every_argument():
+    """The "public API at a glance" table lists each name's arguments: an argument
+    added to (or renamed in) a signature but not to the table fails here."""
+    import eqx_dodge
+
+    rows = _API_ROW.findall((DOCS / "api" / "index.md").read_text())
+    assert len(rows) > 20, "the row pattern no longer matches the table"
+    for target, args in rows:
+        obj = eqx_dodge
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        shown = {arg.split("=")[0].strip() for arg in args.split(",")} - {"*", ""}
+        assert shown == _parameter_names(obj), target
