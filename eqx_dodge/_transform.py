@@ -195,22 +195,14 @@ def dodge(
         must have, as the state's structure is fixed at `init`.
     - `skip_nonfinite`: whether to skip updates whose loss or estimate is not
         finite, as described above (default `True`).
-    - `derivative`: how each directional derivative $\nabla L \cdot u$ is taken.
-        `"jvp"` (the default): exactly, by forward mode. `"central"`: by central
-        finite differences, $(L(\theta + h u) - L(\theta - h u)) / 2h$, two forward
-        passes per direction plus one for the value and `aux` (taken at $\theta$),
-        for losses that forward mode cannot differentiate (a `jax.custom_vjp`
-        inside: diffrax's default adjoint, `eqx.filter_custom_vjp`, ...). The same
-        `key` gives the same directions either way. Its error per direction is
-        about $\frac{h^2}{6} |\nabla^3 L[u, u, u]|$ plus float rounding of order
-        $\varepsilon\,(|L| + \sum_i |\theta_i \partial_i L|)/h$ (see the
-        Troubleshooting page of the docs).
-    - `finite_difference_step`: the step $h$ of `derivative="central"` along the
-        direction $u$ as drawn (Rademacher entries $\pm 1$, so every parameter
-        moves by $\pm h$; a candidate is scaled to unit norm first). The default
-        `1e-3` suits float32 parameters and losses of order one. Under
-        `optax.inject_hyperparams` it is injected like the other floats, while
-        `derivative`, a string, stays static.
+    - `derivative`, `finite_difference_step`: `"jvp"` (the default) takes each
+        directional derivative exactly, by forward mode; `"central"` by central
+        finite differences with step `finite_difference_step` (default `1e-3`), for
+        losses that forward mode cannot differentiate (a `jax.custom_vjp` inside:
+        diffrax's default adjoint, ...). Their cost and error are as for
+        [`eqx_dodge.filter_value_and_dodge`][]. Under `optax.inject_hyperparams`
+        the step is injected like the other floats, while `derivative`, a string,
+        stays static.
 
     **Returns:**
 

@@ -162,3 +162,15 @@ def layout_directions(layout, key, params, num_directions):
         return layout.direction(key, params, "rademacher")
     keys = jax.random.split(key, num_directions)
     return jax.vmap(lambda k: layout.direction(k, params, "rademacher"))(keys)
+
+
+# Bad `derivative` / `finite_difference_step` values, the error each must raise, and
+# what its message must name.
+BAD_OPTIONS = [
+    (dict(derivative="forward"), ValueError, "`derivative`"),
+    (dict(derivative="central", finite_difference_step=0.0), ValueError, "`finite"),
+    (dict(derivative="central", finite_difference_step=-1e-3), ValueError, "`finite"),
+    # jaxtyping's check of the annotation, in the tests, also names the argument.
+    (dict(derivative="central", finite_difference_step="1e-3"), TypeError, "finite"),
+    (dict(finite_difference_step=1e-2), ValueError, "`finite_difference_step`"),
+]

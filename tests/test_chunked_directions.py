@@ -58,6 +58,18 @@ def test_chunk_size():
     assert "scan" in _primitives(recurrent, jnp.ones(2))
 
 
+def averaged_reference(loss, model, x, key, k):
+    """The value and the average of `k` estimates along the library's directions for
+    `key`, each from its own jvp in one `vmap`."""
+    params = eqx.filter(model, eqx.is_inexact_array)
+    tangents = random_directions(key, params, k, "rademacher")
+    value, derivatives = one_vmap(loss, model, x, tangents)
+    expected = jax.tree.map(
+        lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
+    )
+    return value, expected
+
+
 @pytest.mark.parametrize("k", [5, 33])
 def test_average_matches_one_vmap(k):
     model, x, loss = make_problem()
@@ -66,12 +78,7 @@ def test_average_matches_one_vmap(k):
     # the reference would compile on its own).
     @eqx.filter_jit
     def estimate_and_reference(model, x, key):
-        params = eqx.filter(model, eqx.is_inexact_array)
-        tangents = random_directions(key, params, k, "rademacher")
-        value, derivatives = one_vmap(loss, model, x, tangents)
-        expected = jax.tree.map(
-            lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
-        )
+        value, expected = averaged_reference(loss, model, x, key, k)
         estimate_fn = eqx_dodge.filter_value_and_dodge(
             loss, key=key, num_directions=k, has_aux=True
         )
@@ -166,12 +173,7 @@ def test_convolutions_take_the_unrolled_path():
 
     @eqx.filter_jit
     def estimate_and_reference(conv, x, key):
-        params = eqx.filter(conv, eqx.is_inexact_array)
-        tangents = random_directions(key, params, k, "rademacher")
-        _, derivatives = one_vmap(loss, conv, x, tangents)
-        expected = jax.tree.map(
-            lambda u: jnp.tensordot(derivatives / k, u, axes=1), tangents
-        )
+        _, expected = averaged_reference(loss, conv, x, key, k)
         estimate = eqx_dodge.filter_dodge(
             loss, key=key, num_directions=k, has_aux=True
         )(conv, x)[0]

@@ -15,7 +15,7 @@ from jax.experimental.jet import jet
 
 import eqx_dodge
 
-from .helpers import flat
+from .helpers import BAD_OPTIONS, flat
 
 
 EPS = float(jnp.finfo(jnp.float32).eps)
@@ -380,14 +380,6 @@ def test_sharded_central_matches_filter():
     np.testing.assert_allclose(flat(estimate), flat(single), atol=atol)
 
 
-BAD_OPTIONS = [
-    (dict(derivative="forward"), ValueError, "`derivative`"),
-    (dict(derivative="central", finite_difference_step=0.0), ValueError, "`finite"),
-    (dict(derivative="central", finite_difference_step=-1e-3), ValueError, "`finite"),
-    # jaxtyping's check of the annotation, in the tests, also names the argument.
-    (dict(derivative="central", finite_difference_step="1e-3"), TypeError, "finite"),
-    (dict(finite_difference_step=1e-2), ValueError, "`finite_difference_step`"),
-]
 FACTORIES = {
     "filter_dodge": lambda **o: eqx_dodge.filter_dodge(squared_loss, key=0, **o),
     "filter_value_and_dodge": lambda **o: eqx_dodge.filter_value_and_dodge(

@@ -23,6 +23,8 @@ import pytest
 
 import eqx_dodge
 
+from .helpers import BAD_OPTIONS
+
 
 P = 4
 W0 = {"w": jnp.array([0.3, -0.2, 0.5, 0.1])}
@@ -200,14 +202,6 @@ def test_inject_hyperparams():
     )
 
 
-BAD_OPTIONS = [
-    (dict(derivative="forward"), ValueError, "`derivative`"),
-    (dict(derivative="central", finite_difference_step=0.0), ValueError, "`finite"),
-    (dict(derivative="central", finite_difference_step=-1e-3), ValueError, "`finite"),
-    # jaxtyping's check of the annotation, in the tests, also names the argument.
-    (dict(derivative="central", finite_difference_step="1e-3"), TypeError, "finite"),
-    (dict(finite_difference_step=1e-2), ValueError, "`finite_difference_step`"),
-]
 BUILDERS = {
     "dodge": lambda **o: eqx_dodge.dodge(key=0, **o),
     "dodge_random": lambda **o: eqx_dodge.dodge_random(0, **o),
