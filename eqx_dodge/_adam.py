@@ -22,7 +22,7 @@ from ._checks import (
     stored_key,
 )
 from ._directions import scale_to_unit, squared_norm, trainable
-from ._estimator import run_tangents, value_and_aux_of, value_and_estimate
+from ._estimator import live_estimate, run_tangents, value_and_aux_of
 from ._live import split_live
 from ._record import record_options, recording_transform, RecordOptions
 from ._tangents import fixed_tangents, random_tangents
@@ -106,10 +106,7 @@ def _scale_by_adam_dodge_random(
         next_key, step_key = split_stored_key(state.key, impl)
         split = split_live(fun, primal, has_aux=True)
         tangents = random_tangents(step_key, split.live, num_directions, sampler, mode)
-        value, estimate, aux = value_and_estimate(
-            split.of(fun), split.live, tangents, has_aux=True, **derivatives._asdict()
-        )
-        estimate = split.widen(estimate)
+        value, estimate, aux = live_estimate(fun, split, tangents, derivatives)
         adam_step, mu, nu, _, _ = _adam_step(estimate, state, b1, b2, eps, eps_root)
         new_state = state._replace(mu=mu, nu=nu, key=next_key)
         return adam_step, new_state, value, aux, None

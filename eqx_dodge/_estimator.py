@@ -11,8 +11,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
-from ._checks import check_scalar_loss, FINITE_DIFFERENCE_STEP, ScalarLike
+from ._checks import (
+    check_scalar_loss,
+    DerivativeOptions,
+    FINITE_DIFFERENCE_STEP,
+    ScalarLike,
+)
 from ._derivatives import directional_derivatives
+from ._live import LiveSplit
 from ._tangents import Layout, SINGLE_DEVICE, Tangents, weighted_sum
 
 
@@ -161,3 +167,14 @@ def value_and_estimate(
         finite_difference_step=finite_difference_step,
     )
     return value, estimate, aux
+
+
+def live_estimate(
+    fun, split: LiveSplit, tangents: Tangents, derivatives: DerivativeOptions
+) -> tuple[Array, PyTree, Any]:
+    """`(value, estimate, aux)` of `fun(primal) = (value, aux)`: the estimate along
+    `tangents` of the live leaves, zero at the dead ones."""
+    value, estimate, aux = value_and_estimate(
+        split.of(fun), split.live, tangents, has_aux=True, **derivatives._asdict()
+    )
+    return value, split.widen(estimate), aux

@@ -20,22 +20,11 @@ from ._checks import (
     stored_key,
 )
 from ._directions import check_direction, num_coordinates, trainable
-from ._estimator import value_and_estimate
-from ._live import LiveSplit, split_live
+from ._estimator import live_estimate
+from ._live import split_live
 from ._record import record_options, recording_transform
-from ._tangents import explored_tangents, random_tangents, Tangents
+from ._tangents import explored_tangents, random_tangents
 from ._value_fn import candidate_of
-
-
-def _estimate(
-    fun, split: LiveSplit, tangents: Tangents, derivatives: DerivativeOptions
-) -> tuple[Array, PyTree, Any]:
-    """`(value, estimate, aux)` of `fun(primal) = (value, aux)`: the estimate along
-    `tangents` of the live leaves, zero at the dead ones."""
-    value, estimate, aux = value_and_estimate(
-        split.of(fun), split.live, tangents, has_aux=True, **derivatives._asdict()
-    )
-    return value, split.widen(estimate), aux
 
 
 def _explored_estimate(
@@ -52,7 +41,7 @@ def _explored_estimate(
     tangents = explored_tangents(
         split.live, split.restrict(candidate), key=key, **options
     )
-    return _estimate(fun, split, tangents, derivatives)
+    return live_estimate(fun, split, tangents, derivatives)
 
 
 def _step_keys(data: Array | None, impl: Any) -> tuple[Array | None, Any]:
@@ -169,7 +158,7 @@ def dodge_random(
         tangents = random_tangents(step_key, split.live, num_directions, sampler, mode)
         baseline = state.baseline
         if baseline is None:
-            value, estimate, aux = _estimate(fun, split, tangents, derivatives)
+            value, estimate, aux = live_estimate(fun, split, tangents, derivatives)
         else:
             # Differentiate L(w) − b·w, whose directional derivative is (g − b)·u,
             # then add b back: unbiased, since b depends on past directions only.
@@ -178,7 +167,9 @@ def dodge_random(
                 shift = jnp.asarray(optax.tree.vdot(baseline, _primal))
                 return value - shift.astype(value.dtype), (value, aux)
 
-            _, estimate, (value, aux) = _estimate(shifted, split, tangents, derivatives)
+            _, estimate, (value, aux) = live_estimate(
+                shifted, split, tangents, derivatives
+            )
             estimate = optax.tree.add(estimate, split.project(baseline))
             baseline = optax.tree.update_moment(estimate, baseline, baseline_decay, 1)
         new_state = state._replace(key=next_key, baseline=baseline)

@@ -9,6 +9,7 @@ significant) is pinned by golden-value tests: changing it changes every directio
 drawn from a given key, and is recorded in the CHANGELOG when done on purpose.
 """
 
+import itertools
 import math
 
 import jax
@@ -67,7 +68,7 @@ def _words(key: PRNGKeyArray, sizes: list[int]) -> list[UInt32[Array, "n 2"]]:
     # the same words, and a twentieth of the program XLA compiles per leaf.
     counters = jnp.arange(total, dtype=jnp.uint32)
     words = jnp.stack(threefry_2x32(jax.random.key_data(key), counters), axis=1)
-    offsets = [sum(num_pairs[:index]) for index in range(len(num_pairs))]
+    offsets = itertools.accumulate(num_pairs, initial=0)
     return [words[o : o + n] for o, n in zip(offsets, num_pairs)]
 
 
