@@ -213,7 +213,8 @@ def scale_by_adam_dodge(
     - `key`: a PRNG key or an int seed, for `"random"` (rejected for `"updates"`).
     - `num_directions`: the number of directions evaluated at each step; random
         directions for `"random"`; `"updates"` evaluates its one direction.
-    - `sampler`: `"rademacher"` or `"gaussian"`.
+    - `sampler`: `"rademacher"`, `"gaussian"` or `"orthogonal"` (`k > 1` directions
+        exactly orthogonal to each other), as in [`eqx_dodge.filter_value_and_dodge`][].
     - `mode`: `"average"` or `"partition"`, how random directions combine.
     - `has_aux`, `aux_init`: with `has_aux=True`, `value_fn` returns
         `(loss, aux)` and the state keeps the latest `aux`, starting from

@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 KeyLike = PRNGKeyArray | int | Int[Array, ""]
 # A float hyperparameter; an array when `optax.inject_hyperparams` passes it.
 ScalarLike = float | Float[Array, ""]
-SAMPLERS: tuple[str, ...] = ("rademacher", "gaussian")
+SAMPLERS: tuple[str, ...] = ("rademacher", "gaussian", "orthogonal")
 MODES: tuple[str, ...] = ("average", "partition")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 DERIVATIVES: tuple[str, ...] = ("jvp", "central")
@@ -164,6 +164,14 @@ def check_random_options(num_directions: Any, sampler: Any, mode: Any) -> None:
     check_int("num_directions", num_directions, 1)
     check_option("sampler", sampler, SAMPLERS)
     check_option("mode", mode, MODES)
+    if sampler == "orthogonal" and mode == "partition":
+        raise ValueError(
+            "`sampler='orthogonal'` draws `num_directions` dense orthogonal directions "
+            "and applies to `mode='average'`. `mode='partition'` already splits one "
+            "direction into parts with disjoint supports, which are orthogonal (and "
+            "sparse): use it with `sampler='rademacher'`, or keep "
+            "`sampler='orthogonal'` with `mode='average'`."
+        )
 
 
 def as_key(key: Any, name: str = "key") -> PRNGKeyArray:

@@ -1,5 +1,6 @@
 """Directions: the random tangents along which DODGE differentiates, and their parts."""
 
+import itertools
 import math
 from typing import Any
 
@@ -86,10 +87,71 @@ def check_direction(direction: PyTree, primal: PyTree, name: str = "direction") 
 
 
 def sample_direction(key: PRNGKeyArray, primal: PyTree, sampler: str) -> PyTree:
-    """One direction shaped like `primal` (a tree of arrays), from a typed key."""
-    if sampler == "rademacher":
-        return rademacher_like(key, primal)
-    return optax.tree.random_like(key, primal, sampler=jax.random.normal)
+    """One direction shaped like `primal` (a tree of arrays), from a typed key. One
+    direction of the `"orthogonal"` sampler is the Rademacher one (`k = 1` in
+    `orthogonal_direction`)."""
+    if sampler == "gaussian":
+        return optax.tree.random_like(key, primal, sampler=jax.random.normal)
+    return rademacher_like(key, primal)
+
+
+def flat_positions(tree: PyTree) -> PyTree:
+    """For each coordinate of the array leaves of `tree`, its int32 index in the
+    coordinates flattened in leaf order."""
+    leaves, treedef = jax.tree.flatten(tree)
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    positions = [
+        jnp.arange(offset, offset + size, dtype=jnp.int32).reshape(leaf.shape)
+        for leaf, size, offset in zip(
+            leaves, sizes, itertools.accumulate(sizes, initial=0)
+        )
+    ]
+    return jax.tree.unflatten(treedef, positions)
+
+
+def orthogonal_direction(
+    signs: PyTree,
+    positions: PyTree,
+    total: int,
+    index: Int[Array, ""],
+    num_directions: int,
+) -> PyTree:
+    """Direction `index` of the `k = num_directions` exactly orthogonal directions
+    of `sampler="orthogonal"`: `u_i = h_i ⊙ d`.
+
+    `d = signs` is one Rademacher vector shared by the `k` directions, and `h_i` a
+    fixed pattern over the flat coordinate index `c` (`positions`, of `total = p`
+    coordinates). With `K` the power of two `≥ k` and `B = p − (p mod K)`, the
+    first `B` coordinates carry the Walsh (Sylvester–Hadamard) row `i`,
+    `h_i(c) = (−1)^popcount(i & c)`, orthogonal to row `l ≠ i` over every aligned
+    block of `K` coordinates; each of the last `p mod K` coordinates belongs to one
+    direction only, `(c − B) mod k`, with value `√k`, so that disjoint supports keep
+    that tail orthogonal too. Every coordinate has `Σ_i h_i(c)² = k`, hence
+    `E[(1/k) Σ_i u_i u_iᵀ] = I`. Each `u_i` is a Rademacher vector on the first `B`
+    coordinates, and `k = 1` gives `d` itself. The docs' "Several directions" page
+    derives the variance. (`√k` is rounded to the leaf's dtype: in half precision
+    the tail's `E[u²]` is off by that rounding.)
+    """
+    if total >= 2**31:
+        raise ValueError(
+            "`sampler='orthogonal'` supports fewer than 2³¹ coordinates; use "
+            "`sampler='rademacher'`."
+        )
+    rows = 1 << (num_directions - 1).bit_length()
+    blocked = total - total % rows
+    row = index.astype(jnp.int32)
+
+    def leaf_direction(sign, position):
+        parity = jax.lax.population_count(position & row) & 1
+        pattern = (1 - 2 * parity).astype(sign.dtype)
+        if blocked < total:
+            owner = (position - blocked) % num_directions == row
+            root_k = jnp.asarray(math.sqrt(num_directions), sign.dtype)
+            tail = jnp.where(owner, root_k, jnp.zeros((), sign.dtype))
+            pattern = jnp.where(position < blocked, pattern, tail)
+        return pattern * sign
+
+    return jax.tree.map(leaf_direction, signs, positions)
 
 
 # Called eagerly, the sampler's hash would dispatch (and compile) each of its
@@ -118,7 +180,10 @@ def random_direction(
         same key always gives the same direction.
     - `tree`: any PyTree, e.g. an Equinox model.
     - `sampler`: `"rademacher"` (entries ±1 with equal probability; the lowest
-        variance) or `"gaussian"` (standard normal entries).
+        variance) or `"gaussian"` (standard normal entries). `"orthogonal"`, which
+        makes `k > 1` directions of [`eqx_dodge.filter_dodge`][] orthogonal to each
+        other, draws the Rademacher direction here: a single direction has nothing
+        to be orthogonal to.
 
     **Returns:**
 
@@ -143,15 +208,10 @@ def part_indices(tree: PyTree, num_parts: int) -> PyTree:
     The parts are contiguous, balanced blocks of the coordinates flattened in leaf
     order: every coordinate is covered once and each part holds `⌊p/k⌋` or `⌈p/k⌉`.
     """
-    leaves, treedef = jax.tree.flatten(tree)
-    total = sum(math.prod(leaf.shape) for leaf in leaves)
-    indices = []
-    offset = 0
-    for leaf in leaves:
-        position = offset + jnp.arange(math.prod(leaf.shape), dtype=jnp.int32)
-        indices.append(part_of(position, total, num_parts).reshape(leaf.shape))
-        offset += math.prod(leaf.shape)
-    return jax.tree.unflatten(treedef, indices)
+    total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+    return jax.tree.map(
+        lambda position: part_of(position, total, num_parts), flat_positions(tree)
+    )
 
 
 def check_num_parts(num_coordinates: int, num_parts: int) -> None:

@@ -233,8 +233,14 @@ def filter_value_and_dodge(
         pass one of them).
     - `num_directions`: the number `k` of directions evaluated (default 1), in one
         vectorised forward pass (a few at a time on CPU).
-    - `sampler`: `"rademacher"` (the default) or `"gaussian"` entries for random
-        directions.
+    - `sampler`: the entries of random directions: `"rademacher"` (the default; ±1
+        with equal probability), `"gaussian"`, or `"orthogonal"`: with
+        `mode="average"` and `k > 1`, the `k` directions are ±1 vectors exactly
+        orthogonal to each other (stochastic subspace descent, Kozak et al. 2019),
+        so the estimate is about $\frac pk$ times the projection of the gradient on
+        a random `k`-dimensional subspace, with less variance than `k` independent
+        directions (see the docs' "Several directions" page). With one direction it
+        is the Rademacher one.
     - `mode`: how `k > 1` random directions combine. `"average"` (the default)
         averages `k` independent estimates, dividing the added variance by `k`.
         `"partition"` splits one random direction into `k` zero-padded parts over

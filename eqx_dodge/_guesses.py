@@ -230,7 +230,7 @@ def activation_guess(
     - `x`: the batch, of shape `(batch, *input_shape)`; the model is applied to each
         example.
     - `sampler`: the distribution of the entries of $\varepsilon$: `"rademacher"` or
-        `"gaussian"`.
+        `"gaussian"` (`"orthogonal"`, one direction, is `"rademacher"`).
 
     **Returns:**
 
@@ -286,7 +286,7 @@ def transpose_guess(
         `eqx.nn.Sequential` of Linear layers and elementwise layers.
     - `x`: the batch, of shape `(batch, *input_shape)`.
     - `sampler`: the distribution of the entries of $\varepsilon$: `"rademacher"` or
-        `"gaussian"`.
+        `"gaussian"` (`"orthogonal"`, one direction, is `"rademacher"`).
 
     **Returns:**
 
@@ -350,7 +350,8 @@ def layer_activation_guess(
     - `layer_inputs`: pairs `(where, inputs)`: `where(model)` is an `eqx.nn.Linear`
         of `model` and `inputs` the batch of its inputs, of shape
         `(batch, in_features)` (or `(batch,)` for `in_features="scalar"`).
-    - `sampler`: `"rademacher"` or `"gaussian"` entries of $\varepsilon$.
+    - `sampler`: `"rademacher"` or `"gaussian"` entries of $\varepsilon$
+        (`"orthogonal"`, one direction, is `"rademacher"`).
 
     **Returns:**
 

@@ -211,7 +211,9 @@ class OnlineDodge(eqx.Module):
         scalar. With `has_aux=True` it returns `(state, (loss, aux))`.
     - `num_directions`: the number `k` of random directions evaluated (a candidate
         is one direction: pass it to an `OnlineDodge` with the default 1).
-    - `sampler`: `"rademacher"` or `"gaussian"` entries for random directions.
+    - `sampler`: `"rademacher"`, `"gaussian"` or `"orthogonal"` (`k > 1` directions
+        exactly orthogonal to each other) random directions, as in
+        [`eqx_dodge.filter_value_and_dodge`][].
     - `mode`: `"average"` of `k` independent directions, or `"partition"` of one
         direction into `k` parts over contiguous blocks of the flattened parameters
         (`k = p` gives RTRL).

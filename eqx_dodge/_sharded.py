@@ -299,7 +299,10 @@ def sharded_value_and_dodge(
     - `direction`: a candidate direction, instead of `key`, laid out like the
         parameters (both default to `None`: pass one of them).
     - `num_directions`: the number `k` of directions evaluated (default 1).
-    - `sampler`: `"rademacher"` (the default) or `"gaussian"`.
+    - `sampler`: `"rademacher"` (the default), `"gaussian"` or `"orthogonal"`, as
+        in [`eqx_dodge.filter_value_and_dodge`][]; orthogonal directions are
+        indexed by the global coordinates, so they are orthogonal over the whole
+        model whatever `param_specs` shards.
     - `mode`: `"average"` (the default) or `"partition"`, as in
         [`eqx_dodge.filter_value_and_dodge`][].
     - `has_aux`: if `True` (default `False`), `fun` returns `(value, aux)`.

@@ -13,7 +13,6 @@ from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
 from ._directions import (
     accumulation_dtype,
-    check_num_parts,
     part_of,
     sample_direction,
     squared_norm,
@@ -119,12 +118,6 @@ class ShardedLayout(Layout):
             total = total + (jax.lax.psum(local, axes) if axes else local)
         return total
 
-    def check_num_parts(self, primal: PyTree, num_parts: int) -> None:
-        del primal  # local shards: the global shapes count the coordinates
-        check_num_parts(
-            sum(math.prod(shape) for shape in self.global_shapes), num_parts
-        )
-
     def restrict(self, mask: tuple[bool, ...]) -> "ShardedLayout":
         def kept(values: tuple) -> tuple:
             return tuple(value for value, live in zip(values, mask) if live)
@@ -136,11 +129,14 @@ class ShardedLayout(Layout):
             kept(self.global_shapes),
         )
 
-    def part_indices(self, primal: PyTree, num_parts: int) -> PyTree:
-        """The parts of the local shard of each leaf: contiguous blocks of the
-        *global* coordinates in leaf order, as on one device."""
+    def num_coordinates(self, primal: PyTree) -> int:
+        del primal  # local shards: the global shapes count the coordinates
+        return sum(math.prod(shape) for shape in self.global_shapes)
+
+    def positions(self, primal: PyTree) -> PyTree:
+        """The flat index of every coordinate of the local shard of each leaf among
+        the *global* coordinates in leaf order, as on one device."""
         leaves, treedef = jax.tree.flatten(primal)
-        total = sum(math.prod(shape) for shape in self.global_shapes)
         indices = []
         offset = 0
         for leaf, spec, shape in zip(leaves, self.leaf_specs, self.global_shapes):
@@ -150,9 +146,18 @@ class ShardedLayout(Layout):
                 start = _shard_index(axis_tuple(entry)) * leaf.shape[dim]
                 index = start + jax.lax.broadcasted_iota(jnp.int32, leaf.shape, dim)
                 position = position * shape[dim] + index
-            indices.append(part_of(offset + position, total, num_parts))
+            indices.append(offset + position)
             offset += math.prod(shape)
         return jax.tree.unflatten(treedef, indices)
+
+    def part_indices(self, primal: PyTree, num_parts: int) -> PyTree:
+        """The parts of the local shard of each leaf: contiguous blocks of the
+        *global* coordinates in leaf order, as on one device."""
+        total = self.num_coordinates(primal)
+        return jax.tree.map(
+            lambda position: part_of(position, total, num_parts),
+            self.positions(primal),
+        )
 
 
 def make_layout(

@@ -86,8 +86,16 @@ class DodgeRandomState(NamedTuple):
 
 
 def baseline_contraction(p: int, num_directions: int, sampler: str, mode: str) -> float:
-    """`q` such that `E‖Σ_j w_j (e·u_j)u_j‖² = q‖e‖²` for the random directions."""
+    """`q` such that `E‖Σ_j w_j (e·u_j)u_j‖² ≤ q‖e‖²` for the random directions
+    (with equality for Rademacher and Gaussian ones)."""
     extra = 2 if sampler == "gaussian" else 0
+    if sampler == "orthogonal" and num_directions > 1:
+        # `(B + k⌈t/k⌉)/k` with `t = p mod K` tail coordinates and `B = p − t`: the
+        # largest coefficient of `e_c²` in the second moment (docs, "Multiple
+        # directions"); `p/k` when `K` divides `p`.
+        rows = 1 << (num_directions - 1).bit_length()
+        tail = p % rows
+        return (p - tail) / num_directions + -(-tail // num_directions)
     if mode == "partition":
         return float(-(-p // num_directions) + extra)
     return (p + num_directions - 1 + extra) / num_directions

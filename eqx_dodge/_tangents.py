@@ -15,7 +15,9 @@ from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree, Scalar
 from ._directions import (
     check_direction,
     check_num_parts,
+    flat_positions,
     num_coordinates,
+    orthogonal_direction,
     part_indices,
     sample_direction,
     scale_to_unit,
@@ -50,8 +52,15 @@ class Layout(eqx.Module):
     def part_indices(self, primal: PyTree, num_parts: int) -> PyTree:
         return part_indices(primal, num_parts)
 
+    def num_coordinates(self, primal: PyTree) -> int:
+        return num_coordinates(primal)
+
+    def positions(self, primal: PyTree) -> PyTree:
+        """The flat index of every coordinate among all the `p` coordinates."""
+        return flat_positions(primal)
+
     def check_num_parts(self, primal: PyTree, num_parts: int) -> None:
-        check_num_parts(num_coordinates(primal), num_parts)
+        check_num_parts(self.num_coordinates(primal), num_parts)
 
     def restrict(self, mask: tuple[bool, ...]) -> "Layout":
         """This layout for the leaves of the primal where `mask` is true (the live
@@ -112,6 +121,29 @@ class RandomTangents(Tangents):
         )(seeds)
 
     def weights(self, seeds: Key[Array, " c"]) -> Float[Array, " c"]:
+        return jnp.full(seeds.shape, 1 / self.num, jnp.float32)
+
+
+class OrthogonalTangents(Tangents):
+    """`k` exactly orthogonal directions sharing one sign vector drawn from `key`
+    (`sampler="orthogonal"`, `mode="average"`); the seeds are the directions'
+    indices, so a chunk draws its directions alone."""
+
+    seeds: Int[Array, " k"]
+    key: PRNGKeyArray
+    template: PyTree
+    layout: Layout
+
+    def draw(self, seeds: Int[Array, " c"]) -> PyTree:
+        # The signs and positions, shared, are computed once per chunk.
+        signs = self.layout.direction(self.key, self.template, "rademacher")
+        positions = self.layout.positions(self.template)
+        total = self.layout.num_coordinates(self.template)
+        return jax.vmap(
+            lambda i: orthogonal_direction(signs, positions, total, i, self.num)
+        )(seeds)
+
+    def weights(self, seeds: Int[Array, " c"]) -> Float[Array, " c"]:
         return jnp.full(seeds.shape, 1 / self.num, jnp.float32)
 
 
@@ -176,7 +208,8 @@ def random_tangents(
 ) -> Tangents:
     """`num_directions` random tangents. One direction is the direction
     `random_direction(key, primal)` draws (the paper's Listing 1); `k > 1` average
-    the directions of `jax.random.split(key, k)`, or partition the one direction."""
+    the directions of `jax.random.split(key, k)`, or the `k` orthogonal directions
+    of `key` (`sampler="orthogonal"`), or partition the one direction."""
     if mode == "partition" and num_directions > 1:
         layout.check_num_parts(primal, num_directions)
         return PartitionTangents(
@@ -184,6 +217,9 @@ def random_tangents(
             layout.direction(key, primal, sampler),
             layout.part_indices(primal, num_directions),
         )
+    if sampler == "orthogonal" and num_directions > 1:
+        indices = jnp.arange(num_directions, dtype=jnp.int32)
+        return OrthogonalTangents(indices, key, primal, layout)
     keys = key[None] if num_directions == 1 else jax.random.split(key, num_directions)
     return RandomTangents(keys, primal, layout, sampler)
 

@@ -155,7 +155,9 @@ def dodge(
     - `num_directions`: the number of directions evaluated at each step: random
         ones for `"random"`; the candidate and `num_directions − 1` random
         exploration directions for `"updates"` and `"ema"`.
-    - `sampler`: `"rademacher"` or `"gaussian"` entries for random directions.
+    - `sampler`: `"rademacher"`, `"gaussian"` or `"orthogonal"` (`k > 1` directions
+        exactly orthogonal to each other) random directions, as in
+        [`eqx_dodge.filter_value_and_dodge`][].
     - `mode`: `"average"` or `"partition"`, how `k > 1` random directions combine
         (see [`eqx_dodge.filter_value_and_dodge`][]).
     - `ema_decay`: for `"ema"` only: the decay $\lambda \in [0, 1)$ of its moving
