@@ -145,7 +145,10 @@ def _live_directions(split: LiveSplit, directions: PyTree, mode: str) -> PyTree:
     dead leaves leaves directions distributed as if drawn on the live leaves alone;
     the parts of one direction (`mode="partition"`) are formed again over the live
     coordinates. Both are fixed functions of `directions`, so the carried tangent
-    stays a derivative along the same directions from window to window."""
+    stays a derivative along the same directions from window to window.
+    (`sampler="orthogonal"` directions keep their mean, `E[(1/k) Σ u uᵀ] = I`, on
+    any subset of the coordinates, but are exactly orthogonal over the live leaves
+    only when every leaf is live.)"""
     live = split.restrict(directions)
     num = jax.tree.leaves(directions)[0].shape[0]
     if split.all_live or mode != "partition" or num == 1:
