@@ -12,6 +12,10 @@ from ._adam import (
     scale_by_adam_dodge as scale_by_adam_dodge,
     ScaleByAdamDodgeState as ScaleByAdamDodgeState,
 )
+from ._curvature import (
+    curvature_aware_dodge as curvature_aware_dodge,
+    CurvatureAwareDodgeState as CurvatureAwareDodgeState,
+)
 from ._directions import (
     partition_direction as partition_direction,
     random_direction as random_direction,
