@@ -11,7 +11,13 @@ Methods (all through `eqx_dodge.filter_value_and_dodge`):
 - `partition-k16`: one Rademacher direction split into 16 parts (DODGE eq 10);
 - `activation`: `eqx_dodge.activation_guess` as the candidate direction;
 - `transpose`: `eqx_dodge.transpose_guess` (the W-transpose guess);
-- `oracle`: the true gradient as the candidate, which is exactly backpropagation.
+- `oracle`: the true gradient as the candidate, which is exactly backpropagation;
+- `rademacher-k1 curvature`, `activation curvature`, `transpose curvature`:
+    `eqx_dodge.curvature_aware_dodge` (CARS's Newton step along the direction, from
+    one nested jvp, with its safeguard) along the directions of the method named
+    first, on the same minibatches, damped by a factor (`optax.scale` after it) from
+    a small grid; its fallback is that method's plain step at its best learning
+    rate.
 
 Measured:
 
@@ -20,7 +26,10 @@ Measured:
 2. cosine similarity against the hidden width of a one-hidden-layer MLP (the claim of
     Singhal et al. 2023: random directions fall like 1/√p, guesses much less);
 3. training-set accuracy after a fixed number of plain SGD updates, with the best
-    learning rate of a grid per method.
+    learning rate of a grid per method (curvature-aware rows: the fraction of
+    accepted Newton steps and the median curvature along the unit direction too);
+4. the cost of a `curvature_aware_dodge` update against a `dodge_random` update
+    (one jvp), with and without the safeguard's trial forward pass.
 
 Learning rates: the estimate from random directions has E‖ĝ‖² ≈ (p/k)‖g‖², while a
 unit candidate direction û gives ‖ĝ‖ = |g·û| ≤ ‖g‖; so the grid is `base × k/p` for
@@ -41,6 +50,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jaxtyping import Array, PRNGKeyArray
 
 import eqx_dodge
@@ -56,6 +66,12 @@ METHODS: dict[str, dict] = {
     "transpose": dict(kind="guess", guess=eqx_dodge.transpose_guess),
     "oracle": dict(kind="oracle"),
 }
+# Curvature-aware rows, each along the directions of the plain method it names.
+CURVATURE_METHODS: dict[str, str] = {
+    "rademacher-k1 curvature": "rademacher-k1",
+    "activation curvature": "activation",
+    "transpose curvature": "transpose",
+}
 
 FULL: dict[str, Any] = dict(
     models={"digits 64-64-10": (64, 1), "wide 64-128-128-10": (128, 2)},
@@ -67,6 +83,7 @@ FULL: dict[str, Any] = dict(
     num_steps=400,
     backprop_steps=200,
     base_learning_rates=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+    newton_dampings=[0.1, 0.3, 1.0],
     num_seeds=2,
 )
 QUICK: dict[str, Any] = dict(
@@ -79,6 +96,7 @@ QUICK: dict[str, Any] = dict(
     num_steps=10,
     backprop_steps=0,
     base_learning_rates=[0.3, 3.0],
+    newton_dampings=[0.3, 1.0],
     num_seeds=2,
 )
 WIDTH_METHODS = ("rademacher-k1", "activation", "transpose")
@@ -241,6 +259,106 @@ def train_sgd(
     return eqx.filter_jit(jax.vmap(per_seed, in_axes=(0, None)))(learning_rates, seeds)
 
 
+def _curvature_state(state: Any) -> eqx_dodge.CurvatureAwareDodgeState:
+    """The `curvature_aware_dodge` state in the chain's state."""
+    return state[0]
+
+
+def train_curvature(
+    base: str,
+    model,
+    x: Array,
+    y: Array,
+    learning_rate: float,
+    dampings: Array,
+    seeds: Array,
+    num_steps: int,
+    batch_size: int,
+):
+    """`eqx_dodge.curvature_aware_dodge` along the directions of the plain method
+    `base` (k = 1), on the minibatches and guesses `train_sgd` draws from the same
+    seeds, vmapped over dampings and seeds. Its update is scaled by the damping
+    (`optax.scale` after it); the plain fallback step keeps learning rate
+    `learning_rate`. Returns the final full-data loss and accuracy, the number of
+    accepted Newton steps and the median curvature along the unit direction."""
+    method = METHODS[base]
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    random = method["kind"] == "random"
+
+    def one_run(damping, seed):
+        key = jax.random.key(seed)
+        optimizer = optax.chain(
+            eqx_dodge.curvature_aware_dodge(
+                learning_rate / damping,
+                key=jax.random.fold_in(key, 1) if random else None,
+                sampler=method.get("sampler", "rademacher"),
+            ),
+            optax.scale(damping),
+        )
+
+        def step(carry, key):
+            params, state = carry
+            batch_key, direction_key = jax.random.split(key)
+            index = jax.random.randint(batch_key, (batch_size,), 0, x.shape[0])
+            current = eqx.combine(params, static)
+            xb, yb = x[index], y[index]
+            guess = None if random else method["guess"](direction_key, current, xb)
+            updates, state = optimizer.update(
+                guess,  # pyright: ignore[reportArgumentType]
+                state,
+                params,
+                value_fn=lambda p: loss_fn(eqx.combine(p, static), xb, yb),
+            )
+            curvature = _curvature_state(state).curvature
+            return (eqx.apply_updates(params, updates), state), curvature
+
+        keys = jax.random.split(key, num_steps)
+        carry = (params, optimizer.init(params))
+        (final, state), curvatures = jax.lax.scan(step, carry, keys)
+        trained = eqx.combine(final, static)
+        return (
+            loss_fn(trained, x, y),
+            accuracy(trained, x, y),
+            _curvature_state(state).accepted,
+            jnp.median(curvatures),
+        )
+
+    per_seed = jax.vmap(one_run, in_axes=(None, 0))
+    return eqx.filter_jit(jax.vmap(per_seed, in_axes=(0, None)))(dampings, seeds)
+
+
+def curvature_cost(model, x: Array, y: Array) -> dict:
+    """Seconds per update (jitted, interleaved) of `dodge_random` (one jvp) and of
+    `curvature_aware_dodge` without and with the safeguard's trial forward pass
+    (`trial=False`: the nested jvp alone), and their ratios to the first."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def value_fn(p):
+        return loss_fn(eqx.combine(p, static), x, y)
+
+    optimizers = {
+        "dodge_random": eqx_dodge.dodge_random(0),
+        "curvature_aware_no_trial": eqx_dodge.curvature_aware_dodge(
+            0.0, key=0, trial=False
+        ),
+        "curvature_aware": eqx_dodge.curvature_aware_dodge(0.0, key=0),
+    }
+
+    def timed(optimizer):
+        state = optimizer.init(params)
+        update = jax.jit(lambda p, s: optimizer.update(None, s, p, value_fn=value_fn))
+        return lambda: update(params, state)
+
+    times = _common.time_interleaved(
+        {name: timed(o) for name, o in optimizers.items()}, repeats=5, min_time=0.05
+    )
+    result: dict = {name: _common.summarize(t) for name, t in times.items()}
+    for name in ("curvature_aware_no_trial", "curvature_aware"):
+        ratios = _common.ratio_samples(times[name], times["dodge_random"])
+        result[f"{name}_over_dodge_random"] = _common.summarize(ratios)
+    return result
+
+
 def finite_or_none(values):
     """Nested lists of floats with diverged (non-finite) entries as `None` (JSON has
     no infinity)."""
@@ -253,9 +371,11 @@ def finite_or_none(values):
 def main(
     quick: bool = False,
     out_dir: pathlib.Path = _common.RESULTS,
-    methods: tuple[str, ...] = tuple(METHODS),
+    methods: tuple[str, ...] = tuple(METHODS) + tuple(CURVATURE_METHODS),
 ) -> dict:
     config = QUICK if quick else FULL
+    plain_methods = tuple(name for name in methods if name in METHODS)
+    curvature_methods = tuple(name for name in methods if name in CURVATURE_METHODS)
     x, y = load_data()
     key = jax.random.key(0)
     batch_key, key = jax.random.split(key)
@@ -288,16 +408,20 @@ def main(
             trained_params = jax.tree.map(lambda leaf: leaf[0, 0], trained_params)
             static = eqx.partition(model, eqx.is_inexact_array)[1]
             trained = eqx.combine(trained_params, static)
-        at_init = cosines(methods, model, xb, yb, cosine_keys, with_curvature=True)
+        at_init = cosines(
+            plain_methods, model, xb, yb, cosine_keys, with_curvature=True
+        )
         after = (
             None
             if trained is None
-            else cosines(methods, trained, xb, yb, cosine_keys, with_curvature=True)
+            else cosines(
+                plain_methods, trained, xb, yb, cosine_keys, with_curvature=True
+            )
         )
 
         entry = {"num_parameters": p, "one_over_sqrt_p": 1 / math.sqrt(p)}
         method_results = {}
-        for name in methods:
+        for name in plain_methods:
             print(f"[{model_name}] {name}", flush=True)
             scale = learning_rate_scale(name, model)
             losses, accuracies, _ = train_sgd(
@@ -330,7 +454,53 @@ def main(
                 ],
                 "final_loss_median": finite_or_none(np.median(losses[best])),
             }
+        for name in curvature_methods:
+            print(f"[{model_name}] {name}", flush=True)
+            base = CURVATURE_METHODS[name]
+            scale = learning_rate_scale(base, model)
+            # The fallback step is the plain method's at its best learning rate
+            # (the smallest of the grid when the plain method was not run).
+            fallback = method_results.get(base, {}).get(
+                "best_learning_rate", float(learning_rates[0]) * scale
+            )
+            dampings = jnp.asarray(config["newton_dampings"], jnp.float32)
+            losses, accuracies, accepted, curvatures = train_curvature(
+                base,
+                model,
+                x,
+                y,
+                fallback,
+                dampings,
+                seeds,
+                config["num_steps"],
+                config["batch_size"],
+            )
+            losses = np.nan_to_num(np.asarray(losses, np.float64), nan=np.inf)
+            accuracies = np.asarray(accuracies)
+            best = int(np.argmin(np.median(losses, axis=1)))
+            method_results[name] = {
+                "cosine_at_init": None,
+                "cosine_after_backprop_training": None,
+                "base_method": base,
+                "learning_rate_scale": scale,
+                "best_learning_rate": fallback,
+                "best_newton_damping": float(dampings[best]),
+                "final_loss_per_damping_and_seed": finite_or_none(losses),
+                "train_accuracy_per_damping_and_seed": accuracies.tolist(),
+                "train_accuracy_median": float(np.median(accuracies[best])),
+                "train_accuracy_spread": [
+                    float(np.min(accuracies[best])),
+                    float(np.max(accuracies[best])),
+                ],
+                "final_loss_median": finite_or_none(np.median(losses[best])),
+                "accepted_fraction_per_seed": (
+                    np.asarray(accepted[best]) / config["num_steps"]
+                ).tolist(),
+                "median_unit_curvature_per_seed": finite_or_none(curvatures[best]),
+            }
         entry["methods"] = method_results
+        if curvature_methods:
+            entry["curvature_cost"] = curvature_cost(model, xb, yb)
         results["models"][model_name] = entry
 
     for width in config["widths"]:
@@ -358,7 +528,10 @@ def main(
             "optimizer": "plain SGD, no momentum; best base learning rate by median "
             "final full-data loss over seeds",
             "learning_rate_rule": "base × k/p for random directions, base for "
-            "candidate directions (guesses, oracle)",
+            "candidate directions (guesses, oracle); curvature-aware rows: the "
+            "Newton step times the best damping of `newton_dampings`, or the plain "
+            "step at the best learning rate of their base method when the "
+            "safeguard rejects the undamped Newton step",
             "cosine": "against the true gradient of one fixed batch; statistics "
             "over PRNG keys",
         },
@@ -411,16 +584,31 @@ def print_table(output: dict) -> None:
             f"1/√p = {entry['one_over_sqrt_p']:.4f}"
         )
         print(
-            f"{'method':16s} {'|cos| init':>10s} {'|cos| trained':>13s} "
+            f"{'method':24s} {'|cos| init':>10s} {'|cos| trained':>13s} "
             f"{'train acc':>9s} {'best lr':>9s}"
         )
         for name, row in entry["methods"].items():
+            at_init = row["cosine_at_init"]
+            at_init = float("nan") if at_init is None else at_init["median_abs_cosine"]
             after = row["cosine_after_backprop_training"]
             after = float("nan") if after is None else after["median_abs_cosine"]
             print(
-                f"{name:16s} {row['cosine_at_init']['median_abs_cosine']:10.4f} "
+                f"{name:24s} {at_init:10.4f} "
                 f"{after:13.4f} "
                 f"{row['train_accuracy_median']:9.3f} {row['best_learning_rate']:9.2e}"
+                + (
+                    f"  accepted {np.median(row['accepted_fraction_per_seed']):.2f}"
+                    if "accepted_fraction_per_seed" in row
+                    else ""
+                )
+            )
+        cost = entry.get("curvature_cost")
+        if cost is not None:
+            print(
+                "update time over dodge_random's: curvature_aware_dodge "
+                f"{cost['curvature_aware_over_dodge_random']['median']:.2f} "
+                "(nested jvp alone "
+                f"{cost['curvature_aware_no_trial_over_dodge_random']['median']:.2f})"
             )
 
 

@@ -1,4 +1,5 @@
-"""Writes the README's "Performance" section from `benchmarks/results/*.json`.
+"""Writes the README's "Performance" section from `benchmarks/results/*.json`, and
+the docs pages' result tables (`_docs_tables.py`).
 
 Every number in the section comes from a result file; nothing is typed by hand. The
 section is the text between `<!-- performance:start -->` and
@@ -10,9 +11,12 @@ import argparse
 import json
 import math
 import pathlib
+import statistics
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import _docs_tables
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -465,6 +469,43 @@ def _cosine(entry: dict[str, Any] | None) -> str:
     return f"{entry['median_abs_cosine']:.4f} ({q1:.4f}–{q3:.4f})"
 
 
+def _curvature_lines(
+    rows: dict[str, Any], curvature: dict[str, Any], cost: dict[str, Any] | None
+) -> list[str]:
+    """The curvature-aware rows of `guess_quality`: each against its plain method."""
+    lines = [
+        "`curvature_aware_dodge` (CARS's Newton step with its safeguard) along the "
+        "same directions and minibatches, the Newton step damped by the best factor "
+        "of a grid, falling back to the plain step at the plain method's best "
+        "learning rate (median over seeds):",
+        "",
+        "| method | training accuracy | plain step's | damping "
+        "| Newton steps accepted | curvature along the unit direction |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in curvature.items():
+        base = rows.get(row["base_method"])
+        plain = "–" if base is None else f"{base['train_accuracy_median']:.3f}"
+        curvatures = [c for c in row["median_unit_curvature_per_seed"] if c is not None]
+        lines.append(
+            f"| `{name}` | {row['train_accuracy_median']:.3f} | {plain} "
+            f"| {row['best_newton_damping']:g} "
+            f"| {statistics.median(row['accepted_fraction_per_seed']):.0%} "
+            f"| {statistics.median(curvatures) if curvatures else float('nan'):.2g} |"
+        )
+    lines.append("")
+    if cost is not None:
+        lines += [
+            "Update time against `dodge_random`'s (one jvp), median of the "
+            "interleaved repeats: `curvature_aware_dodge` "
+            f"{cost['curvature_aware_over_dodge_random']['median']:.2f}×, its "
+            "nested jvp alone (`trial=False`) "
+            f"{cost['curvature_aware_no_trial_over_dodge_random']['median']:.2f}×.",
+            "",
+        ]
+    return lines
+
+
 def guess_quality_section(record: dict[str, Any], results_path: str) -> list[str]:
     config, results = record["config"], record["results"]
     lines = [
@@ -487,7 +528,11 @@ def guess_quality_section(record: dict[str, Any], results_path: str) -> list[str
             "| training accuracy | best learning rate |",
             "|---|---|---|---|---|",
         ]
-        for name, row in entry["methods"].items():
+        rows = entry["methods"]
+        curvature = {n: r for n, r in rows.items() if "base_method" in r}
+        for name, row in rows.items():
+            if name in curvature:
+                continue
             lines.append(
                 f"| `{name}` | {_cosine(row['cosine_at_init'])} "
                 f"| {_cosine(row['cosine_after_backprop_training'])} "
@@ -495,6 +540,8 @@ def guess_quality_section(record: dict[str, Any], results_path: str) -> list[str
                 f"| {row['best_learning_rate']:.2g} |"
             )
         lines.append("")
+        if curvature:
+            lines += _curvature_lines(rows, curvature, entry.get("curvature_cost"))
     sweep = results["width_sweep"]
     methods = [m for m in next(iter(sweep.values())) if m != "num_parameters"]
     lines += [
@@ -613,14 +660,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--readme", type=pathlib.Path, default=ROOT / "README.md")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    new = update_readme(args.readme, render(args.results, args.readme.parent))
+    pages = {
+        args.readme: update_readme(
+            args.readme, render(args.results, args.readme.parent)
+        ),
+        **_docs_tables.updated_pages(args.results, ROOT),
+    }
+    stale = [path for path, text in pages.items() if text != path.read_text()]
     if args.check:
-        if new != args.readme.read_text():
-            print(f"{args.readme} is out of date; run benchmarks/report.py.")
+        if stale:
+            names = ", ".join(map(str, stale))
+            print(f"{names}: out of date with the results; run benchmarks/report.py.")
             raise SystemExit(1)
         return
-    args.readme.write_text(new)
-    print(f"wrote the Performance section of {args.readme}", file=sys.stderr)
+    for path in stale:
+        path.write_text(pages[path])
+        print(f"wrote the results in {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -369,6 +369,68 @@ def test_report(tmp_path):
     assert "ran 2 benchmarks one at a time in 4.0 min" in text
 
 
+def test_report_guess_quality_curvature_rows():
+    """The curvature-aware rows of `guess_quality` get their own table, beside the
+    plain method they follow, with the cost line; results without them (the
+    committed file before its rerun) render as before."""
+    cosine = {"median_abs_cosine": 0.1, "iqr_abs_cosine": [0.05, 0.2]}
+    plain = {
+        "cosine_at_init": cosine,
+        "cosine_after_backprop_training": None,
+        "train_accuracy_median": 0.5,
+        "best_learning_rate": 3.0,
+    }
+    curvature = {
+        "cosine_at_init": None,
+        "cosine_after_backprop_training": None,
+        "base_method": "activation",
+        "best_learning_rate": 3.0,
+        "best_newton_damping": 0.3,
+        "train_accuracy_median": 0.625,
+        "accepted_fraction_per_seed": [0.75, 0.85],
+        "median_unit_curvature_per_seed": [0.02, None],
+    }
+    ratio = _common.summarize([2.0, 2.5, 3.0, 3.5, 4.0])
+    record = {
+        "machine": {"cpu": "a CPU", "cpu_count": 2, "jax": "0.10"},
+        "config": {
+            "batch_size": 64,
+            "cosine_keys": 8,
+            "backprop_steps": 0,
+            "num_steps": 10,
+            "num_seeds": 2,
+            "width_depth": 2,
+            "width_keys": 8,
+        },
+        "results": {
+            "models": {
+                "mlp": {
+                    "num_parameters": 100,
+                    "one_over_sqrt_p": 0.1,
+                    "methods": {
+                        "activation": plain,
+                        "activation curvature": curvature,
+                    },
+                    "curvature_cost": {
+                        "curvature_aware_over_dodge_random": ratio,
+                        "curvature_aware_no_trial_over_dodge_random": ratio,
+                    },
+                }
+            },
+            "width_sweep": {"8": {"num_parameters": 100, "activation": cosine}},
+        },
+    }
+    lines = report.guess_quality_section(record, "results")
+    assert "| `activation curvature` | 0.625 | 0.500 | 0.3 | 80% | 0.02 |" in lines
+    assert not any(line.startswith("| `activation curvature` | –") for line in lines)
+    assert any("`curvature_aware_dodge` 3.00×" in line for line in lines)
+    del record["results"]["models"]["mlp"]["methods"]["activation curvature"]
+    del record["results"]["models"]["mlp"]["curvature_cost"]
+    assert not any(
+        "curvature" in line for line in report.guess_quality_section(record, "results")
+    )
+
+
 def test_report_committed_results():
     """Every benchmark with a committed result file has its section in the README,
     and the README is up to date with the results."""

@@ -14,7 +14,7 @@ def test_quick_run_writes_results(tmp_path):
     accuracies in [0, 1], held for any output."""
     benchmark = load_script("benchmarks/guess_quality.py")
     # A subset of the methods keeps the smoke test short; `--quick` runs them all.
-    methods = ("rademacher-k1", "activation", "oracle")
+    methods = ("rademacher-k1", "activation", "oracle", "activation curvature")
     output = benchmark.main(quick=True, out_dir=tmp_path, methods=methods)
     saved = json.loads((tmp_path / "guess_quality.json").read_text())
     assert (tmp_path / "guess_quality.png").stat().st_size > 0
@@ -30,6 +30,7 @@ def test_quick_run_writes_results(tmp_path):
     entry = saved["results"]["models"][name]
     assert set(entry["methods"]) == set(methods)
     rows = entry["methods"]
+    curvature = rows.pop("activation curvature")
     assert abs(rows["oracle"]["cosine_at_init"]["median_abs_cosine"] - 1) < 1e-4
     for row in rows.values():
         # (g·u)u has cosine |g·u|/(‖g‖‖u‖) ≥ 0 with the gradient, for every key.
@@ -42,3 +43,11 @@ def test_quick_run_writes_results(tmp_path):
     assert rows["rademacher-k1"]["final_loss_median"] < initial_loss - 5e-4
     assert rows["activation"]["final_loss_median"] < initial_loss - 1e-3
     assert rows["oracle"]["final_loss_median"] < initial_loss - 0.05
+    # The curvature-aware step along the same guesses, on the same minibatches, with
+    # the guess's best learning rate as fallback: it lowers the loss too, and its
+    # update is timed against `dodge_random`'s.
+    assert curvature["best_learning_rate"] == rows["activation"]["best_learning_rate"]
+    assert curvature["final_loss_median"] < initial_loss - 1e-3
+    assert all(0 < f <= 1 for f in curvature["accepted_fraction_per_seed"])
+    cost = entry["curvature_cost"]
+    assert cost["curvature_aware_over_dodge_random"]["median"] > 0
