@@ -234,3 +234,39 @@ def save_figure(fig: Any, out_dir: pathlib.Path, name: str) -> pathlib.Path:
     plt.close(fig)
     print(f"wrote {path}", file=sys.stderr)
     return path
+
+
+class RunLog:
+    """The finished runs of a resumable study (a script's `--full`), kept in
+    `out_dir/<name>.json`.
+
+    Paper-scale studies take longer than one sitting, and a process left running is
+    killed when the session ends. Each run is written to the file as soon as it
+    finishes, with the machine and commit it ran on; a rerun loads the file and
+    skips the runs already in it, so a study accumulates over several sittings.
+    Runs are identified by a string key. A file written with another configuration
+    is refused (move it away to start again): runs of two configurations must not
+    be mixed in one table.
+    """
+
+    def __init__(self, out_dir: pathlib.Path, name: str, config: dict[str, Any]):
+        self.out_dir, self.name = out_dir, name
+        self.config = json.loads(json.dumps(config))  # as it reads back from JSON
+        self.path = out_dir / f"{name}.json"
+        self.runs: dict[str, Any] = {}
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            if saved["config"] != self.config:
+                raise SystemExit(
+                    f"{self.path} holds runs of another configuration "
+                    f"({saved['config']}); move it away to start a new study."
+                )
+            self.runs = saved["runs"]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.runs
+
+    def add(self, key: str, record: dict[str, Any]) -> None:
+        """Appends one finished run and rewrites the file at once."""
+        self.runs[key] = {**record, "machine": machine_info()}
+        write_json(self.out_dir, self.name, {"config": self.config, "runs": self.runs})

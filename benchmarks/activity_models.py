@@ -9,8 +9,8 @@ Models (ReLU everywhere; the digits data and split are `activity.py`'s):
 
 - digits MLP 64-256-256-10 (`eqx.nn.MLP`);
 - digits conv net: the 8×8 image, a 3×3 conv to 16 channels (padding 1), a 3×3 conv
-    to 32 channels with stride 2 (padding 1, 4×4), a linear layer 512-10 (not trained
-    in either configuration: see `Model.full`);
+    to 32 channels with stride 2 (padding 1, 4×4), a linear layer 512-10 (built, not
+    trained: see `Model.full`);
 - mnist1d MLP 40-128-128-10 on the `mnist1d` package's default data set, generated
     offline (`mnist1d.data.make_dataset(get_dataset_args())`: 4000 training and 1000
     test sequences of 40 values, its own split and seed).
@@ -30,6 +30,12 @@ method, TEST accuracy mean ± std over seeds, the gap to backprop with the stand
 error of a difference of means; seconds per step relative to backprop, timed
 interleaved (`_common.time_interleaved`), and XLA's peak memory of one compiled
 step relative to backprop's (`_common.memory_analysis`).
+
+Scales (`SCALES`): `make bench` runs the digits MLP without the group-wise model
+(about 4 minutes on 2 cores; `results/activity_models.json`); `--full` runs every
+model and method, one run at a time into `results/activity_models_full_runs.json`,
+and resumes where an interrupted study stopped (`_common.RunLog`); its summary is
+`results/activity_models_full.json` (committed). `--quick` is the smoke test.
 """
 
 import functools as ft
@@ -44,7 +50,6 @@ import activity as base
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import eqx_dodge
 
@@ -96,10 +101,9 @@ class Model(NamedTuple):
     # The group-wise models are slow to train (the conv net's: about 40× a backprop
     # step, and most of the benchmark's time); these are run only where this holds.
     grouped: bool = True
-    # Trained in the full configuration. The conv net is not: vmapped over seeds and
+    # Trained in the `--full` study. The conv net is not: vmapped over seeds and
     # step sizes, its convolutions become grouped ones, slow on XLA:CPU (backprop
-    # alone ran over 7 minutes on 2 cores without finishing). `--quick` trains one
-    # model, `QUICK_MODEL`.
+    # alone ran over 7 minutes on 2 cores without finishing).
     full: bool = True
 
 
@@ -166,16 +170,9 @@ LOCAL = {name: local_maker(model, None) for name, model in MODELS.items()}
 GROUPED = {name: local_maker(model, GROUPS) for name, model in MODELS.items()}
 
 
-# `--quick` trains these only, on one model: each costs a compilation.
-QUICK_MODEL = "digits MLP 64-256-256-10"
-QUICK_METHODS = (
-    "backprop",
-    "activity, separate layers",
-    "local losses, activity (LG-FG-A)",
-)
-
-
-def methods(name: str, quick: bool) -> dict[str, base.Method]:
+def full_table(name: str) -> dict[str, base.Method]:
+    """Every method on model `name`: `activity.py`'s and the group-wise local losses
+    (where the model has them)."""
     make, local, grouped = MODELS[name].make, LOCAL[name], GROUPED[name]
     batch, local_batch = base.batch_loss, base.local_batch_loss
     table = {
@@ -192,12 +189,41 @@ def methods(name: str, quick: bool) -> dict[str, base.Method]:
         ),
     }
     if MODELS[name].grouped:
-        table[f"{GROUPS} group-wise local losses, activity"] = base.Method(
+        table[GROUP_WISE] = base.Method(
             grouped, base.activity(base.local_example_loss, True), local_batch, True
         )
-    if quick:
-        return {name: table[name] for name in QUICK_METHODS}
     return table
+
+
+GROUP_WISE = f"{GROUPS} group-wise local losses, activity"
+DIGITS_MLP = "digits MLP 64-256-256-10"
+# What each scale trains: model -> methods. Each method costs a compilation, and the
+# group-wise models are slow to train (most of a `--full` run), so `make bench`'s
+# default runs the digits MLP without them and `--full` (resumable: see
+# `_common.RunLog`) runs every model and method; its results are committed in
+# `results/activity_models_full.json`.
+SCALES: dict[str, dict[str, list[str]]] = {
+    # The smoke test trains the model and method kinds that `activity.py`'s does not.
+    "quick": {DIGITS_MLP: ["backprop", "local losses, activity (LG-FG-A)"]},
+    "default": {DIGITS_MLP: [m for m in full_table(DIGITS_MLP) if m != GROUP_WISE]},
+    "full": {
+        name: list(full_table(name)) for name, model in MODELS.items() if model.full
+    },
+}
+# Not `activity.py`'s 5 seeds and 7 step sizes: on 2 CPU cores the full study would
+# take over an hour. Three seeds and four step sizes: in a first run on
+# {0.03, 0.1, 0.3}, every forward-only method's best was 0.03 (weight DODGE k = 16
+# on the 256-unit MLP diverged at all three) and backprop's 0.3. Timing: (repeats,
+# seconds per repeat at least).
+_STUDY = {"seeds": [0, 1, 2], "learning_rates": [0.01, 0.03, 0.1, 0.3]}
+CONFIGS: dict[str, tuple[dict[str, Any], tuple[int, float]]] = {
+    "quick": (
+        {"seeds": [0, 1], "learning_rates": [0.1, 0.3], "num_updates": 100},
+        (5, 0.01),
+    ),
+    "default": (_STUDY | {"num_updates": 1000}, (7, 0.1)),
+    "full": (_STUDY | {"num_updates": 1000}, (7, 0.1)),
+}
 
 
 def step_costs(
@@ -234,34 +260,76 @@ def step_costs(
     return step_time, memory
 
 
-def summarize_runs(
+def train_records(
+    name: str,
     table: dict[str, base.Method],
-    all_runs: dict[str, dict[str, np.ndarray]],
-    rates: Sequence[float],
-    num_seeds: int,
-    goal_points: float,
-) -> dict[str, Any]:
+    config: dict[str, Any],
+    log: _common.RunLog | None,
+) -> dict[str, dict[str, Any]]:
+    """Every method's record (`activity.method_record`): trained here, or read from
+    the `--full` study's `log` where an earlier sitting finished it."""
+    data = MODELS[name].load()
     records = {}
-    for name, method in table.items():
-        records[name] = base.method_record(method, all_runs[name], rates)
-    base.compare_with_backprop(records, num_seeds, goal_points)
-    return records
-
-
-def run_model(name: str, quick: bool, seeds, rates, num_updates, repeats, min_time):
-    model = MODELS[name]
-    data = model.load()
-    table = methods(name, quick)
-    runs = {}
     for method_name, method in table.items():
+        key = f"{name} / {method_name}"
+        if log is not None and key in log:
+            records[method_name] = without_machine(log.runs[key])
+            continue
         start = time.perf_counter()
-        runs[method_name] = base.run_method(method, seeds, rates, data, num_updates)
+        runs = base.run_method(
+            method,
+            config["seeds"],
+            config["learning_rates"],
+            data,
+            config["num_updates"],
+        )
         print(
             f"[{name}] {method_name}: {time.perf_counter() - start:.1f} s",
             file=sys.stderr,
         )
-    records = summarize_runs(table, runs, rates, len(seeds), model.goal_points)
-    step_time, memory = step_costs(table, data, repeats, min_time)
+        records[method_name] = base.method_record(
+            method, runs, config["learning_rates"]
+        )
+        if log is not None:
+            log.add(key, records[method_name])
+    return records
+
+
+def without_machine(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key != "machine"}
+
+
+def timed_costs(
+    name: str,
+    table: dict[str, base.Method],
+    timing: tuple[int, float],
+    log: _common.RunLog | None,
+) -> dict[str, Any]:
+    """`step_costs` of every method, or the `--full` study's record of them, with
+    the machine they were timed on (its load, its commit)."""
+    key = f"{name} / step cost"
+    if log is not None and key in log:
+        saved = log.runs[key]
+        return without_machine(saved) | {"timed_on": saved["machine"]}
+    step_time, memory = step_costs(table, MODELS[name].load(), *timing)
+    costs = {"step_time": step_time, "memory": memory}
+    if log is not None:
+        log.add(key, costs)
+    return costs | {"timed_on": _common.machine_info()}
+
+
+def run_model(
+    name: str,
+    table: dict[str, base.Method],
+    config: dict[str, Any],
+    timing: tuple[int, float],
+    log: _common.RunLog | None = None,
+) -> dict[str, Any]:
+    model = MODELS[name]
+    records = train_records(name, table, config, log)
+    base.compare_with_backprop(records, len(config["seeds"]), model.goal_points)
+    costs = timed_costs(name, table, timing, log)
+    step_time = costs["step_time"]
     forward_only = [n for n, r in records.items() if r["forward_only"]]
     best = max(forward_only, key=lambda n: records[n]["test_accuracy_mean"])
     cost = step_time[best]["ratio_to_backprop"]["median"]
@@ -275,6 +343,7 @@ def run_model(name: str, quick: bool, seeds, rates, num_updates, repeats, min_ti
             f"{step_time[method_name]['ratio_to_backprop']['median']:.2f}x",
             file=sys.stderr,
         )
+    data = model.load()
     return {
         "description": model.description,
         "num_parameters": sum(
@@ -290,12 +359,11 @@ def run_model(name: str, quick: bool, seeds, rates, num_updates, repeats, min_ti
         "accuracy_goal_met": records[best]["within_goal"],
         "cost_goal_met": bool(cost <= 3.0),
         "methods": records,
-        "step_time": step_time,
-        "memory": memory,
+        **costs,
     }
 
 
-def plot(results: dict[str, Any], out_dir) -> None:
+def plot(results: dict[str, Any], out_dir, filename: str) -> None:
     fig, axes = _common.new_figure(
         1, len(results["models"]), figsize=(15, 4.5), squeeze=False
     )
@@ -333,47 +401,39 @@ def plot(results: dict[str, Any], out_dir) -> None:
         "dotted: the goal (accuracy, 3× cost); squares use backprop",
         fontsize=9,
     )
-    _common.save_figure(fig, out_dir, "activity_models")
+    _common.save_figure(fig, out_dir, filename)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = _common.parse_args(__doc__, argv)
-    if args.quick:
-        seeds, rates, num_updates = (0, 1), (0.1, 0.3), 100
-        repeats, min_time = 5, 0.01
-    else:
-        # Not `activity.py`'s 5 seeds and 7 step sizes: on 2 CPU cores these models
-        # would take over an hour. Three seeds and four step sizes: in a first run
-        # on {0.03, 0.1, 0.3}, every forward-only method's best was 0.03 (weight
-        # DODGE k = 16 on the 256-unit MLP diverged at all three) and backprop's 0.3.
-        seeds, rates, num_updates = (0, 1, 2), (0.01, 0.03, 0.1, 0.3), 1000
-        repeats, min_time = 7, 0.1
+    args = _common.parse_args(
+        __doc__, argv, flags=[("--full", "every model and method, resumable")]
+    )
+    scale = "quick" if args.quick else "full" if args.full else "default"
+    config, timing = CONFIGS[scale]
+    models = SCALES[scale]
+    log = (
+        _common.RunLog(
+            args.out, "activity_models_full_runs", config | {"models": models}
+        )
+        if args.full
+        else None
+    )
     results = {
-        "quick": args.quick,
-        "seeds": list(seeds),
-        "learning_rates": list(rates),
-        "num_updates": num_updates,
+        "scale": scale,
+        **config,
         "batch_size": base.BATCH,
         "groups": GROUPS,
-        "methods_run": "all" if not args.quick else list(QUICK_METHODS),
-        "group_wise_not_run_on": [n for n, m in MODELS.items() if not m.grouped],
         "selection": "step size with the lowest final training loss, mean over seeds",
         "cost_goal": "step time at most 3x backprop's",
+        "runs_in_this_scale": models,
         "models": {},
     }
-    results["models_not_run"] = [
-        name
-        for name, model in MODELS.items()
-        if (name != QUICK_MODEL if args.quick else not model.full)
-    ]
-    for name in MODELS:
-        if name in results["models_not_run"]:
-            continue
-        results["models"][name] = run_model(
-            name, args.quick, seeds, rates, num_updates, repeats, min_time
-        )
-    _common.write_json(args.out, "activity_models", results)
-    plot(results, args.out)
+    for name, method_names in models.items():
+        table = {method: full_table(name)[method] for method in method_names}
+        results["models"][name] = run_model(name, table, config, timing, log)
+    output = "activity_models_full" if args.full else "activity_models"
+    _common.write_json(args.out, output, results)
+    plot(results, args.out, output)
     return results
 
 

@@ -1,4 +1,5 @@
-"""Writes the README's "Performance" section from `benchmarks/results/*.json`.
+"""Writes the README's "Performance" section from `benchmarks/results/*.json`, and
+the docs pages' result tables (`_docs_tables.py`).
 
 Every number in the section comes from a result file; nothing is typed by hand. The
 section is the text between `<!-- performance:start -->` and
@@ -14,6 +15,8 @@ import statistics
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import _docs_tables
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -657,14 +660,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--readme", type=pathlib.Path, default=ROOT / "README.md")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    new = update_readme(args.readme, render(args.results, args.readme.parent))
+    pages = {
+        args.readme: update_readme(
+            args.readme, render(args.results, args.readme.parent)
+        ),
+        **_docs_tables.updated_pages(args.results, ROOT),
+    }
+    stale = [path for path, text in pages.items() if text != path.read_text()]
     if args.check:
-        if new != args.readme.read_text():
-            print(f"{args.readme} is out of date; run benchmarks/report.py.")
+        if stale:
+            names = ", ".join(map(str, stale))
+            print(f"{names}: out of date with the results; run benchmarks/report.py.")
             raise SystemExit(1)
         return
-    args.readme.write_text(new)
-    print(f"wrote the Performance section of {args.readme}", file=sys.stderr)
+    for path in stale:
+        path.write_text(pages[path])
+        print(f"wrote the results in {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
