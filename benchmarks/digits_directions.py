@@ -14,6 +14,15 @@ b) Batch-size study: 100, 300 or 1000 samples per directional derivative, for
    k ∈ {1, 10}, with the same number of samples seen (so 10×, 3.3× and 1× the
    updates of the batch-1000 run).
 
+c) Network size (`--full` only): training accuracy against the width of the two hidden
+   layers, 8 to 256 units, after 1000, 2000, 3000 and 4000 updates, for k ∈ {1, 10},
+   batch 100, 3 seeds. A study of tens of minutes on 2 cores: each finished
+   (width, k) run is appended to `results/digits_widths_runs.json`
+   (`_common.RunLog`), a rerun skips the runs already there, and the summary
+   `results/digits_widths.json` and its figure are rewritten from that log after
+   every run. `--widths-only` runs panel c) alone (at the `--full` scale, or a tiny
+   one with `--quick`).
+
 Step sizes: for every setting we try the SGD step sizes {0.003, 0.01, 0.03, 0.1, 0.3}
 and keep the one with the best final training accuracy averaged over seeds (the
 paper also picks the best step size per method). Seeds and step sizes
@@ -22,6 +31,7 @@ are `vmap`ped: one jitted `lax.scan` per setting.
 
 import functools as ft
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +48,24 @@ from eqx_dodge._directions import num_coordinates
 
 LEARNING_RATES = (0.003, 0.01, 0.03, 0.1, 0.3)
 HIDDEN = 32
+# Panel c), the paper's Fig. 1c: widths of the two hidden layers, directions per
+# update, and the updates after which the accuracy is read (its snapshots).
+WIDTHS_STUDY = {
+    "full": {
+        "widths": [8, 16, 32, 64, 128, 256],
+        "num_directions": [1, 10],
+        "num_updates": 4000,
+        "num_snapshots": 4,
+        "seeds": 3,
+    },
+    "quick": {
+        "widths": [8, 16],
+        "num_directions": [1, 10],
+        "num_updates": 40,
+        "num_snapshots": 2,
+        "seeds": 2,
+    },
+}
 
 
 def load_data() -> tuple[jax.Array, jax.Array]:
@@ -49,8 +77,8 @@ def load_data() -> tuple[jax.Array, jax.Array]:
     return x, y
 
 
-def make_model(key: jax.Array) -> eqx.nn.MLP:
-    return eqx.nn.MLP(64, 10, HIDDEN, 2, activation=jax.nn.relu, key=key)
+def make_model(key: jax.Array, width: int = HIDDEN) -> eqx.nn.MLP:
+    return eqx.nn.MLP(64, 10, width, 2, activation=jax.nn.relu, key=key)
 
 
 def loss_fn(model: eqx.nn.MLP, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -72,13 +100,14 @@ def train(
     batch_size: int,
     num_updates: int,
     num_evals: int,
+    width: int = HIDDEN,
 ) -> jax.Array:
     """Training accuracy at `num_evals + 1` evenly spaced points of one run.
 
     `num_directions=None` is the oracle.
     """
     init_key, data_key = jax.random.split(key)
-    model = make_model(init_key)
+    model = make_model(init_key, width)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     updates_per_eval = num_updates // num_evals
 
@@ -116,6 +145,7 @@ def run_setting(
     batch_size: int,
     num_updates: int,
     num_evals: int,
+    width: int = HIDDEN,
 ) -> dict[str, Any]:
     k = num_directions
     lrs = jnp.asarray(LEARNING_RATES, jnp.float32)
@@ -126,6 +156,7 @@ def run_setting(
         batch_size=batch_size,
         num_updates=num_updates,
         num_evals=num_evals,
+        width=width,
     )
     # accuracies[lr, seed, eval]
     grid = jax.jit(
@@ -143,11 +174,24 @@ def run_setting(
         "updates": [i * (num_updates // num_evals) for i in range(num_evals + 1)],
         "accuracy_per_seed": accuracies[best].tolist(),
         "accuracy_mean": accuracies[best].mean(axis=0).tolist(),
+        # Every step size's curves, for claims judged per step size (stability).
+        "accuracy_per_learning_rate_and_seed": accuracies.tolist(),
         "final_accuracy_per_learning_rate": final.tolist(),
         "final_accuracy_mean": float(final[best]),
         "final_accuracy_std": float(accuracies[best, :, -1].std()),
         "finite": bool(np.all(np.isfinite(accuracies[best]))),
     }
+
+
+def is_stable(per_seed: np.ndarray) -> bool:
+    """Stable: every seed (a row of accuracies over evaluations) improves on its
+    start and never falls far below the best accuracy it had reached (no collapse).
+    Speed is the other claim's."""
+    return bool(
+        np.all(np.isfinite(per_seed))
+        and np.all(per_seed[:, -1] > per_seed[:, 0] + 0.05)
+        and np.all(np.maximum.accumulate(per_seed, axis=1) - per_seed < 0.15)
+    )
 
 
 def claims(
@@ -175,13 +219,16 @@ def claims(
             "final_accuracy_by_k": dict(zip(map(str, ks), finals)),
         },
         "one_direction_is_stable": {
-            # Stable: every seed improves on its start and never falls far below the
-            # best accuracy it had reached (no collapse). Speed is the other claim's.
-            "holds": bool(
-                one["finite"]
-                and np.all(per_seed[:, -1] > per_seed[:, 0] + 0.05)
-                and np.all(np.maximum.accumulate(per_seed, axis=1) - per_seed < 0.15)
-            ),
+            # At the best step size; the paper's "stable with a single direction"
+            # holds only at some step sizes, so each one is judged too.
+            "holds": one["finite"] and is_stable(per_seed),
+            "best_learning_rate": one["best_learning_rate"],
+            "learning_rates": one["learning_rates"],
+            "stable_per_learning_rate": [
+                is_stable(np.asarray(curves))
+                for curves in one["accuracy_per_learning_rate_and_seed"]
+            ],
+            "start_accuracy_mean": float(curve[0]),
             "final_accuracy_per_learning_rate": one["final_accuracy_per_learning_rate"],
             "final_accuracy_per_seed": per_seed[:, -1].tolist(),
             "largest_drop_below_running_best": float(
@@ -250,15 +297,152 @@ def plot(directions: list[dict[str, Any]], batches: list[dict[str, Any]], out) -
     _common.save_figure(fig, out, "digits_directions")
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = _common.parse_args(__doc__, argv)
+def widths_key(width: int, k: int) -> str:
+    return f"width {width} / k {k}"
+
+
+def widths_study(x: jax.Array, y: jax.Array, log: _common.RunLog) -> dict[str, Any]:
+    """Panel c): trains every (width, k) run of `log.config` that `log` does not
+    hold yet, appending each to it as soon as it finishes, and rewrites the summary
+    and figure from the log after each (a killed study leaves them up to date).
+    Fewest directions first, then narrowest first: the cheap runs finish before a
+    sitting ends. Returns the summary."""
+    config = log.config
+    for k in config["num_directions"]:
+        for width in config["widths"]:
+            key = widths_key(width, k)
+            if key in log:
+                continue
+            print(f"[digits widths] {key}", file=sys.stderr)
+            start = time.perf_counter()
+            record = run_setting(
+                x,
+                y,
+                config["seeds"],
+                k,
+                config["batch_size"],
+                config["num_updates"],
+                num_evals=config["num_snapshots"],
+                width=width,
+            )
+            record["width"] = width
+            record["num_parameters"] = num_coordinates(
+                make_model(jax.random.key(0), width)
+            )
+            record["seconds"] = time.perf_counter() - start
+            log.add(key, record)
+            write_widths_summary(log)
+    return write_widths_summary(log)
+
+
+def write_widths_summary(log: _common.RunLog) -> dict[str, Any]:
+    summary = widths_summary(log.config, log.runs)
+    _common.write_json(log.out_dir, "digits_widths", summary)
+    plot_widths(summary, log.out_dir)
+    return summary
+
+
+def widths_summary(config: dict[str, Any], runs: dict[str, Any]) -> dict[str, Any]:
+    """Panel c)'s table from the runs finished so far: per k, one entry per width
+    with the accuracy (mean and spread over seeds, at the best step size) at each
+    snapshot."""
+    table = {}
+    for k in config["num_directions"]:
+        rows = []
+        for width in config["widths"]:
+            run = runs.get(widths_key(width, k))
+            if run is None:
+                continue
+            per_seed = np.asarray(run["accuracy_per_seed"])
+            rows.append(
+                {
+                    "width": width,
+                    "num_parameters": run["num_parameters"],
+                    "best_learning_rate": run["best_learning_rate"],
+                    "updates": run["updates"][1:],
+                    "accuracy_mean": per_seed.mean(axis=0)[1:].tolist(),
+                    "accuracy_min": per_seed.min(axis=0)[1:].tolist(),
+                    "accuracy_max": per_seed.max(axis=0)[1:].tolist(),
+                    "final_accuracy_per_learning_rate": run[
+                        "final_accuracy_per_learning_rate"
+                    ],
+                    "seconds": run["seconds"],
+                }
+            )
+        table[str(k)] = rows
+    expected = [
+        widths_key(width, k)
+        for width in config["widths"]
+        for k in config["num_directions"]
+    ]
+    return {
+        "config": config,
+        "runs_finished": [key for key in expected if key in runs],
+        "runs_missing": [key for key in expected if key not in runs],
+        "by_num_directions": table,
+    }
+
+
+def plot_widths(summary: dict[str, Any], out) -> None:
+    import matplotlib
+
+    ks = list(summary["by_num_directions"])
+    fig, axes = _common.new_figure(1, len(ks), figsize=(5.5 * len(ks), 4.2))
+    axes = np.atleast_1d(axes)
+    cmap = matplotlib.colormaps["viridis_r"]
+    config = summary["config"]
+    for ax, k in zip(axes, ks):
+        rows = summary["by_num_directions"][k]
+        if rows:
+            widths = [row["width"] for row in rows]
+            snapshots = rows[0]["updates"]
+            for i, updates in enumerate(snapshots):
+                color = cmap(0.15 + 0.8 * i / max(1, len(snapshots) - 1))
+                ax.plot(
+                    widths,
+                    [row["accuracy_mean"][i] for row in rows],
+                    marker="o",
+                    color=color,
+                    label=f"after {updates} updates",
+                )
+                ax.fill_between(
+                    widths,
+                    [row["accuracy_min"][i] for row in rows],
+                    [row["accuracy_max"][i] for row in rows],
+                    color=color,
+                    alpha=0.12,
+                )
+            ax.legend(fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(config["widths"], [str(w) for w in config["widths"]])
+        ax.set_xlabel("units in each of the two hidden layers")
+        ax.set_ylabel(f"training accuracy (mean, min–max of {config['seeds']} seeds)")
+        ax.set_title(f"c) network size, k={k}, batch {config['batch_size']}")
+    _common.save_figure(fig, out, "digits_widths")
+
+
+def run_widths(args: Any, x: jax.Array, y: jax.Array) -> dict[str, Any]:
+    """Panel c) at the scale `args` asks for, resuming its run log."""
+    config = {
+        **WIDTHS_STUDY["quick" if args.quick else "full"],
+        "batch_size": 100,
+        "learning_rates": LEARNING_RATES,
+        "dataset": "sklearn load_digits (1797 × 64, 10 classes)",
+        "model": "MLP 64-W-W-10 ReLU",
+        "optimizer": "SGD on the DODGE estimate",
+    }
+    return widths_study(x, y, _common.RunLog(args.out, "digits_widths_runs", config))
+
+
+def run_panels(args: Any, x: jax.Array, y: jax.Array) -> dict[str, Any]:
+    """Panels a) and b) (`make bench`'s run): writes their JSON and figure, returns
+    the claims."""
     if args.quick:
         ks, updates, evals, seeds = [1, 10], 60, 3, 2
         batch_ks, samples_seen = [1], 6_000
     else:
         ks, updates, evals, seeds = [1, 2, 5, 10, 20, 50, 100], 2000, 20, 3
         batch_ks, samples_seen = [1, 10], 200_000
-    x, y = load_data()
     p = num_coordinates(make_model(jax.random.key(0)))
     finished: dict[tuple[int | None, int, int], dict[str, Any]] = {}
 
@@ -306,6 +490,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, value in result_claims.items():
         print(f"{name}: {'holds' if value['holds'] else 'does not hold'}")
     return result_claims
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = _common.parse_args(
+        __doc__,
+        argv,
+        flags=[
+            ("--full", "panels a) and b), then panel c) (network size, resumable)"),
+            ("--widths-only", "panel c) alone (resumable; tiny with --quick)"),
+        ],
+    )
+    x, y = load_data()
+    results = {}
+    if not args.widths_only:
+        results["claims"] = run_panels(args, x, y)
+    if args.full or args.widths_only:
+        results["widths"] = run_widths(args, x, y)
+    return results
 
 
 if __name__ == "__main__":

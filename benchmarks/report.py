@@ -271,11 +271,135 @@ def digits_section(record: dict[str, Any], results_path: str) -> list[str]:
         "batch_1000_worse_than_300": "batch 1000 is worse than 300",
     }
     for key, text in names.items():
-        lines.append(
-            f"| {text} | {'yes' if record['claims'][key]['holds'] else 'no'} |"
-        )
+        verdict = "yes" if record["claims"][key]["holds"] else "no"
+        if key == "one_direction_is_stable":
+            verdict = _one_direction_stability(record)
+        lines.append(f"| {text} | {verdict} |")
     lines += ["", f"![digits]({results_path}/digits_directions.png)", ""]
     return lines
+
+
+def digits_widths_section(record: dict[str, Any], results_path: str) -> list[str]:
+    """The paper's Fig. 1c, from `digits_directions.py --full`'s summary (written
+    from its run log, so possibly from a study that has not finished)."""
+    config = record["config"]
+    snapshots = [
+        config["num_updates"] * (i + 1) // config["num_snapshots"]
+        for i in range(config["num_snapshots"])
+    ]
+    lines = [
+        "### The paper's Figure 1c, network size "
+        "(`benchmarks/digits_directions.py --full`)",
+        "",
+        f"{config['dataset']}, {config['model']} for W in {config['widths']}, "
+        f"{config['optimizer']}, batch {config['batch_size']}, "
+        f"{config['num_updates']} updates, {config['seeds']} seeds, best SGD step "
+        f"size of {config['learning_rates']} per (W, k) by the final accuracy. "
+        f"Training accuracy, mean over seeds (min–max). Runs finished: "
+        f"{len(record['runs_finished'])} of "
+        f"{len(record['runs_finished']) + len(record['runs_missing'])}"
+        + (
+            f" (missing: {', '.join(record['runs_missing'])})."
+            if record["runs_missing"]
+            else "."
+        ),
+        "",
+        "| k | W | p | step size | "
+        + " | ".join(f"after {u} updates" for u in snapshots)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(snapshots),
+    ]
+    for k, rows in record["by_num_directions"].items():
+        for row in rows:
+            cells = [
+                f"{mean:.3f} ({low:.2f}–{high:.2f})"
+                for mean, low, high in zip(
+                    row["accuracy_mean"], row["accuracy_min"], row["accuracy_max"]
+                )
+            ]
+            lines.append(
+                f"| {k} | {row['width']} | {row['num_parameters']} "
+                f"| {row['best_learning_rate']:g} | " + " | ".join(cells) + " |"
+            )
+    summaries = []
+    for k, rows in record["by_num_directions"].items():
+        if len(rows) < 2:
+            continue
+        best = max(rows, key=lambda row: row["accuracy_mean"][-1])
+        summaries.append(
+            f"k = {k}: after {snapshots[-1]} updates from "
+            f"{rows[0]['accuracy_mean'][-1]:.3f} at W = {rows[0]['width']} to "
+            f"{rows[-1]['accuracy_mean'][-1]:.3f} at W = {rows[-1]['width']}, "
+            f"best {best['accuracy_mean'][-1]:.3f} at W = {best['width']}"
+        )
+    lines += [
+        "",
+        "The paper's text does not describe its Fig. 1c beyond the axes (accuracy "
+        "against the units of the two hidden layers, snapshots after 1000–4000 "
+        "updates), so there is no number of it to compare with. Here: "
+        + ("; ".join(summaries) or "too few widths finished")
+        + ".",
+        "",
+        f"![digits widths]({results_path}/digits_widths.png)",
+        "",
+    ]
+    return lines
+
+
+def _step_sizes(rates: list[float], grid: list[float]) -> str:
+    """`≥ 0.01` where `rates` are the top of `grid`, else the list."""
+    if len(rates) > 1 and rates == grid[len(grid) - len(rates) :]:
+        return f"≥ {rates[0]:g}"
+    return ", ".join(f"{rate:g}" for rate in rates)
+
+
+def _one_direction_stability(record: dict[str, Any]) -> str:
+    """Per step size, whether the k = 1 run is stable (`claims` in
+    digits_directions.py). Result files written before it recorded every step
+    size's curves only know the best step size's verdict, and that a run ending no
+    better than its start (at chance) is not stable."""
+    claim = record["claims"]["one_direction_is_stable"]
+    one = next(r for r in record["directions"] if r["num_directions"] == 1)
+    grid = one["learning_rates"]
+    finals = one["final_accuracy_per_learning_rate"]
+    start = float(one["accuracy_mean"][0])
+    at_chance = [final <= start + 0.05 for final in finals]
+    stable = claim.get("stable_per_learning_rate")
+    if stable is None:
+        stable = [
+            claim["holds"]
+            if rate == one["best_learning_rate"]
+            else (False if low else None)
+            for rate, low in zip(grid, at_chance)
+        ]
+    grid_text = "{" + ", ".join(f"{rate:g}" for rate in grid) + "}"
+    stable_rates = [rate for rate, ok in zip(grid, stable) if ok]
+    if len(stable_rates) == len(grid):
+        return f"yes, at every step size of {grid_text}"
+    text = (
+        f"only at step size{'s' if len(stable_rates) > 1 else ''} "
+        f"{_step_sizes(stable_rates, grid)} of {grid_text}"
+        if stable_rates
+        else f"no, at no step size of {grid_text}"
+    )
+    fallen = [rate for rate, low in zip(grid, at_chance) if low]
+    if fallen:
+        final = max(f for f, low in zip(finals, at_chance) if low)
+        text += (
+            f"; falls to chance (final accuracy {final:.2f}, untrained "
+            f"{start:.2f}) at {_step_sizes(fallen, grid)}"
+        )
+    other = [
+        rate
+        for rate, ok, low in zip(grid, stable, at_chance)
+        if ok is False and not low
+    ]
+    if other:
+        text += f"; unstable at {_step_sizes(other, grid)}"
+    unknown = [rate for rate, ok in zip(grid, stable) if ok is None]
+    if unknown:
+        text += f"; not recorded at {_step_sizes(unknown, grid)}"
+    return text
 
 
 # The paper's Table 1 (Silver et al. 2022), final loss on influence balancing: quoted
@@ -608,6 +732,7 @@ SECTIONS = {
     "k_formulations": k_formulations_section,
     "vs_pytorch": vs_pytorch_section,
     "digits_directions": digits_section,
+    "digits_widths": digits_widths_section,
     "influence_balancing": influence_balancing_section,
     "long_sequence": long_sequence_section,
     "copy_task": copy_task_section,

@@ -48,6 +48,15 @@ def run_script(name: str, *args: str, prelude: str = "") -> subprocess.Completed
     )
 
 
+def run_main(name: str, *args: str) -> None:
+    """Runs `benchmarks/<name>.py`'s `main(args)` in this process (a fresh interpreter
+    would import JAX again: seconds per script), under JAX's default promotion rules:
+    the scripts are user code, not held to the suite's strict ones."""
+    module = importlib.import_module(name)
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        module.main(list(args))
+
+
 def check_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -72,7 +81,7 @@ def test_step_cost_quick(tmp_path):
     """Catches ratios that are not the timings' (a swapped numerator and denominator
     whose spreads do not overlap, a ratio against the wrong timing): the old check
     only read the keys."""
-    check_ok(run_script("step_cost.py", "--quick", "--out", str(tmp_path)))
+    run_main("step_cost", "--quick", "--out", str(tmp_path))
     record = json.loads((tmp_path / "step_cost.json").read_text())
     assert (tmp_path / "step_cost.png").stat().st_size > 0
     assert record["machine"]["jax"] == jax.__version__
@@ -95,7 +104,7 @@ def test_k_formulations_quick(tmp_path):
     """Every formulation is timed, and its ratio to `vmap_jvp` is the one its timings
     give. Catches a ratio against the wrong denominator (the old check, `vmap_jvp`
     over itself equal to 1, held whatever the ratios were)."""
-    check_ok(run_script("k_formulations.py", "--quick", "--out", str(tmp_path)))
+    run_main("k_formulations", "--quick", "--out", str(tmp_path))
     record = json.loads((tmp_path / "k_formulations.json").read_text())
     expected = {*k_formulations.formulations(chunk=2), "vmap_jvp_given_tangents"}
     assert record["results"]
@@ -134,7 +143,7 @@ def test_digits_directions_quick(tmp_path):
     update 0) by a margin. Catches an estimator that does not descend (a wrong sign,
     a zero or random update): the old check, accuracies in [0, 1], held for any
     output."""
-    check_ok(run_script("digits_directions.py", "--quick", "--out", str(tmp_path)))
+    run_main("digits_directions", "--quick", "--out", str(tmp_path))
     record = json.loads((tmp_path / "digits_directions.json").read_text())
     assert (tmp_path / "digits_directions.png").stat().st_size > 0
     assert [r["num_directions"] for r in record["directions"]] == [1, 10, "oracle"]
@@ -150,6 +159,11 @@ def test_digits_directions_quick(tmp_path):
     oracle = record["directions"][-1]
     # The oracle is plain SGD: a hundred steps already learn the digits well.
     assert oracle["final_accuracy_mean"] > 0.5
+    stability = record["claims"]["one_direction_is_stable"]
+    rates = record["directions"][0]["learning_rates"]
+    assert len(stability["stable_per_learning_rate"]) == len(rates)
+    best = rates.index(record["directions"][0]["best_learning_rate"])
+    assert stability["stable_per_learning_rate"][best] == stability["holds"]
     assert set(record["claims"]) == {
         "more_directions_help",
         "one_direction_is_stable",
@@ -163,7 +177,7 @@ def test_activity_quick(tmp_path):
     0.10). Measured (100 updates, 2 seeds, step sizes 0.01 to 3): backprop 0.93,
     activity with separate layers 0.78, LG-FG-A 0.61, group-wise LG-FG-A 0.82, weight
     DODGE k = 1 0.21 and the LG-FG-A guess 0.17."""
-    check_ok(run_script("activity.py", "--quick", "--out", str(tmp_path)))
+    run_main("activity", "--quick", "--out", str(tmp_path))
     record = json.loads((tmp_path / "activity.json").read_text())
     assert (tmp_path / "activity.png").stat().st_size > 0
     methods = record["methods"]
@@ -219,9 +233,7 @@ def test_vs_pytorch_without_torch(tmp_path):
 
 
 def test_vs_pytorch_jax_side(tmp_path):
-    check_ok(
-        run_script("vs_pytorch.py", "--quick", "--jax-only", "--out", str(tmp_path))
-    )
+    run_main("vs_pytorch", "--quick", "--jax-only", "--out", str(tmp_path))
     record = json.loads((tmp_path / "vs_pytorch.json").read_text())
     assert record["config"]["jax_only"]
     assert set(record["seconds"]) == {
@@ -313,6 +325,92 @@ def test_run_all_quick(tmp_path, monkeypatch):
         run_all.main(["--quick", "--out", str(out)])
     with pytest.raises(SystemExit, match="Unknown benchmarks"):
         run_all.main(["--quick", "--only", "no_such_benchmark"])
+
+
+def test_digits_widths_resumes(tmp_path, monkeypatch):
+    """Panel c) (the paper's Fig. 1c, `--widths-only`) on its tiny `--quick`
+    configuration: every (width, k) run lands in the run log and the summary, in
+    its own k's table; a rerun trains only the runs missing from the log (one
+    deleted here, as if the study had been killed before it), then none."""
+    digits = importlib.import_module("digits_directions")
+    trained = []
+
+    def run_setting(*args, **kwargs):
+        trained.append((kwargs["width"], args[3]))
+        return real_run_setting(*args, **kwargs)
+
+    real_run_setting = digits.run_setting
+    monkeypatch.setattr(digits, "run_setting", run_setting)
+    argv = ["--quick", "--widths-only", "--out", str(tmp_path)]
+    summary = digits.main(argv)["widths"]
+    config = digits.WIDTHS_STUDY["quick"]
+    expected = [(w, k) for k in config["num_directions"] for w in config["widths"]]
+    assert trained == expected
+    saved = json.loads((tmp_path / "digits_widths.json").read_text())
+    assert saved["by_num_directions"] == summary["by_num_directions"]
+    assert (tmp_path / "digits_widths.png").stat().st_size > 0
+    assert summary["runs_missing"] == []
+    assert set(summary["by_num_directions"]) == {"1", "10"}
+    snapshots = config["num_updates"] // config["num_snapshots"]
+    for k, rows in summary["by_num_directions"].items():
+        assert [row["width"] for row in rows] == config["widths"]
+        for row in rows:
+            assert row["updates"] == [snapshots, 2 * snapshots]
+            assert len(row["accuracy_mean"]) == config["num_snapshots"]
+            assert row["accuracy_min"] <= row["accuracy_mean"] <= row["accuracy_max"]
+    # 64-8-8-10 and 64-16-16-10 with biases.
+    assert [row["num_parameters"] for row in rows] == [682, 1482]
+
+    log = json.loads((tmp_path / "digits_widths_runs.json").read_text())
+    del log["runs"]["width 16 / k 10"]
+    (tmp_path / "digits_widths_runs.json").write_text(json.dumps(log))
+    trained.clear()
+    digits.main(argv)
+    assert trained == [(16, 10)]
+    trained.clear()
+    again = digits.main(argv)["widths"]
+    assert trained == []
+    assert again["runs_finished"] == summary["runs_finished"]
+
+
+def test_report_one_direction_stability():
+    """The claims table says at which step sizes one direction is stable: from the
+    per-step-size verdicts, or, in a result file without them, from the best step
+    size's verdict and the runs that end at chance (no better than untrained)."""
+    grid = [0.003, 0.01, 0.03, 0.1, 0.3]
+    one = {
+        "num_directions": 1,
+        "learning_rates": grid,
+        "best_learning_rate": 0.003,
+        "final_accuracy_per_learning_rate": [0.32, 0.099, 0.099, 0.099, 0.099],
+        "accuracy_mean": [0.11, 0.2, 0.32],
+    }
+    record = {
+        "directions": [one],
+        "claims": {"one_direction_is_stable": {"holds": True}},
+    }
+    grid_text = "{0.003, 0.01, 0.03, 0.1, 0.3}"
+    assert report._one_direction_stability(record) == (
+        f"only at step size 0.003 of {grid_text}; falls to chance (final accuracy "
+        "0.10, untrained 0.11) at ≥ 0.01"
+    )
+    one["final_accuracy_per_learning_rate"][1] = 0.5  # learns: unknown if stable
+    assert report._one_direction_stability(record).endswith(
+        "at ≥ 0.03; not recorded at 0.01"
+    )
+    claim = record["claims"]["one_direction_is_stable"]
+    claim["stable_per_learning_rate"] = [True, False, False, False, False]
+    assert report._one_direction_stability(record).endswith(
+        "at ≥ 0.03; unstable at 0.01"
+    )
+    claim["stable_per_learning_rate"] = [True, True, False, False, False]
+    assert report._one_direction_stability(record).startswith(
+        f"only at step sizes 0.003, 0.01 of {grid_text}; falls"
+    )
+    claim["stable_per_learning_rate"] = [True] * 5
+    assert report._one_direction_stability(record) == (
+        f"yes, at every step size of {grid_text}"
+    )
 
 
 def test_report(tmp_path):
@@ -437,9 +535,12 @@ def test_report_committed_results():
     results = BENCHMARKS / "results"
     body = report.render(results, ROOT)
     headings = [line for line in body.splitlines() if line.startswith("### ")]
+    # Result files of another script's study (its `--full` panel).
+    scripts = {"digits_widths": "digits_directions.py --full"}
     for name in report.SECTIONS:
         if (results / f"{name}.json").exists():
-            assert any(f"`benchmarks/{name}.py`" in h for h in headings), name
+            script = scripts.get(name, f"{name}.py")
+            assert any(f"`benchmarks/{script}`" in h for h in headings), name
             assert f"results/{name}.png)" in body
     assert "| TBPTT K=100 | 0.93 |" in body  # the paper's Table 1 column
     report.main(["--check"])
@@ -479,7 +580,7 @@ def test_activity_models_quick(tmp_path):
     forward-only LG-FG-A beats chance (0.10) by a margin that an estimator of zeros
     or of the wrong sign would not. Measured (100 updates, 2 seeds, step sizes 0.1
     and 0.3): backprop 0.92, LG-FG-A 0.20 (its seeds 0.15 and 0.26)."""
-    check_ok(run_script("activity_models.py", "--quick", "--out", str(tmp_path)))
+    run_main("activity_models", "--quick", "--out", str(tmp_path))
     record = json.loads((tmp_path / "activity_models.json").read_text())
     assert (tmp_path / "activity_models.png").stat().st_size > 0
     assert set(record["models"]) == {"digits MLP 64-256-256-10"}
