@@ -387,7 +387,9 @@ def plot_widths(summary: dict[str, Any], out) -> None:
     import matplotlib
 
     ks = list(summary["by_num_directions"])
-    fig, axes = _common.new_figure(1, len(ks), figsize=(5.5 * len(ks), 4.2))
+    fig, axes = _common.new_figure(
+        1, len(ks), figsize=(5.5 * len(ks), 4.2), sharey=True
+    )
     axes = np.atleast_1d(axes)
     cmap = matplotlib.colormaps["viridis_r"]
     config = summary["config"]
@@ -413,7 +415,13 @@ def plot_widths(summary: dict[str, Any], out) -> None:
                     alpha=0.12,
                 )
             ax.legend(fontsize=8)
+        else:
+            ax.text(
+                0.5, 0.5, "no run finished yet", ha="center", transform=ax.transAxes
+            )
         ax.set_xscale("log", base=2)
+        ax.set_xlim(config["widths"][0] / 1.3, config["widths"][-1] * 1.3)
+        ax.set_ylim(0, 1)
         ax.set_xticks(config["widths"], [str(w) for w in config["widths"]])
         ax.set_xlabel("units in each of the two hidden layers")
         ax.set_ylabel(f"training accuracy (mean, min–max of {config['seeds']} seeds)")
