@@ -1,3 +1,4 @@
+import dataclasses
 import importlib
 import json
 
@@ -48,3 +49,27 @@ def test_quick_run(tmp_path):
         assert len(losses) == len(record["eval_steps"]) == len(run["median_curve"])
         # Measured: 0.17572 -> 0.17548 (8 directions), -> 0.17514 (synthetic).
         assert losses[-1] < losses[0] - 1e-4, (method, losses)
+
+
+def test_full_study_resumes(tmp_path, monkeypatch):
+    """`--full` keeps every finished run and a new sitting trains only the missing
+    ones; a sitting out of time starts none and still writes the summary of what is
+    complete. (At a tiny scale: the paper's would take hours.)"""
+    tiny = dataclasses.replace(copy_task.QUICK, steps=20, eval_every=10)
+    monkeypatch.setattr(copy_task, "FULL", tiny)
+    arguments = ["--full", "--out", str(tmp_path), "--methods", "dodge_k1"]
+    with jax.numpy_dtype_promotion("standard"):
+        copy_task.main([*arguments, "--stop-after-minutes", "0"])
+        assert (
+            json.loads((tmp_path / "copy_task_full.json").read_text())["results"] == {}
+        )
+        first = copy_task.main(arguments)
+        log = json.loads((tmp_path / "copy_task_full_runs.json").read_text())
+        assert set(log["runs"]) == {"dodge_k1 / 0.001 / 0"}
+
+        def no_training(*args):
+            raise AssertionError("a finished run was trained again")
+
+        monkeypatch.setattr(copy_task, "train", no_training)
+        again = copy_task.main(arguments)
+    assert again["results"] == first["results"]
