@@ -8,14 +8,12 @@ Builds the site (or takes `--site`), serves it on 127.0.0.1, and then:
    and counts what MathJax typeset and which code blocks are highlighted;
 4. saves screenshots of both pages (light and dark scheme) for a person to look at.
 
-MathJax is loaded from a CDN by the reader's browser. On a machine without internet,
-pass `--mathjax DIR` (the `es5` folder of the `mathjax@3` npm package, e.g. after
-`npm install --prefix /tmp/mathjax mathjax@3`) and the server maps the CDN address to
-that copy; without it, the maths is reported as not typeset instead of failing.
+MathJax ships with the docs (`docs/javascripts/mathjax/`), so the check needs no
+internet access.
 
 Run from the repository root:
 
-    python docs/check_site.py --out site-check [--mathjax DIR]
+    python docs/check_site.py --out site-check
 
 Exits 0 with a message when no Chromium is installed (Debian: `apt-get install
 chromium`), so CI may run it unconditionally.
@@ -39,8 +37,6 @@ import urllib.request
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MATHJAX_CDN = "https://unpkg.com/mathjax@3/es5/tex-chtml.js"
-MATHJAX_LOCAL = "/_mathjax/"
 # Each page with the height of its screenshot: the API page's maths (in the docstring
 # of `filter_value_and_dodge`) sits below the first screenful. Scrolling to an anchor
 # instead leaves headless Chromium's capture half blank.
@@ -67,45 +63,13 @@ def build_site(destination: pathlib.Path) -> None:
 
 
 class SiteHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves the site; with a local MathJax, points the pages' CDN script at it."""
+    """Serves the built site, quietly."""
 
-    def __init__(self, *args, site: pathlib.Path, mathjax: pathlib.Path | None, **kw):
-        self.site = site
-        self.mathjax = mathjax
+    def __init__(self, *args, site: pathlib.Path, **kw):
         super().__init__(*args, directory=str(site), **kw)
 
     def log_message(self, format, *args):
         pass
-
-    def do_GET(self):
-        path = urllib.parse.urlsplit(self.path).path
-        if self.mathjax is not None and path.startswith(MATHJAX_LOCAL):
-            relative = path[len(MATHJAX_LOCAL) :]
-            return self._send_file(self.mathjax / relative, "application/javascript")
-        if self.mathjax is not None and (path.endswith("/") or path.endswith(".html")):
-            page = self.site / path.lstrip("/")
-            page = page / "index.html" if path.endswith("/") else page
-            if page.is_file():
-                text = page.read_text().replace(
-                    MATHJAX_CDN, MATHJAX_LOCAL + "tex-chtml.js"
-                )
-                return self._send_bytes(text.encode(), "text/html; charset=utf-8")
-        return super().do_GET()
-
-    def _send_file(self, path: pathlib.Path, content_type: str):
-        assert self.mathjax is not None
-        if not path.resolve().is_relative_to(self.mathjax.resolve()):
-            return self.send_error(404)
-        if not path.is_file():
-            return self.send_error(404)
-        return self._send_bytes(path.read_bytes(), content_type)
-
-    def _send_bytes(self, body: bytes, content_type: str):
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
 
 class LinkParser(html.parser.HTMLParser):
@@ -201,7 +165,6 @@ def check_page(
     path: str,
     height: int,
     out: pathlib.Path,
-    mathjax: pathlib.Path | None,
 ) -> list[str]:
     """Inspects one page after its scripts ran and screenshots it in both schemes."""
     window = f"--window-size=1280,{height}"
@@ -218,14 +181,7 @@ def check_page(
     if counts["maths typeset by MathJax"] and not counts["maths glyph styles"]:
         failures.append(f"{name}: maths typeset but drawn invisible (no glyph CSS)")
     if counts["maths left as TeX"]:
-        message = f"{name}: {counts['maths left as TeX']} formulas not typeset"
-        if mathjax is None:
-            print(
-                f"  note: {message} (MathJax comes from {MATHJAX_CDN}; offline, "
-                "pass --mathjax)"
-            )
-        else:
-            failures.append(message)
+        failures.append(f"{name}: {counts['maths left as TeX']} formulas not typeset")
     # `--force-dark-mode` makes the page see `prefers-color-scheme: dark`, which picks
     # the slate palette of mkdocs.yml.
     for scheme, flags in (("light", ()), ("dark", ("--force-dark-mode",))):
@@ -246,9 +202,6 @@ def main() -> int:
         "--site", type=pathlib.Path, help="a built site (default: build one)"
     )
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "site-check")
-    parser.add_argument(
-        "--mathjax", type=pathlib.Path, default=os.environ.get("MATHJAX_DIR")
-    )
     args = parser.parse_args()
 
     binary = find_chromium()
@@ -257,16 +210,13 @@ def main() -> int:
             "check_site: no Chromium found (apt-get install chromium); nothing checked."
         )
         return 0
-    mathjax = args.mathjax
-    if mathjax is not None and not (mathjax / "tex-chtml.js").is_file():
-        parser.error(f"--mathjax {mathjax} holds no tex-chtml.js")
 
     with tempfile.TemporaryDirectory() as scratch:
         site = args.site
         if site is None:
             site = pathlib.Path(scratch) / "site"
             build_site(site)
-        handler = functools.partial(SiteHandler, site=site, mathjax=mathjax)
+        handler = functools.partial(SiteHandler, site=site)
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
@@ -280,7 +230,7 @@ def main() -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             for name, (path, height) in PAGES.items():
                 failures += check_page(
-                    binary, scratch, base, name, path, height, args.out, mathjax
+                    binary, scratch, base, name, path, height, args.out
                 )
         finally:
             server.shutdown()

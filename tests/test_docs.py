@@ -138,3 +138,17 @@ def test_api_table_lists_every_argument():
             obj = getattr(obj, part)
         shown = {arg.split("=")[0].strip() for arg in args.split(",")} - {"*", ""}
         assert shown == _parameter_names(obj), target
+
+
+def test_site_needs_no_internet():
+    """Every script the site loads ships with it (MathJax included, with the fonts it
+    fetches relative to itself), so a local build reads correctly offline."""
+    config = (ROOT / "mkdocs.yml").read_text()
+    scripts = re.findall(r"^extra_javascript:\n((?:  - .*\n|  #.*\n)+)", config, re.M)
+    paths = re.findall(r"^  - (\S+)$", scripts[0], re.M)
+    assert "javascripts/mathjax/tex-chtml.js" in paths
+    for path in paths:
+        assert "://" not in path, path
+        assert (DOCS / path).is_file(), path
+    fonts = DOCS / "javascripts/mathjax/output/chtml/fonts/woff-v2"
+    assert (fonts / "MathJax_Main-Regular.woff").is_file()
