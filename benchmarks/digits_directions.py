@@ -359,6 +359,7 @@ def widths_summary(config: dict[str, Any], runs: dict[str, Any]) -> dict[str, An
                     "width": width,
                     "num_parameters": run["num_parameters"],
                     "best_learning_rate": run["best_learning_rate"],
+                    "start_accuracy_mean": float(per_seed[:, 0].mean()),
                     "updates": run["updates"][1:],
                     "accuracy_mean": per_seed.mean(axis=0)[1:].tolist(),
                     "accuracy_min": per_seed.min(axis=0)[1:].tolist(),

@@ -321,8 +321,19 @@ def digits_widths_section(record: dict[str, Any], results_path: str) -> list[str
                 f"| {k} | {row['width']} | {row['num_parameters']} "
                 f"| {row['best_learning_rate']:g} | " + " | ".join(cells) + " |"
             )
-    summaries = []
+    summaries, fallen = [], []
     for k, rows in record["by_num_directions"].items():
+        for row in rows:
+            # As in the stability claim: no better than untrained + 0.05.
+            chance = row["start_accuracy_mean"] + 0.05
+            if max(row["final_accuracy_per_learning_rate"]) <= chance:
+                peak = max(row["accuracy_mean"])
+                fallen.append(
+                    f"k = {k}, W = {row['width']} (at step size "
+                    f"{row['best_learning_rate']:g} it reaches {peak:.2f} after "
+                    f"{row['updates'][row['accuracy_mean'].index(peak)]} updates, "
+                    f"then falls to {row['accuracy_mean'][-1]:.2f})"
+                )
         if len(rows) < 2:
             continue
         best = max(rows, key=lambda row: row["accuracy_mean"][-1])
@@ -338,7 +349,14 @@ def digits_widths_section(record: dict[str, Any], results_path: str) -> list[str
         "against the units of the two hidden layers, snapshots after 1000–4000 "
         "updates), so there is no number of it to compare with. Here: "
         + ("; ".join(summaries) or "too few widths finished")
-        + ".",
+        + "."
+        + (
+            " Every step size of the grid ends at chance for "
+            + "; ".join(fallen)
+            + ": the grid's smallest step size is too large there."
+            if fallen
+            else ""
+        ),
         "",
         f"![digits widths]({results_path}/digits_widths.png)",
         "",
@@ -727,6 +745,67 @@ def scaling_section(record: dict[str, Any], results_path: str) -> list[str]:
     return lines
 
 
+def reptile_regression_section(record: dict[str, Any], results_path: str) -> list[str]:
+    config, methods = record["config"], record["methods"]
+    steps = record["outer_steps"]
+    early = 1  # the first evaluation after the start: how fast each method learns
+    lines = [
+        "### Meta-learned initialisations for image regression, the paper's §5.4 "
+        "(`benchmarks/reptile_regression.py`)",
+        "",
+        f"Machine: {_machine(record)}. {config['model']} (p = "
+        f"{config['num_parameters']:,}), {config['inner_steps']} inner SGD steps "
+        f"(step {config['inner_learning_rate']:g}) on one {config['crop']}×"
+        f"{config['crop']} crop; {config['outer_optimizer']} "
+        f"{config['outer_learning_rate']:g} on the meta-gradient estimate, meta-batch "
+        f"{config['meta_batch']}, {config['outer_steps']} outer steps, "
+        f"{config['seeds']} seeds. Images: {config['images']} (split by source "
+        "image). PSNR on the held-out crops after the inner steps, mean ± std over "
+        "seeds:",
+        "",
+        f"| method | after {steps[early]} outer steps (dB) "
+        f"| after {steps[-1]} (dB) | gain over the initialisation (dB) |",
+        "|---|---|---|---|",
+        f"| untrained initialisation | – | {record['initialisation_psnr_mean']:.2f} "
+        f"± {record['initialisation_psnr_std']:.2f} | – |",
+    ]
+    floor = record["initialisation_psnr_mean"]
+    for name, result in methods.items():
+        curves = [run[early] for run in result["psnr_per_seed"]]
+        mean, std = statistics.mean(curves), statistics.pstdev(curves)
+        lines.append(
+            f"| {name} | {mean:.2f} ± {std:.2f} "
+            f"| {result['final_psnr_mean']:.2f} ± {result['final_psnr_std']:.2f} "
+            f"| {result['final_psnr_mean'] - floor:+.2f} |"
+        )
+    reptile, dodge = methods["Reptile"], methods["DODGE along Reptile"]
+
+    def at(result: dict[str, Any], index: int) -> float:
+        return statistics.mean(run[index] for run in result["psnr_per_seed"])
+
+    faster = at(dodge, early) > at(reptile, early)
+    better = dodge["final_psnr_mean"] > reptile["final_psnr_mean"]
+    verdict = {
+        (True, True): "we agree: ahead early here, and at the end",
+        (True, False): "we agree on speed: ahead early here, not at the end",
+        (False, True): "we disagree on speed: behind early here, ahead at the end",
+        (False, False): "we disagree: behind early here, and at the end",
+    }[faster, better]
+    lines += [
+        "",
+        "The paper (§5.4, Fig. 3, CelebA faces) finds that DODGE along the Reptile "
+        f"direction learns faster than Reptile; {verdict} "
+        f"({at(dodge, early):.2f} against {at(reptile, early):.2f} dB after "
+        f"{steps[early]} outer steps, {dodge['final_psnr_mean']:.2f} against "
+        f"{reptile['final_psnr_mean']:.2f} dB after {steps[-1]}; MAML, the exact "
+        f"meta-gradient, {methods['MAML']['final_psnr_mean']:.2f} dB).",
+        "",
+        f"![reptile regression]({results_path}/reptile_regression.png)",
+        "",
+    ]
+    return lines
+
+
 SECTIONS = {
     "step_cost": step_cost_section,
     "k_formulations": k_formulations_section,
@@ -739,6 +818,7 @@ SECTIONS = {
     "guess_quality": guess_quality_section,
     "scaling": scaling_section,
     "adam_problems": adam_problems_section,
+    "reptile_regression": reptile_regression_section,
 }
 
 
