@@ -136,10 +136,10 @@ def curvature_aware_dodge(
 
     Where this differs from CARS: CARS is derivative-free and estimates $d$ and
     $c$ by first- and second-order finite differences along $u$; here forward mode
-    takes them exactly, and there is no finite-difference step to choose. CARS's safeguard, when
-    the candidate does not decrease the loss, chooses an alternate step size of
-    its own; here the alternative is the plain DODGE step, which is taken without
-    a check (`learning_rate=0` stays in place instead). There is no
+    takes them exactly, and there is no finite-difference step to choose. CARS's
+    safeguard, when the candidate does not decrease the loss, chooses an alternate
+    step size of its own; here the alternative is the plain DODGE step, which is
+    taken without a check (`learning_rate=0` stays in place instead). There is no
     `derivative="central"`: the second difference $(L_+ - 2L + L_-)/h^2$ loses
     about $\varepsilon |L| / h^2$ to rounding, too much in float32 at the steps
     that keep the first derivative accurate.
