@@ -150,7 +150,9 @@ def curvature_aware_dodge(
     - `key`: a PRNG key (typed or legacy), an int seed or a 0-d integer array, for
         random directions; `None` (the default) takes the direction from the
         incoming `updates`, which must then be given.
-    - `sampler`: `"rademacher"` or `"gaussian"` entries for random directions.
+    - `sampler`: `"rademacher"` or `"gaussian"` entries for random directions;
+        `"orthogonal"` is accepted and draws the Rademacher direction (there is one
+        direction per update, with nothing to be orthogonal to).
     - `curvature_floor`: the smallest curvature along the unit direction,
         $c/\|u\|^2$, for which the Newton step is tried (default `0.0`: any
         positive curvature). A floor bounds the Newton step by
