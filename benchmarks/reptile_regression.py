@@ -75,14 +75,20 @@ DEFAULT = Config(
     inner_steps=2,
     inner_learning_rate=1.0,
     outer_learning_rate=1e-3,
-    outer_steps=200,
+    outer_steps=160,
     meta_batch=4,
     num_evals=8,
     seeds=3,
     held_out_crops=16,
 )
 QUICK = DEFAULT._replace(
-    crop=8, width=32, outer_steps=60, num_evals=3, seeds=2, held_out_crops=4
+    crop=8,
+    width=32,
+    outer_learning_rate=3e-3,
+    outer_steps=24,
+    num_evals=2,
+    seeds=2,
+    held_out_crops=4,
 )
 DOWNSAMPLE = 4
 

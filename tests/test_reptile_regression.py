@@ -108,8 +108,8 @@ def test_reptile_regression_quick(tmp_path):
     """The quick run writes every method's held-out PSNR curve; MAML and Reptile
     meta-learn an initialisation better than the untrained one (after the same
     inner steps) by a margin that a broken meta-update (a wrong sign, a zero
-    update) would not reach. Measured (60 outer steps, 2 seeds, 8×8 crops): from
-    23.8 dB to 27.1 (Reptile) and 28.0 (MAML)."""
+    update) would not reach. Measured (24 outer steps, 2 seeds, 8×8 crops): from
+    23.8 dB to 26.7 (Reptile) and 28.0 (MAML)."""
     # optax.adam's int32 step count is not clean under the suite's strict promotion.
     with jax.numpy_dtype_promotion("standard"):
         record = reptile_regression.main(["--quick", "--out", str(tmp_path)])
