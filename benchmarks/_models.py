@@ -8,6 +8,7 @@
 Data is random: the benchmarks measure cost, not accuracy.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,6 +25,9 @@ class Problem(NamedTuple):
     loss: Callable[..., Array]
     x: Array
     y: Array
+    # The same loss rematerialised, as users who run out of memory write it for
+    # backprop: the same value and gradient, fewer activations stored.
+    remat_loss: Callable[..., Array]
 
 
 def cross_entropy(logits: Float[Array, "*b c"], labels: Int[Array, "*b"]) -> Array:
@@ -33,6 +37,26 @@ def cross_entropy(logits: Float[Array, "*b c"], labels: Int[Array, "*b"]) -> Arr
 
 def mlp_loss(model: eqx.nn.MLP, x: Array, y: Array) -> Array:
     return cross_entropy(jax.vmap(model)(x), y)
+
+
+def mlp_remat_loss(model: eqx.nn.MLP, x: Array, y: Array) -> Array:
+    """`mlp_loss` with each layer (and its activation) under `eqx.filter_checkpoint`:
+    backprop stores every layer's input only and recomputes the rest on the way
+    back."""
+
+    def hidden(layer: eqx.nn.Linear, h: Array) -> Array:
+        return model.activation(layer(h))
+
+    def forward(h: Array) -> Array:
+        for layer in model.layers[:-1]:
+            h = eqx.filter_checkpoint(hidden)(layer, h)
+        return eqx.filter_checkpoint(_apply)(model.layers[-1], h)
+
+    return cross_entropy(jax.vmap(forward)(x), y)
+
+
+def _apply(layer: Callable[[Array], Array], h: Array) -> Array:
+    return layer(h)
 
 
 class ConvNet(eqx.Module):
@@ -54,6 +78,20 @@ class ConvNet(eqx.Module):
 
 def conv_loss(model: ConvNet, x: Array, y: Array) -> Array:
     return cross_entropy(jax.vmap(model)(x), y)
+
+
+def conv_remat_loss(model: ConvNet, x: Array, y: Array) -> Array:
+    """`conv_loss` with each layer under `eqx.filter_checkpoint`."""
+
+    def block(conv: eqx.nn.Conv2d, h: Array) -> Array:
+        return jax.nn.relu(conv(h))
+
+    def forward(image: Array) -> Array:
+        hidden = eqx.filter_checkpoint(block)(model.conv1, image)
+        hidden = eqx.filter_checkpoint(block)(model.conv2, hidden)
+        return eqx.filter_checkpoint(_apply)(model.linear, hidden.reshape(-1))
+
+    return cross_entropy(jax.vmap(forward)(x), y)
 
 
 class LSTM(eqx.Module):
@@ -79,6 +117,35 @@ class LSTM(eqx.Module):
 
 def lstm_loss(model: LSTM, x: Array, y: Array) -> Array:
     return cross_entropy(model(x), y)
+
+
+def segment_length(length: int) -> int:
+    """The divisor of `length` nearest its square root (the smaller one on a tie)."""
+    root = math.sqrt(length)
+    divisors = [d for d in range(1, length + 1) if length % d == 0]
+    return min(divisors, key=lambda d: (abs(d - root), d))
+
+
+def lstm_remat_loss(model: LSTM, x: Array, y: Array) -> Array:
+    """`lstm_loss` as √T checkpointed segments of the scan: backprop stores one
+    state per segment and recomputes each segment's steps on the way back."""
+    length, batch = x.shape[:2]
+    segments = (length // segment_length(length), segment_length(length))
+    zeros = jnp.zeros((batch, model.cell.hidden_size), x.dtype)
+
+    def step(state, inputs):
+        x_t, y_t = inputs
+        state = jax.vmap(model.cell)(x_t, state)
+        return state, cross_entropy(jax.vmap(model.readout)(state[0]), y_t)
+
+    @jax.checkpoint
+    def segment(state, inputs):
+        state, losses = jax.lax.scan(step, state, inputs)
+        return state, jnp.sum(losses)
+
+    inputs = (x.reshape(segments + x.shape[1:]), y.reshape(segments + y.shape[1:]))
+    _, totals = jax.lax.scan(segment, (zeros, zeros), inputs)
+    return jnp.sum(totals) / length
 
 
 @eqx.filter_jit
@@ -114,7 +181,10 @@ def make_problems(key: PRNGKeyArray, quick: bool = False) -> list[Problem]:
         f"LSTM-128 (16 inputs), T = {steps}, batch 32, loss at every step",
     )
     losses = (mlp_loss, conv_loss, lstm_loss)
+    remat_losses = (mlp_remat_loss, conv_remat_loss, lstm_remat_loss)
     return [
         Problem(*fields)
-        for fields in zip(names, descriptions, models, losses, inputs, targets)
+        for fields in zip(
+            names, descriptions, models, losses, inputs, targets, remat_losses
+        )
     ]

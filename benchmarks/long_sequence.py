@@ -22,7 +22,6 @@ too (to float tolerance; tests/test_long_sequence.py checks it).
 
 import argparse
 import json
-import math
 import pathlib
 import resource
 import subprocess
@@ -36,6 +35,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _models import segment_length
 
 import eqx_dodge
 
@@ -75,13 +75,6 @@ def forward_loss(model, state, xs):
 
     _, losses = jax.lax.scan(body, state, xs)
     return jnp.mean(losses)
-
-
-def segment_length(length: int) -> int:
-    """The divisor of `length` nearest its square root (the smaller one on a tie)."""
-    root = math.sqrt(length)
-    divisors = [d for d in range(1, length + 1) if length % d == 0]
-    return min(divisors, key=lambda d: (abs(d - root), d))
 
 
 def remat_loss(model, state, xs):

@@ -4,6 +4,10 @@ For each model of `_models.py` (MLP, conv net, LSTM), all in one process:
 
 - `forward`: the loss alone;
 - `grad`: `eqx.filter_grad` (reverse mode);
+- `grad_remat`: `eqx.filter_grad` of the same loss rematerialised, as users short of
+    memory write it for backprop (`_models`: every layer under
+    `eqx.filter_checkpoint` for the MLP and conv net, √T checkpointed segments of
+    the scan for the LSTM);
 - `listing1`: the paper's Listing 1 written by hand — `jax.jvp` of the loss along
     `eqx_dodge.random_direction(key, params)`, times the direction;
 - `listing1_rademacher`: the same with `jax.random.rademacher` leaf by leaf (what a
@@ -15,7 +19,8 @@ For each model of `_models.py` (MLP, conv net, LSTM), all in one process:
 
 Ratios (each the median of repeat-by-repeat ratios of interleaved repeats):
 `dodge_k1 / listing1` (goal ≤ 1.05), `dodge_k1 / forward` (goal ≤ 2.0),
-`dodge_k1 / grad`, `jvp_fixed_direction / forward` (forward mode without sampling;
+`dodge_k1 / grad`, `dodge_k1 / grad_remat`, `grad_remat / grad`,
+`jvp_fixed_direction / forward` (forward mode without sampling;
 not a strict floor, as XLA may lay out a direction drawn inside the step better than
 one passed in) and `time(k) / (k · time(1))` per mode (goal ≤ 1.0). Peak memory comes
 from XLA's compiled memory analysis.
@@ -55,6 +60,10 @@ def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any
         del key
         return eqx.filter_grad(loss)(model, x, y)
 
+    def grad_remat(model, key):
+        del key
+        return eqx.filter_grad(problem.remat_loss)(model, x, y)
+
     def jvp_fixed_direction(model, direction):
         params, static = eqx.partition(model, eqx.is_inexact_array)
 
@@ -88,6 +97,7 @@ def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any
     funs: dict[str, Any] = {
         "forward": forward,
         "grad": grad,
+        "grad_remat": grad_remat,
         "listing1": listing1,
         "listing1_rademacher": listing1_rademacher,
         "jvp_fixed_direction": jvp_fixed_direction,
@@ -118,6 +128,7 @@ def run_problem(
     base_names = [
         "forward",
         "grad",
+        "grad_remat",
         "listing1",
         "listing1_rademacher",
         "jvp_fixed_direction",
@@ -146,6 +157,12 @@ def run_problem(
             times["dodge_k1"], times["forward"]
         ),
         "dodge_k1_over_grad": _common.ratio_samples(times["dodge_k1"], times["grad"]),
+        "dodge_k1_over_grad_remat": _common.ratio_samples(
+            times["dodge_k1"], times["grad_remat"]
+        ),
+        "grad_remat_over_grad": _common.ratio_samples(
+            times["grad_remat"], times["grad"]
+        ),
         "jvp_fixed_direction_over_forward": _common.ratio_samples(
             times["jvp_fixed_direction"], times["forward"]
         ),
