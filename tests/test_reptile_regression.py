@@ -128,3 +128,53 @@ def test_reptile_regression_quick(tmp_path):
     floor = record["initialisation_psnr_mean"]
     for name in ("Reptile", "MAML"):
         assert methods[name]["final_psnr_mean"] > floor + 1.5, name
+
+
+def test_report_section_judges_the_claim_from_the_numbers():
+    """The README's sentence on the paper's claim (DODGE along Reptile learns faster
+    than Reptile) follows the numbers: agreement only when it is ahead early by
+    more than the seeds' spread, a tie within the spread said as such."""
+    report = importlib.import_module("report")
+
+    def method(early, final):
+        runs = [[17.0, early + spread, final] for spread in (-0.1, 0.1)]
+        return {"psnr_per_seed": runs, "final_psnr_mean": final, "final_psnr_std": 0}
+
+    def sentence(dodge_early, reptile_early):
+        record = {
+            "machine": {"cpu": "a CPU", "cpu_count": 2, "jax": "0.10"},
+            "config": {
+                "model": "an MLP",
+                "num_parameters": 10,
+                "inner_steps": 2,
+                "inner_learning_rate": 1.0,
+                "crop": 16,
+                "outer_optimizer": "Adam",
+                "outer_learning_rate": 1e-3,
+                "meta_batch": 4,
+                "outer_steps": 20,
+                "seeds": 2,
+                "images": "photographs",
+            },
+            "outer_steps": [0, 10, 20],
+            "initialisation_psnr_mean": 17.0,
+            "initialisation_psnr_std": 0.5,
+            "methods": {
+                name: method(early, 21.0)
+                for name, early in (
+                    ("Reptile", reptile_early),
+                    ("DODGE along Reptile", dodge_early),
+                    ("MAML", 21.0),
+                )
+            },
+        }
+        lines = report.reptile_regression_section(record, "results")
+        assert "| DODGE along Reptile | " in "\n".join(lines)
+        (claim,) = [line for line in lines if line.startswith("The paper")]
+        return claim
+
+    assert "we agree" in sentence(20.5, 20.0)
+    assert "ahead of it after 10 outer steps" in sentence(20.5, 20.0)
+    assert "level with it after 10 outer steps" in sentence(20.05, 20.0)
+    assert "we do not reproduce" in sentence(20.05, 20.0)
+    assert "behind it after 10 outer steps" in sentence(19.5, 20.0)
