@@ -132,7 +132,34 @@ def step_cost_section(record: dict[str, Any], results_path: str) -> list[str]:
             + " | ".join(peak(f"average_k{k}") for k in shown)
             + " |"
         )
+    lines += _central_lines(results)
     lines += ["", f"![step cost]({results_path}/step_cost.png)", ""]
+    return lines
+
+
+def _central_lines(results: dict[str, Any]) -> list[str]:
+    """The zeroth-order peer of `step_cost`: central differences along the same
+    direction (absent from files written before it was measured)."""
+    if not all("central_k1" in r["seconds"] for r in results.values()):
+        return []
+    lines = [
+        "",
+        "The zeroth-order peer (SPSA / MeZO style): `filter_dodge(..., "
+        'derivative="central")`, the derivative along the same direction by central '
+        "differences (two forward passes, no tangent), against forward mode's:",
+        "",
+        "| model | time / `filter_dodge` k=1 | peak MiB: central | k=1 "
+        "| distance to the jvp estimate (relative) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        memory = r["memory_bytes"]
+        lines.append(
+            f"| {name} | {_ratio(r['ratios']['central_k1_over_dodge_k1'])} "
+            f"| {_mib(memory['central_k1']['peak_bytes'])} "
+            f"| {_mib(memory['dodge_k1']['peak_bytes'])} "
+            f"| {r['central_k1_relative_error']:.1e} |"
+        )
     return lines
 
 

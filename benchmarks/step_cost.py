@@ -15,6 +15,10 @@ For each model of `_models.py` (MLP, conv net, LSTM), all in one process:
 - `jvp_fixed_direction`: the jvp and the product alone, along a direction passed in
     (drawn outside the timed function): forward mode's own cost, without a sampler;
 - `dodge_k1`: `eqx_dodge.filter_dodge(loss, key=key)`;
+- `central_k1`: `filter_dodge(loss, key=key, derivative="central")`, the
+    zeroth-order peer (SPSA / MeZO style): the derivative along the same direction
+    by central differences, two forward passes and no tangent; reported with its
+    relative distance to the forward-mode estimate;
 - `average_k`, `partition_k`: `filter_dodge` with `num_directions=k`.
 
 Ratios (each the median of repeat-by-repeat ratios of interleaved repeats):
@@ -36,6 +40,7 @@ import _models
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optax
 
 import eqx_dodge
 
@@ -89,9 +94,13 @@ def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any
         )
         return jvp_fixed_direction(model, direction)
 
-    def dodge(model, key, num_directions, mode):
+    def dodge(model, key, num_directions, mode, derivative="jvp"):
         return eqx_dodge.filter_dodge(
-            loss, key=key, num_directions=num_directions, mode=mode
+            loss,
+            key=key,
+            num_directions=num_directions,
+            mode=mode,
+            derivative=derivative,
         )(model, x, y)
 
     funs: dict[str, Any] = {
@@ -102,6 +111,9 @@ def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any
         "listing1_rademacher": listing1_rademacher,
         "jvp_fixed_direction": jvp_fixed_direction,
         "dodge_k1": ft.partial(dodge, num_directions=1, mode="average"),
+        "central_k1": ft.partial(
+            dodge, num_directions=1, mode="average", derivative="central"
+        ),
     }
     for mode in ("average", "partition"):
         for k in ks:
@@ -133,6 +145,7 @@ def run_problem(
         "listing1_rademacher",
         "jvp_fixed_direction",
         "dodge_k1",
+        "central_k1",
     ]
     times = _common.time_interleaved(
         {name: calls[name] for name in base_names},
@@ -163,6 +176,9 @@ def run_problem(
         "grad_remat_over_grad": _common.ratio_samples(
             times["grad_remat"], times["grad"]
         ),
+        "central_k1_over_dodge_k1": _common.ratio_samples(
+            times["central_k1"], times["dodge_k1"]
+        ),
         "jvp_fixed_direction_over_forward": _common.ratio_samples(
             times["jvp_fixed_direction"], times["forward"]
         ),
@@ -179,7 +195,13 @@ def run_problem(
                 scaling[mode][str(k)] = _common.summarize(samples)
 
     memory = {name: _common.memory_analysis(fun) for name, fun in compiled.items()}
+    # The same direction (same key), the derivative by forward mode or by central
+    # differences: how far apart the two estimates are.
+    exact, central = calls["dodge_k1"](), calls["central_k1"]()
+    difference = jax.tree.map(lambda a, b: a - b, central, exact)
+    central_error = float(optax.tree.norm(difference) / optax.tree.norm(exact))
     return {
+        "central_k1_relative_error": central_error,
         "description": problem.description,
         "num_parameters": sum(
             x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
