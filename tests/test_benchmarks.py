@@ -90,10 +90,23 @@ def test_step_cost_quick(tmp_path):
         seconds, ratios = result["seconds"], result["ratios"]
         for entry in seconds.values():
             check_summary(entry)
-        for name in ("listing1", "forward", "grad"):
+        for name in ("listing1", "forward", "grad", "grad_remat"):
             check_ratio(
                 ratios[f"dodge_k1_over_{name}"], seconds["dodge_k1"], seconds[name]
             )
+        check_ratio(
+            ratios["grad_remat_over_grad"], seconds["grad_remat"], seconds["grad"]
+        )
+        check_ratio(
+            ratios["central_k1_over_dodge_k1"],
+            seconds["central_k1"],
+            seconds["dodge_k1"],
+        )
+        # Central differences along the same direction: near forward mode's
+        # estimate, not a sign or a scale away (distance 2 or 1). Measured: 0.12 on
+        # the ReLU MLP, whose step of 1e-3 on each of 200 000 weights crosses ReLU
+        # kinks; 0.007 on the conv net, 0.002 on the LSTM.
+        assert 0 < result["central_k1_relative_error"] < 0.5
         for mode in ("average", "partition"):
             assert set(result["scaling"][mode]) == {"1", "2"}
         grad, dodge = result["memory_bytes"]["grad"], result["memory_bytes"]["dodge_k1"]
@@ -464,6 +477,19 @@ def test_report(tmp_path):
     assert "1.70 (1.55–1.85) ✗" in text  # above the 1.05 goal
     assert "| 3.0 |" in text  # MiB
     assert "ran 2 benchmarks one at a time in 4.0 min" in text
+    assert "| – |" in text and "zeroth-order peer" not in text  # an older file
+    mlp = record["results"]["mlp"]
+    mlp["seconds"] |= {"grad_remat": entry, "central_k1": entry}
+    mlp["ratios"] |= {
+        "dodge_k1_over_grad_remat": ratio,
+        "central_k1_over_dodge_k1": ratio,
+    }
+    mlp["memory_bytes"] |= {"grad_remat": memory, "central_k1": memory}
+    mlp["central_k1_relative_error"] = 1e-4
+    record = json.loads((results / "step_cost.json").read_text()) | record
+    text = "\n".join(report.step_cost_section(record, "results"))
+    assert "| 3.00 (1.50–4.50) | 3.00 (1.50–4.50) | 3.00 (1.50–4.50) |" in text
+    assert "| mlp | 1.70 (1.55–1.85) | 3.0 | 3.0 | 1.0e-04 |" in text
 
 
 def test_report_guess_quality_curvature_rows():
