@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import _common
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -355,6 +356,33 @@ def run_methods(
     return curves
 
 
+def reptile_cosines(train_images: Array, config: Config) -> np.ndarray:
+    """Cosine between the Reptile direction and the meta-gradient (MAML's) at each
+    seed's untrained initialisation, `[seed, meta-batch]`, over consecutive
+    meta-batches of the training crops: how much of the meta-gradient DODGE along
+    Reptile can see."""
+    num_batches = train_images.shape[0] // config.meta_batch
+    batches = train_images[: num_batches * config.meta_batch].reshape(
+        num_batches, config.meta_batch, *train_images.shape[1:]
+    )
+
+    def one_seed(key):
+        params, static = split(FourierMLP(config, jax.random.split(key)[0]))
+        estimates = meta_gradients(static, pixel_grid(config.crop), config)
+
+        def cosine(images):
+            meta_gradient = estimates["MAML"](params, key, images)
+            candidate = estimates["Reptile"](params, key, images)
+            a = jax.flatten_util.ravel_pytree(meta_gradient)[0]
+            b = jax.flatten_util.ravel_pytree(candidate)[0]
+            return a @ b / jnp.sqrt((a @ a) * (b @ b))
+
+        return jax.lax.map(cosine, batches)
+
+    keys = jax.random.split(jax.random.key(0), config.seeds)
+    return np.asarray(jax.jit(jax.vmap(one_seed))(keys))
+
+
 def plot(record: dict[str, Any], out) -> None:
     fig, ax = _common.new_figure(figsize=(7, 4.5))
     steps = record["outer_steps"]
@@ -403,6 +431,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "final_psnr_std": float(final.std()),
             "finite": bool(np.all(np.isfinite(curves))),
         }
+    cosines = reptile_cosines(train_images, config)
     # Every method starts from the same initialisations (same seeds).
     initial = np.asarray(next(iter(methods.values()))["psnr_per_seed"])[:, 0]
     steps_per_eval = config.outer_steps // config.num_evals
@@ -422,6 +451,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "outer_steps": [i * steps_per_eval for i in range(config.num_evals + 1)],
         "initialisation_psnr_mean": float(initial.mean()),
+        "reptile_meta_gradient_cosine_at_initialisation": {
+            "per_seed_and_meta_batch": cosines.tolist(),
+            "mean": float(cosines.mean()),
+            "min": float(cosines.min()),
+            "max": float(cosines.max()),
+        },
         "initialisation_psnr_std": float(initial.std()),
         "methods": methods,
     }

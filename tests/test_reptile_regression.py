@@ -125,6 +125,11 @@ def test_reptile_regression_quick(tmp_path):
         np.testing.assert_allclose(
             curves[:, 0].mean(), record["initialisation_psnr_mean"], rtol=1e-6
         )
+    cosines = record["reptile_meta_gradient_cosine_at_initialisation"]
+    assert np.shape(cosines["per_seed_and_meta_batch"]) == (
+        config["seeds"],
+        64 // config["meta_batch"],
+    )
     floor = record["initialisation_psnr_mean"]
     for name in ("Reptile", "MAML"):
         assert methods[name]["final_psnr_mean"] > floor + 1.5, name
