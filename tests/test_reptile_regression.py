@@ -115,7 +115,7 @@ def test_reptile_regression_quick(tmp_path):
         record = reptile_regression.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "reptile_regression.png").stat().st_size > 0
     methods = record["methods"]
-    assert list(methods) == list(reptile_regression.METHODS)
+    assert list(methods) == list(reptile_regression.QUICK_METHODS)
     config = record["config"]
     for name, method in methods.items():
         curves = np.asarray(method["psnr_per_seed"])
