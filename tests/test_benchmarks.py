@@ -372,6 +372,9 @@ def test_digits_widths_resumes(tmp_path, monkeypatch):
             assert row["accuracy_min"] <= row["accuracy_mean"] <= row["accuracy_max"]
     # 64-8-8-10 and 64-16-16-10 with biases.
     assert [row["num_parameters"] for row in rows] == [682, 1482]
+    section = "\n".join(report.digits_widths_section(saved, "results"))
+    assert "Runs finished: 4 of 4." in section
+    assert section.count("| 10 | ") == 2 and "| 1 | 16 | 1482 |" in section
 
     log = json.loads((tmp_path / "digits_widths_runs.json").read_text())
     del log["runs"]["width 16 / k 10"]
