@@ -32,7 +32,7 @@ are `vmap`ped: one jitted `lax.scan` per setting.
 import functools as ft
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import _common
@@ -58,9 +58,10 @@ WIDTHS_STUDY = {
         "num_snapshots": 4,
         "seeds": 3,
     },
+    # Each (width, k) run is a compilation: the smoke run has two.
     "quick": {
         "widths": [8, 16],
-        "num_directions": [1, 10],
+        "num_directions": [10],
         "num_updates": 40,
         "num_snapshots": 2,
         "seeds": 2,
@@ -137,6 +138,29 @@ def train(
     return jnp.concatenate([start[None], accuracies])
 
 
+@ft.cache
+def setting_grid(
+    num_directions: int | None,
+    batch_size: int,
+    num_updates: int,
+    num_evals: int,
+    width: int,
+) -> Callable:
+    """Every step size × seed of one setting, vmapped and jitted: one compilation
+    per setting however often it runs (a resumed study reruns some)."""
+    run = ft.partial(
+        train,
+        num_directions=num_directions,
+        batch_size=batch_size,
+        num_updates=num_updates,
+        num_evals=num_evals,
+        width=width,
+    )
+    return jax.jit(
+        jax.vmap(jax.vmap(run, (0, None, None, None)), (None, 0, None, None))
+    )
+
+
 def run_setting(
     x: jax.Array,
     y: jax.Array,
@@ -150,18 +174,8 @@ def run_setting(
     k = num_directions
     lrs = jnp.asarray(LEARNING_RATES, jnp.float32)
     keys = jax.random.split(jax.random.key(0), seeds)
-    run = ft.partial(
-        train,
-        num_directions=k,
-        batch_size=batch_size,
-        num_updates=num_updates,
-        num_evals=num_evals,
-        width=width,
-    )
+    grid = setting_grid(k, batch_size, num_updates, num_evals, width)
     # accuracies[lr, seed, eval]
-    grid = jax.jit(
-        jax.vmap(jax.vmap(run, (0, None, None, None)), (None, 0, None, None))
-    )
     accuracies = np.asarray(grid(keys, lrs, x, y))
     final = accuracies[:, :, -1].mean(axis=1)
     best = int(np.argmax(final))
