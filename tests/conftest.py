@@ -29,3 +29,24 @@ def getkey():
     """Returns a function that hands out a fresh PRNG key at every call."""
     keys = iter(jax.random.split(jax.random.key(5678), 10_000))
     return lambda: next(keys)
+
+
+# The files whose tests take longest (benchmark smoke runs, docs pages, examples) run
+# first. Work stealing hands the remaining tests to whichever worker is free, so the
+# workers then end together on short tests, instead of one idling while the other
+# finishes a long test that happened to come last.
+LONG_FIRST = (
+    "test_benchmarks.py",
+    "test_docs.py",
+    "test_guess_quality_benchmark.py",
+    "test_long_sequence.py",
+    "test_adam_digits_example.py",
+    "test_copy_task.py",
+    "test_reptile_regression.py",
+    "test_training.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))
