@@ -17,8 +17,9 @@ def test_reverse_mode_raises_and_dodge_trains():
     x, y = example.make_data(data_key, 64, 4)
     model = example.FixedPointModel(4, 8, key=model_key)
 
-    # The trip count of the solver depends on the data.
-    iterations = jax.vmap(lambda xi: model.solve(xi)[1])(x)
+    # The trip count of the solver depends on the data. (Jitted, as everything
+    # below: eagerly, every operation of the loop would compile on its own.)
+    iterations = eqx.filter_jit(jax.vmap(lambda xi: model.solve(xi)[1]))(x)
     assert jnp.min(iterations) < jnp.max(iterations)
 
     with pytest.raises(ValueError, match="Reverse-mode differentiation"):
@@ -37,11 +38,14 @@ def test_reverse_mode_raises_and_dodge_trains():
     norm = jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(direction)))
     step = 1e-2
 
+    @eqx.filter_jit
     def loss_at(t):
         moved = jax.tree.map(lambda p, u: p + t * u / norm, params, direction)
         return example.loss_fn(eqx.combine(moved, static), x, y)
 
-    finite_difference = (loss_at(step) - loss_at(-step)) / (2 * step)
+    finite_difference = (loss_at(jnp.float32(step)) - loss_at(jnp.float32(-step))) / (
+        2 * step
+    )
     derivative = (
         sum(
             jnp.sum(e * u)
