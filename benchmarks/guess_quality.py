@@ -9,6 +9,8 @@ Methods (all through `eqx_dodge.filter_value_and_dodge`):
 - `rademacher-k1`, `rademacher-k16`, `gaussian-k1`, `gaussian-k16`: random directions,
     k averaged (DODGE eq 9);
 - `partition-k16`: one Rademacher direction split into 16 parts (DODGE eq 10);
+- `orthogonal-k16`: 16 exactly orthogonal ±1 directions (`sampler="orthogonal"`,
+    stochastic subspace descent), averaged;
 - `activation`: `eqx_dodge.activation_guess` as the candidate direction;
 - `transpose`: `eqx_dodge.transpose_guess` (the W-transpose guess);
 - `oracle`: the true gradient as the candidate, which is exactly backpropagation;
@@ -62,6 +64,7 @@ METHODS: dict[str, dict] = {
     "gaussian-k1": dict(kind="random", sampler="gaussian", k=1, mode="average"),
     "gaussian-k16": dict(kind="random", sampler="gaussian", k=16, mode="average"),
     "partition-k16": dict(kind="random", sampler="rademacher", k=16, mode="partition"),
+    "orthogonal-k16": dict(kind="random", sampler="orthogonal", k=16, mode="average"),
     "activation": dict(kind="guess", guess=eqx_dodge.activation_guess),
     "transpose": dict(kind="guess", guess=eqx_dodge.transpose_guess),
     "oracle": dict(kind="oracle"),
