@@ -735,7 +735,72 @@ def guess_quality_section(record: dict[str, Any], results_path: str) -> list[str
             + " | ".join(f"{row[m]['median_abs_cosine']:.4f}" for m in methods)
             + " |"
         )
+    lines += _sources_lines(results["models"])
     lines += ["", f"![guess quality]({results_path}/guess_quality.png)", ""]
+    return lines
+
+
+def _compared(a: float, b: float) -> str:
+    """`a` against `b` in words: within 3 points of training accuracy is level."""
+    return "level with" if abs(a - b) < 0.03 else "above" if a > b else "below"
+
+
+def _sources_lines(models: dict[str, Any]) -> list[str]:
+    """Where the measurements agree with the methods' sources: stochastic subspace
+    descent (Kozak et al.) and CARS (Kim et al.), when their rows are present."""
+
+    def accuracy(model: dict[str, Any], method: str) -> float:
+        return model["methods"][method]["train_accuracy_median"]
+
+    lines = []
+    names = list(models)
+    if all("orthogonal-k16" in m["methods"] for m in models.values()):
+        pairs = [
+            f"{accuracy(m, 'orthogonal-k16'):.2f} on {name}, "
+            f"{_compared(accuracy(m, 'orthogonal-k16'), accuracy(m, 'rademacher-k16'))}"
+            f" independent directions' {accuracy(m, 'rademacher-k16'):.2f}"
+            for name, m in models.items()
+        ]
+        lines += [
+            "",
+            "Orthogonal directions (stochastic subspace descent, Kozak et al.): "
+            + "; ".join(pairs)
+            + ". With k = 16 far below p, exact orthogonality removes only the "
+            "fraction (k − 1)/(p − 1) of the variance of independent directions, so "
+            "no gain is expected at this size, and the advantage Kozak et al. report "
+            "over Gaussian smoothing is not one we can see here.",
+        ]
+    curvature = "rademacher-k1 curvature"
+    if all(curvature in m["methods"] for m in models.values()):
+        random = [
+            f"{accuracy(m, curvature):.2f} against the plain step's "
+            f"{accuracy(m, 'rademacher-k1'):.2f} on {name}"
+            for name, m in models.items()
+        ]
+        gains = [
+            accuracy(m, curvature) - accuracy(m, "rademacher-k1")
+            for m in models.values()
+        ]
+        guesses = [
+            f"{guess} {accuracy(models[name], f'{guess} curvature'):.2f} against "
+            f"{accuracy(models[name], guess):.2f}"
+            for name in names
+            for guess in ("activation", "transpose")
+            if f"{guess} curvature" in models[name]["methods"]
+        ]
+        verdict = (
+            "as CARS (Kim et al.) reports, curvature-aware steps speed up search "
+            "along random directions"
+            if min(gains) >= 0.03
+            else "unlike CARS's (Kim et al.) report, curvature-aware steps do not "
+            "clearly speed up search along random directions here"
+        )
+        lines += [
+            "",
+            f"Curvature-aware steps along one random direction: "
+            f"{'; '.join(random)}: {verdict}. Along the guesses, in the same order "
+            f"of models: {'; '.join(guesses)}.",
+        ]
     return lines
 
 

@@ -640,3 +640,31 @@ def test_activity_models_quick(tmp_path):
     assert methods[model["best_forward_only"]]["forward_only"]
     best = methods[model["best_forward_only"]]
     assert model["accuracy_goal_met"] == best["within_goal"]
+
+
+def test_report_sentences_on_the_sources():
+    """The sentences on orthogonal directions and curvature-aware steps follow the
+    numbers: the verdict on CARS's claim flips with them, and rows missing from an
+    older file leave the sentences out."""
+
+    def model(**accuracies):
+        return {
+            "methods": {
+                name.replace("_", "-").replace("-curvature", " curvature"): {
+                    "train_accuracy_median": value
+                }
+                for name, value in accuracies.items()
+            }
+        }
+
+    rows = dict(rademacher_k16=0.88, orthogonal_k16=0.87, rademacher_k1=0.38)
+    rows |= {"rademacher_k1_curvature": 0.62, "activation": 0.19}
+    rows |= {"activation_curvature": 0.16}
+    text = "\n".join(report._sources_lines({"mlp": model(**rows)}))
+    assert "0.87 on mlp, level with independent directions' 0.88" in text
+    assert "0.62 against the plain step's 0.38 on mlp: as CARS" in text
+    assert "activation 0.16 against 0.19" in text
+    rows["rademacher_k1_curvature"] = 0.39
+    text = "\n".join(report._sources_lines({"mlp": model(**rows)}))
+    assert "unlike CARS's" in text
+    assert report._sources_lines({"mlp": model(rademacher_k1=0.38)}) == []
