@@ -371,6 +371,27 @@ def finite_or_none(values):
     return [finite_or_none(row) for row in array]
 
 
+def best_of_grid(losses: Any, accuracies: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """Final losses and accuracies `[grid point, seed]` as NumPy arrays, and the grid
+    point with the lowest median final loss. Losses in float64, NaN as infinity, so
+    that medians of diverged (huge) losses neither overflow nor win."""
+    losses = np.nan_to_num(np.asarray(losses, np.float64), nan=np.inf)
+    accuracies = np.asarray(accuracies)
+    return losses, accuracies, int(np.argmin(np.median(losses, axis=1)))
+
+
+def best_summary(losses: np.ndarray, accuracies: np.ndarray, best: int) -> dict:
+    """The record's summary fields at the best grid point."""
+    return {
+        "train_accuracy_median": float(np.median(accuracies[best])),
+        "train_accuracy_spread": [
+            float(np.min(accuracies[best])),
+            float(np.max(accuracies[best])),
+        ],
+        "final_loss_median": finite_or_none(np.median(losses[best])),
+    }
+
+
 def main(
     quick: bool = False,
     out_dir: pathlib.Path = _common.RESULTS,
@@ -437,10 +458,7 @@ def main(
                 config["num_steps"],
                 config["batch_size"],
             )
-            # float64 so that medians of diverged (huge) losses do not overflow.
-            losses = np.nan_to_num(np.asarray(losses, np.float64), nan=np.inf)
-            accuracies = np.asarray(accuracies)
-            best = int(np.argmin(np.median(losses, axis=1)))
+            losses, accuracies, best = best_of_grid(losses, accuracies)
             method_results[name] = {
                 "cosine_at_init": summarise(at_init[name]),
                 "cosine_after_backprop_training": (
@@ -450,12 +468,7 @@ def main(
                 "best_learning_rate": float(learning_rates[best]) * scale,
                 "final_loss_per_learning_rate_and_seed": finite_or_none(losses),
                 "train_accuracy_per_learning_rate_and_seed": accuracies.tolist(),
-                "train_accuracy_median": float(np.median(accuracies[best])),
-                "train_accuracy_spread": [
-                    float(np.min(accuracies[best])),
-                    float(np.max(accuracies[best])),
-                ],
-                "final_loss_median": finite_or_none(np.median(losses[best])),
+                **best_summary(losses, accuracies, best),
             }
         for name in curvature_methods:
             print(f"[{model_name}] {name}", flush=True)
@@ -478,9 +491,7 @@ def main(
                 config["num_steps"],
                 config["batch_size"],
             )
-            losses = np.nan_to_num(np.asarray(losses, np.float64), nan=np.inf)
-            accuracies = np.asarray(accuracies)
-            best = int(np.argmin(np.median(losses, axis=1)))
+            losses, accuracies, best = best_of_grid(losses, accuracies)
             method_results[name] = {
                 "cosine_at_init": None,
                 "cosine_after_backprop_training": None,
@@ -490,12 +501,7 @@ def main(
                 "best_newton_damping": float(dampings[best]),
                 "final_loss_per_damping_and_seed": finite_or_none(losses),
                 "train_accuracy_per_damping_and_seed": accuracies.tolist(),
-                "train_accuracy_median": float(np.median(accuracies[best])),
-                "train_accuracy_spread": [
-                    float(np.min(accuracies[best])),
-                    float(np.max(accuracies[best])),
-                ],
-                "final_loss_median": finite_or_none(np.median(losses[best])),
+                **best_summary(losses, accuracies, best),
                 "accepted_fraction_per_seed": (
                     np.asarray(accepted[best]) / config["num_steps"]
                 ).tolist(),
