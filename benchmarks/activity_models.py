@@ -263,12 +263,12 @@ def step_costs(
 def train_records(
     name: str,
     table: dict[str, base.Method],
+    data: tuple[jax.Array, ...],
     config: dict[str, Any],
     log: _common.RunLog | None,
 ) -> dict[str, dict[str, Any]]:
     """Every method's record (`activity.method_record`): trained here, or read from
     the `--full` study's `log` where an earlier sitting finished it."""
-    data = MODELS[name].load()
     records = {}
     for method_name, method in table.items():
         key = f"{name} / {method_name}"
@@ -302,6 +302,7 @@ def without_machine(record: dict[str, Any]) -> dict[str, Any]:
 def timed_costs(
     name: str,
     table: dict[str, base.Method],
+    data: tuple[jax.Array, ...],
     timing: tuple[int, float],
     log: _common.RunLog | None,
 ) -> dict[str, Any]:
@@ -311,7 +312,7 @@ def timed_costs(
     if log is not None and key in log:
         saved = log.runs[key]
         return without_machine(saved) | {"timed_on": saved["machine"]}
-    step_time, memory = step_costs(table, MODELS[name].load(), *timing)
+    step_time, memory = step_costs(table, data, *timing)
     costs = {"step_time": step_time, "memory": memory}
     if log is not None:
         log.add(key, costs)
@@ -326,9 +327,10 @@ def run_model(
     log: _common.RunLog | None = None,
 ) -> dict[str, Any]:
     model = MODELS[name]
-    records = train_records(name, table, config, log)
+    data = model.load()  # mnist1d's is generated: once per model
+    records = train_records(name, table, data, config, log)
     base.compare_with_backprop(records, len(config["seeds"]), model.goal_points)
-    costs = timed_costs(name, table, timing, log)
+    costs = timed_costs(name, table, data, timing, log)
     step_time = costs["step_time"]
     forward_only = [n for n, r in records.items() if r["forward_only"]]
     best = max(forward_only, key=lambda n: records[n]["test_accuracy_mean"])
@@ -343,7 +345,6 @@ def run_model(
             f"{step_time[method_name]['ratio_to_backprop']['median']:.2f}x",
             file=sys.stderr,
         )
-    data = model.load()
     return {
         "description": model.description,
         "num_parameters": sum(
