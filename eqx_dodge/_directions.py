@@ -7,11 +7,10 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
 from ._checks import as_key, check_int, check_option, KeyLike, SAMPLERS
-from ._threefry import rademacher_like
+from ._threefry import normal_like, rademacher_like
 
 
 def trainable(tree: PyTree) -> PyTree:
@@ -91,7 +90,7 @@ def sample_direction(key: PRNGKeyArray, primal: PyTree, sampler: str) -> PyTree:
     direction of the `"orthogonal"` sampler is the Rademacher one (`k = 1` in
     `orthogonal_direction`)."""
     if sampler == "gaussian":
-        return optax.tree.random_like(key, primal, sampler=jax.random.normal)
+        return normal_like(key, primal)
     return rademacher_like(key, primal)
 
 

@@ -1,4 +1,5 @@
-"""The Rademacher sampler: random signs as bits of Threefry-2x32, JAX's default hash.
+"""The samplers of random directions: Rademacher signs as bits of Threefry-2x32,
+JAX's default hash, and standard normal entries.
 
 Signs are generated where they are used, one bit each and 64 per hash call, with a
 counter range of its own for every leaf. `jax.random.rademacher` spends 32 bits per
@@ -9,6 +10,7 @@ significant) is pinned by golden-value tests: changing it changes every directio
 drawn from a given key, and is recorded in the CHANGELOG when done on purpose.
 """
 
+import functools as ft
 import itertools
 import math
 
@@ -75,12 +77,54 @@ def _words(key: PRNGKeyArray, sizes: list[int]) -> list[UInt32[Array, "n 2"]]:
 def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
     """Independent ±1 entries shaped and typed like every leaf of `tree`."""
     leaves, treedef = jax.tree.flatten(tree)
+    layout = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
+    return jax.tree.unflatten(treedef, _rademacher_leaves(key, layout))
+
+
+# Jitted so that its trace (twenty hash rounds and an unpacking per leaf) is cached
+# per layout: a training loop, a vmap over keys or a test that draws signs for the
+# same model many times traces it once. XLA inlines the call into the caller's
+# program, so the hash still fuses with the code that consumes the signs.
+@ft.partial(jax.jit, static_argnums=1)
+def _rademacher_leaves(
+    key: PRNGKeyArray, layout: tuple[tuple[tuple[int, ...], jnp.dtype], ...]
+) -> list[Array]:
     shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32).reshape(1, 1, -1)
-    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    sizes = [math.prod(shape) for shape, _ in layout]
     signs = []
-    for leaf, size, words in zip(leaves, sizes, _words(key, sizes)):
+    for (shape, dtype), size, words in zip(layout, sizes, _words(key, sizes)):
         bits = (words[..., None] >> shifts) & jnp.uint32(1)
-        leaf_bits = bits.reshape(-1)[:size].reshape(leaf.shape)
+        leaf_bits = bits.reshape(-1)[:size].reshape(shape)
         # 1 - 2·bit maps {0, 1} to {+1, -1}, exactly, in every floating dtype.
-        signs.append((1 - 2 * leaf_bits.astype(jnp.int32)).astype(leaf.dtype))
-    return jax.tree.unflatten(treedef, signs)
+        signs.append((1 - 2 * leaf_bits.astype(jnp.int32)).astype(dtype))
+    return signs
+
+
+def normal_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
+    """Independent standard normal entries shaped and typed like every leaf of
+    `tree`."""
+    leaves, treedef = jax.tree.flatten(tree)
+    layout = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
+    return jax.tree.unflatten(treedef, _normal_leaves(key, layout))
+
+
+# One draw per dtype, sliced into the leaves: a draw per leaf (`optax.tree.
+# random_like`) compiles one hash and one inverse error function per leaf, which
+# made a Gaussian step several times slower to compile than a Rademacher one.
+@ft.partial(jax.jit, static_argnums=1)
+def _normal_leaves(
+    key: PRNGKeyArray, layout: tuple[tuple[tuple[int, ...], jnp.dtype], ...]
+) -> list[Array]:
+    dtypes = list(dict.fromkeys(dtype for _, dtype in layout))
+    draws = {}
+    for index, dtype in enumerate(dtypes):
+        size = sum(math.prod(shape) for shape, d in layout if d == dtype)
+        group_key = key if len(dtypes) == 1 else jax.random.fold_in(key, index)
+        draws[dtype] = (jax.random.normal(group_key, (size,), dtype), 0)
+    leaves = []
+    for shape, dtype in layout:
+        flat, offset = draws[dtype]
+        size = math.prod(shape)
+        leaves.append(flat[offset : offset + size].reshape(shape))
+        draws[dtype] = (flat, offset + size)
+    return leaves

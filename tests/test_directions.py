@@ -1,5 +1,6 @@
-"""The Rademacher sampler: its bits are Threefry's, and its signs are fair and
-independent across coordinates, leaves, bit positions and keys.
+"""The samplers: the Rademacher sampler's bits are Threefry's, and its signs are fair
+and independent across coordinates, leaves, bit positions and keys; the Gaussian
+sampler's entries are standard normal and independent across leaves and keys.
 
 Each check averages ±1 products over `N` draws, so under independence the average has
 standard error `1/√N`; the tolerance is 5 standard errors (a two-sided false alarm
@@ -85,3 +86,35 @@ def test_rademacher_directions_are_deterministic_per_key():
         first = eqx_dodge.random_direction(key, tree)
         second = jax.jit(eqx_dodge.random_direction)(key, tree)
         assert jax.tree.all(jax.tree.map(jnp.array_equal, first, second))
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_gaussian_entries_are_standard_and_independent(impl):
+    """One draw per dtype is sliced into the leaves: a wrong offset would give two
+    leaves of the same shape (`w`, `d`) the same entries, a wrong scale the wrong
+    second moment, a dtype group mixed up the wrong dtype."""
+    tree = {name: jnp.zeros(shape) for name, shape in SHAPES.items()}
+    tree["half"] = jnp.zeros((300, 33), jnp.bfloat16)
+
+    @jax.jit
+    def draw(keys):
+        return jax.vmap(
+            lambda key: eqx_dodge.random_direction(key, tree, sampler="gaussian")
+        )(keys)
+
+    directions = draw(_keys(impl))
+    for name, leaf in tree.items():
+        assert directions[name].shape == (NUM_KEYS,) + leaf.shape
+        assert directions[name].dtype == leaf.dtype
+    entries = jnp.concatenate(
+        [directions[name].reshape(NUM_KEYS, -1) for name in SHAPES], axis=1
+    )
+    _assert_zero_mean(entries, "entry")
+    # E u² = 1 with Var u² = 2: the same 5-standard-error tolerance, scaled by √2.
+    second_moment = float(jnp.mean(entries**2))
+    assert abs(second_moment - 1) < 5 * math.sqrt(2 / entries.size)
+    _assert_zero_mean(entries[1:] * entries[:-1], "neighbouring keys")
+    _assert_zero_mean(directions["w"] * directions["d"], "leaves w and d")
+    half = directions["half"].astype(jnp.float32)
+    _assert_zero_mean(half * directions["w"], "bfloat16 leaf and leaf w")
+    _assert_zero_mean(half[:, :17] * directions["b"][..., None], "leaf b")
