@@ -9,16 +9,25 @@ BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test lint pytest bench docs docs-serve
 
+# uv installs the test and example dependencies in about 10 s where pip takes one
+# to two minutes (most of `make test`'s set-up on a fresh machine); pip is the
+# fallback where uv cannot be installed or cannot reach the index. The bench extras
+# stay with pip, which reads the machine's pip configuration (local wheels, the cap
+# on torch's version) that uv ignores.
 $(PYTHON):
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
+	-$(PYTHON) -m pip install --quiet uv
+
+INSTALL = $(VENV)/bin/uv pip install --quiet --python $(PYTHON) -e "$(1)" \
+	|| $(PYTHON) -m pip install --quiet -e "$(1)"
 
 $(DEV_STAMP): pyproject.toml | $(PYTHON)
-	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	$(call INSTALL,.[dev])
 	touch $@
 
 $(EXAMPLES_STAMP): pyproject.toml | $(PYTHON)
-	$(PYTHON) -m pip install --quiet -e ".[examples]"
+	$(call INSTALL,.[examples])
 	touch $@
 
 $(BENCH_STAMP): pyproject.toml | $(PYTHON)
