@@ -1,8 +1,9 @@
 """The docs pages' tables of benchmark results, written by `report.py`.
 
 A table lives in its page between `<!-- results:NAME:start -->` and
-`<!-- results:NAME:end -->`, where `NAME` is the result file
-(`benchmarks/results/NAME.json`) it is made from; nothing in it is typed by hand.
+`<!-- results:NAME:end -->`; `TABLES` says which result file
+(`benchmarks/results/FILE.json`) and function make table `NAME`. Nothing in it is
+typed by hand.
 """
 
 import json
@@ -58,8 +59,106 @@ def activity_models_table(record: dict[str, Any]) -> list[str]:
     ]
 
 
+def _time_ratio(record: dict[str, Any], method: str) -> str:
+    entry = record["step_time"].get(method)
+    return "–" if entry is None else f"{entry['ratio_to_backprop']['median']:.1f}"
+
+
+def _caption(record: dict[str, Any]) -> str:
+    machine = record["machine"]
+    return (
+        f"{machine['cpu_count']} cores ({machine['cpu']}), load average "
+        f"{machine['load_average_1_5_15min'][0]:.1f}, commit {machine['git_commit']}"
+    )
+
+
+def _step_size(record: dict[str, Any], entry: dict[str, Any]) -> str:
+    rate, grid = entry["best_learning_rate"], record["learning_rates"]
+    edge = {max(grid): " (grid's largest)", min(grid): " (grid's smallest)"}
+    return f"{rate:g}{edge.get(rate, '')}"
+
+
+def activity_methods_table(
+    record: dict[str, Any], methods: list[str] | None = None, errors: bool = False
+) -> list[str]:
+    """`activity.py`: the test accuracy and step time against backprop of `methods`
+    (default: all), with each estimator's relative squared error when `errors`."""
+    error_column = " relative squared error |" if errors else ""
+    lines = [
+        "| method | forward only | best step size | test accuracy (%) "
+        f"| below backprop (points) |{error_column} time per step / backprop |",
+        "|---|---|---|---|---|" + "---|" * (2 if errors else 1),
+    ]
+    for method in methods or list(record["methods"]):
+        entry = record["methods"][method]
+        gap = (
+            "—"
+            if method == "backprop"
+            else f"{entry['points_below_backprop']:.2f} ± "
+            f"{entry['gap_standard_error']:.2f}"
+        )
+        error = record["relative_squared_error_at_init"][method]
+        error_cell = f" {0 if error < 1e-6 else float(f'{error:.3g}'):g} |"
+        lines.append(
+            f"| {method} | {'yes' if entry['forward_only'] else 'no'} "
+            f"| {_step_size(record, entry)} "
+            f"| {100 * entry['test_accuracy_mean']:.2f} ± "
+            f"{100 * entry['test_accuracy_std']:.2f} | {gap} |"
+            f"{error_cell if errors else ''} {_time_ratio(record, method)} |"
+        )
+    backprop = record["step_time"]["backprop"]["seconds"]["median"]
+    return [
+        *lines,
+        "",
+        f"{record['num_updates']} SGD updates, batch {record['batch_size']}, seeds "
+        f"{record['seeds']}, step sizes {record['learning_rates']}; mean ± standard "
+        "deviation over seeds, the gap with the standard error of a difference of "
+        "means; step times are medians of interleaved repeats (backprop's step "
+        f"{1e3 * backprop:.2f} ms) on {_caption(record)}.",
+    ]
+
+
+def local_losses_table(record: dict[str, Any]) -> list[str]:
+    """`activity.py`'s local-loss rows against backprop and activity perturbation
+    with separate layers, with each estimator's relative squared error."""
+    methods = [
+        name
+        for name in record["methods"]
+        if name in ("backprop", "activity, separate layers")
+        or "local" in name
+        or "guess" in name
+    ]
+    return activity_methods_table(record, methods, errors=True)
+
+
+def activity_errors_table(record: dict[str, Any]) -> list[str]:
+    """`activity.py`: each estimator's relative squared error at initialisation."""
+    lines = ["| estimator | relative squared error |", "|---|---|"]
+    for method, error in record["relative_squared_error_at_init"].items():
+        if record["methods"][method]["forward_only"]:
+            text = f"{error:.0f}" if error >= 100 else f"{error:.3g}"
+            lines.append(f"| {method} | {text} |")
+    return lines
+
+
+# Table name: (result file, docs page, function).
 TABLES = {
-    "activity_models_full": ("docs/concepts/local_losses.md", activity_models_table),
+    "activity_models_full": (
+        "activity_models_full",
+        "docs/concepts/local_losses.md",
+        activity_models_table,
+    ),
+    "activity": ("activity", "docs/concepts/activity.md", activity_methods_table),
+    "activity_errors": (
+        "activity",
+        "docs/concepts/activity.md",
+        activity_errors_table,
+    ),
+    "activity_local_losses": (
+        "activity",
+        "docs/concepts/local_losses.md",
+        local_losses_table,
+    ),
 }
 
 
@@ -67,8 +166,8 @@ def updated_pages(results: pathlib.Path, root: pathlib.Path) -> dict[pathlib.Pat
     """Every docs page with a results table, its text with the tables rewritten
     from the result files found in `results`."""
     pages: dict[pathlib.Path, str] = {}
-    for name, (page, table) in TABLES.items():
-        path = results / f"{name}.json"
+    for name, (result, page, table) in TABLES.items():
+        path = results / f"{result}.json"
         if not path.exists():
             continue
         page_path = root / page

@@ -22,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 # The benchmark scripts are not a package; pytest puts their folder on the path.
 _common = importlib.import_module("_common")
+_docs_tables = importlib.import_module("_docs_tables")
 _local_models = importlib.import_module("_local_models")
 activity = importlib.import_module("activity")
 k_formulations = importlib.import_module("k_formulations")
@@ -227,6 +228,77 @@ def test_activity_methods_table():
     }
     for name, method in activity.METHODS.items():
         assert method.forward_only == (name not in uses_backprop), name
+
+
+def test_docs_tables_from_activity_results(tmp_path):
+    """The docs pages' activity tables come from the result file: every method's
+    row in the activity page, the local-loss page's subset with the estimators'
+    errors, the grid's edges marked, and a page without its markers refused."""
+
+    def method(forward_only, accuracy, rate, gap):
+        return {
+            "forward_only": forward_only,
+            "best_learning_rate": rate,
+            "test_accuracy_mean": accuracy,
+            "test_accuracy_std": 0.01,
+            "points_below_backprop": gap,
+            "gap_standard_error": 0.5,
+        }
+
+    timing = {"seconds": {"median": 5e-4}, "ratio_to_backprop": {"median": 1.0}}
+    record = {
+        "methods": {
+            "backprop": method(False, 0.98, 1.0, 0.0),
+            "weight DODGE k=1": method(True, 0.76, 0.01, 22.0),
+            "local losses, activity (LG-FG-A)": method(True, 0.93, 3.0, 5.0),
+        },
+        "relative_squared_error_at_init": {
+            "backprop": 1e-14,
+            "weight DODGE k=1": 4859.3,
+            "local losses, activity (LG-FG-A)": 15.33,
+        },
+        "step_time": {"backprop": timing},
+        "learning_rates": [0.01, 1.0, 3.0],
+        "num_updates": 10,
+        "batch_size": 8,
+        "seeds": [0],
+        "machine": {
+            "cpu_count": 2,
+            "cpu": "x",
+            "load_average_1_5_15min": [1.0],
+            "git_commit": "abc",
+        },
+    }
+    _common.write_json(tmp_path / "results", "activity", record)
+    pages = {}
+    for name, (result, page, _) in _docs_tables.TABLES.items():
+        if result == "activity":
+            path = tmp_path / page
+            path.parent.mkdir(parents=True, exist_ok=True)
+            old = pages.get(path, "# page\n")
+            start, end = (
+                f"<!-- results:{name}:start -->",
+                f"<!-- results:{name}:end -->",
+            )
+            pages[path] = f"{old}{start}\nold\n{end}\n"
+    for path, text in pages.items():
+        path.write_text(text)
+    updated = _docs_tables.updated_pages(tmp_path / "results", tmp_path)
+    activity_page = updated[tmp_path / "docs/concepts/activity.md"]
+    local_page = updated[tmp_path / "docs/concepts/local_losses.md"]
+    assert "old" not in activity_page + local_page
+    assert "| weight DODGE k=1 | yes | 0.01 (grid's smallest) | 76.00 ± 1.00 |" in (
+        activity_page
+    )
+    assert "| weight DODGE k=1 | 4859 |" in activity_page  # the errors table
+    assert "| backprop |" not in activity_page.split("estimator")[1].split("<!--")[0]
+    row = "| local losses, activity (LG-FG-A) | yes | 3 (grid's largest) | 93.00 ± 1.00"
+    assert f"{row} | 5.00 ± 0.50 | 15.3 | – |" in local_page
+    assert "| backprop | no | 1 | 98.00 ± 1.00 | — | 0 | 1.0 |" in local_page
+    assert "weight DODGE" not in local_page
+    (tmp_path / "docs/concepts/local_losses.md").write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        _docs_tables.updated_pages(tmp_path / "results", tmp_path)
 
 
 def test_vs_pytorch_without_torch(tmp_path):
