@@ -8,6 +8,7 @@ typed by hand.
 
 import json
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 
@@ -142,7 +143,7 @@ def activity_errors_table(record: dict[str, Any]) -> list[str]:
 
 
 # Table name: (result file, docs page, function).
-TABLES = {
+TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "activity_models_full": (
         "activity_models_full",
         "docs/concepts/local_losses.md",
