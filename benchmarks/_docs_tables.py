@@ -137,9 +137,117 @@ def activity_errors_table(record: dict[str, Any]) -> list[str]:
     lines = ["| estimator | relative squared error |", "|---|---|"]
     for method, error in record["relative_squared_error_at_init"].items():
         if record["methods"][method]["forward_only"]:
-            text = f"{error:.0f}" if error >= 100 else f"{error:.3g}"
-            lines.append(f"| {method} | {text} |")
+            lines.append(f"| {method} | {_significant(error)} |")
     return lines
+
+
+STEP_COST_MODELS = {
+    "mlp": "MLP 784-256-256-10, batch 256",
+    "conv": "ConvNet, 28×28, batch 128",
+    "lstm": "LSTM-128, $T = 100$, batch 32",
+}
+
+
+def _significant(value: float) -> str:
+    """Three significant digits, without an exponent."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def step_cost_memory_table(record: dict[str, Any]) -> list[str]:
+    """`step_cost.py`: XLA's compiled peak memory of one estimate, MiB."""
+    columns = {
+        "grad": "`filter_grad`",
+        "grad_remat": "`filter_grad`, remat",
+        "dodge_k1": "`filter_dodge` $k = 1$",
+        "average_k4": "$k = 4$",
+        "average_k16": "$k = 16$",
+        "average_k64": "$k = 64$",
+    }
+    lines = [
+        "| model | " + " | ".join(columns.values()) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    over_grad = []
+    for name, label in STEP_COST_MODELS.items():
+        memory = record["results"][name]["memory_bytes"]
+        cells = [f"{memory[c]['peak_bytes'] / 2**20:.1f}" for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        ratio = memory["average_k64"]["peak_bytes"] / memory["grad"]["peak_bytes"]
+        over_grad.append(f"{ratio:.1f}× ({label.split(',')[0]})")
+    return [
+        *lines,
+        "",
+        "$k = 64$ over `filter_grad`: "
+        + ", ".join(over_grad)
+        + f"; {_caption(record)}.",
+    ]
+
+
+def step_cost_time_table(record: dict[str, Any]) -> list[str]:
+    """`step_cost.py`: milliseconds per estimate (median), and one direction's and
+    k directions' cost relative to backprop's and to k single directions."""
+    columns = {
+        "forward": "forward",
+        "grad": "`filter_grad`",
+        "grad_remat": "`filter_grad`, remat",
+        "dodge_k1": "`filter_dodge` $k = 1$",
+        "average_k16": "$k = 16$",
+        "average_k64": "$k = 64$",
+    }
+    lines = [
+        "| model | "
+        + " | ".join(columns.values())
+        + " | $k = 1$ / `filter_grad` | time($16$) / (16 · time($1$)) |",
+        "|---|" + "---|" * (len(columns) + 2),
+    ]
+    for name, label in STEP_COST_MODELS.items():
+        result = record["results"][name]
+        seconds = result["seconds"]
+        cells = [_significant(1e3 * seconds[c]["median"]) for c in columns]
+        one = result["ratios"]["dodge_k1_over_grad"]["median"]
+        scaling = result["scaling"]["average"]["16"]["median"]
+        lines.append(
+            f"| {label.split(',')[0]} | "
+            + " | ".join(cells)
+            + f" | {one:.2f} | {scaling:.2f} |"
+        )
+    return [*lines, "", f"Medians of interleaved repeats on {_caption(record)}."]
+
+
+def digits_directions_table(record: dict[str, Any]) -> list[str]:
+    """`digits_directions.py`: final training accuracy against the number of
+    directions, the exact gradient last."""
+    runs = record["directions"]
+    labels = [
+        "exact gradient"
+        if run["num_directions"] == "oracle"
+        else str(run["num_directions"])
+        for run in runs
+    ]
+    updates = runs[0]["num_updates"]
+    return [
+        "| directions $k$ | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(runs),
+        f"| accuracy after {updates} updates | "
+        + " | ".join(f"{run['final_accuracy_mean']:.2f}" for run in runs)
+        + " |",
+    ]
+
+
+def which_activity_table(record: dict[str, Any]) -> list[str]:
+    """`activity.py`'s main rows for the guide page."""
+    methods = [
+        "backprop",
+        "weight DODGE k=1",
+        "weight DODGE k=16",
+        "activity, global",
+        "activity, separate layers",
+        "local losses, activity (LG-FG-A)",
+        "local losses, backprop (LG-BP)",
+    ]
+    return activity_methods_table(
+        record, [name for name in methods if name in record["methods"]]
+    )
 
 
 # Table name: (result file, docs page, function).
@@ -160,6 +268,14 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
         "docs/concepts/local_losses.md",
         local_losses_table,
     ),
+    "step_cost_memory": ("step_cost", "docs/which.md", step_cost_memory_table),
+    "step_cost_time": ("step_cost", "docs/which.md", step_cost_time_table),
+    "digits_directions": (
+        "digits_directions",
+        "docs/which.md",
+        digits_directions_table,
+    ),
+    "activity_which": ("activity", "docs/which.md", which_activity_table),
 }
 
 
