@@ -49,6 +49,9 @@ QUICK_LENGTHS = (200,)
 METHODS = ("forward", "bptt", "bptt_remat", "dodge_k1", "dodge_k8")
 DODGE_METHODS = tuple(m for m in METHODS if m.startswith("dodge_k"))
 WARM_UP_BELOW_SECONDS = 1.0
+# Timed calls stop at `repeats` or once they add up to this many seconds: a 10 s
+# call's median of three would cost `make bench` 20 s more for little precision.
+TIMED_SECONDS = 10.0
 
 
 class Model(eqx.Module):
@@ -159,13 +162,13 @@ def measure_point(method: str, length: int, repeats: int, max_run_bytes: int):
         # a call of over a second is timed as it is (at T = 50 000 a warm-up would
         # add minutes to `make bench`).
         times = [] if first < WARM_UP_BELOW_SECONDS else [first]
-        while len(times) < repeats:
+        while len(times) < repeats and sum(times) < TIMED_SECONDS:
             start = time.perf_counter()
             jax.block_until_ready(compiled(model, state, xs))
             times.append(time.perf_counter() - start)
         record["seconds"] = (
             _common.summarize(times)
-            if repeats > 1
+            if len(times) > 1
             else {
                 "median": times[0],
                 "repeats": 1,
