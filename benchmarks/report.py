@@ -54,9 +54,16 @@ def run_all_lines(record: dict[str, Any]) -> list[str]:
     scripts = ", ".join(
         f"{name} {seconds / 60:.1f}" for name, seconds in record["seconds"].items()
     )
+    timed = record["config"].get("timed")
+    how = (
+        "one at a time"
+        if timed is None
+        else f"(the {len(timed)} that time or measure one at a time, the others "
+        f"{record['config'].get('untimed_jobs', 2)} at a time first)"
+    )
     return [
-        f"The last `make bench` ran {len(record['seconds'])} benchmarks one at a "
-        f"time in {record['total_seconds'] / 60:.1f} min ({_machine(record)}); "
+        f"The last `make bench` ran {len(record['seconds'])} benchmarks {how} in "
+        f"{record['total_seconds'] / 60:.1f} min ({_machine(record)}); "
         f"minutes per script: {scripts}.",
         "",
     ]

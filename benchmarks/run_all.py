@@ -1,9 +1,12 @@
 """Runs every benchmark script, then `report.py`: what `make bench` does.
 
-- A full run goes one script at a time, so that no benchmark's timings share the CPU
-    with another's. Results go to `benchmarks/results/`, the wall time of each script
-    and of the whole run to `results/run_all.json` (the README quotes it), and
-    `report.py` rewrites the README's Performance section.
+- A full run goes one script at a time for the benchmarks that time or measure
+    (`TIMED`), so that no benchmark's timings share the CPU with another's; the
+    others, whose results are accuracies, losses and bit errors from fixed seeds that
+    the machine's load cannot change, run first, one per core. Results go to
+    `benchmarks/results/`, the wall time of each script and of the whole run to
+    `results/run_all.json` (the README quotes it), and `report.py` rewrites the
+    README's Performance section and the docs' result tables.
 - `--quick` runs are smoke tests whose numbers mean nothing. Their time goes mostly
     to XLA compilation, which is single-threaded, so they run `--jobs` scripts at once
     (default: one per core); they write to `benchmarks/results/quick/` (ignored by git)
@@ -27,6 +30,18 @@ import _common
 
 HERE = pathlib.Path(__file__).resolve().parent
 NOT_BENCHMARKS = ("report.py", "run_all.py")
+# The benchmarks whose results include times or memory: a full run gives each the
+# machine to itself. Every other script's results do not depend on the load.
+TIMED = (
+    "activity",
+    "activity_models",
+    "guess_quality",
+    "k_formulations",
+    "long_sequence",
+    "scaling",
+    "step_cost",
+    "vs_pytorch",
+)
 
 
 def benchmark_scripts() -> list[pathlib.Path]:
@@ -52,6 +67,34 @@ def run_script(
         check=False,
     )
     return time.perf_counter() - start, process
+
+
+def run_batch(
+    scripts: Sequence[pathlib.Path],
+    flags: Sequence[str],
+    jobs: int,
+    seconds: dict[str, float],
+    failed: list[str],
+) -> None:
+    """Runs `scripts`, `jobs` at a time; adds each one's wall time to `seconds` and
+    the names of those that fail to `failed`."""
+    # One script at a time streams its output live; parallel ones print it whole.
+    capture = jobs > 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {
+            pool.submit(run_script, script, flags, capture): script
+            for script in scripts
+        }
+        for future in concurrent.futures.as_completed(futures):
+            script = futures[future]
+            elapsed, process = future.result()
+            seconds[script.stem] = elapsed
+            if capture:
+                print(process.stdout + process.stderr, end="")
+            status = "ok" if process.returncode == 0 else "FAILED"
+            print(f"== {script.name}: {status} in {elapsed:.0f} s", flush=True)
+            if process.returncode != 0:
+                failed.append(script.name)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -83,31 +126,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     start = time.perf_counter()
     seconds: dict[str, float] = {}
-    failed = []
-    # One script at a time streams its output live; parallel ones print it whole.
-    capture = jobs > 1
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {
-            pool.submit(run_script, script, flags, capture): script
-            for script in scripts
-        }
-        for future in concurrent.futures.as_completed(futures):
-            script = futures[future]
-            elapsed, process = future.result()
-            seconds[script.stem] = elapsed
-            if capture:
-                print(process.stdout + process.stderr, end="")
-            status = "ok" if process.returncode == 0 else "FAILED"
-            print(f"== {script.name}: {status} in {elapsed:.0f} s", flush=True)
-            if process.returncode != 0:
-                failed.append(script.name)
+    failed: list[str] = []
+    if args.quick:
+        batches = [(scripts, jobs)]
+    else:
+        untimed = [script for script in scripts if script.stem not in TIMED]
+        timed = [script for script in scripts if script.stem in TIMED]
+        batches = [(untimed, os.cpu_count() or 1), (timed, jobs)]
+    for batch, batch_jobs in batches:
+        run_batch(batch, flags, batch_jobs, seconds, failed)
     total = time.perf_counter() - start
     print(f"== {len(scripts)} benchmarks in {total / 60:.1f} min", flush=True)
     if failed:
         raise SystemExit(f"Failed: {', '.join(failed)}")
 
     record = {
-        "config": {"quick": args.quick, "jobs": jobs},
+        "config": {
+            "quick": args.quick,
+            "jobs": jobs,
+            **(
+                {}
+                if args.quick
+                else {
+                    "timed": [name for name in TIMED if name in seconds],
+                    "untimed_jobs": os.cpu_count() or 1,
+                }
+            ),
+        },
         "seconds": dict(sorted(seconds.items())),
         "total_seconds": total,
     }

@@ -359,12 +359,15 @@ def test_adam_problems_quick(tmp_path):
 
 
 _FAKE_BENCHMARK = """
-import json, pathlib, sys
+import json, pathlib, sys, time
+started = time.time()
+time.sleep(0.5)
 out = pathlib.Path(sys.argv[sys.argv.index("--out") + 1])
 out.mkdir(parents=True, exist_ok=True)
 name = pathlib.Path(__file__).stem
 record = {"benchmark": name, "quick": "--quick" in sys.argv}
 (out / f"{name}.json").write_text(json.dumps(record))
+(out / f"{name}.times").write_text(json.dumps([started, time.time()]))
 sys.exit(1 if name == "fails" else 0)
 """
 
@@ -413,6 +416,40 @@ def test_run_all_quick(tmp_path, monkeypatch):
         run_all.main(["--quick", "--out", str(out)])
     with pytest.raises(SystemExit, match="Unknown benchmarks"):
         run_all.main(["--quick", "--only", "no_such_benchmark"])
+
+
+def test_run_all_full_runs_timed_scripts_alone(tmp_path, monkeypatch):
+    """A full run gives the benchmarks that time or measure the machine to
+    themselves, one at a time, after the others have run side by side; each
+    script's results and time are recorded as in a quick run."""
+    # The real list: exactly the scripts that time or measure memory.
+    real = {path.stem: path.read_text() for path in BENCHMARKS.glob("[!_]*.py")}
+    measuring = {
+        name
+        for name, text in real.items()
+        if "time_interleaved" in text or "memory_analysis" in text
+    }
+    assert measuring == set(run_all.TIMED)
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    names = ("alpha", "beta", "gamma", "delta")
+    for name in names:
+        (scripts / f"{name}.py").write_text(_FAKE_BENCHMARK)
+    monkeypatch.setattr(run_all, "HERE", scripts)
+    monkeypatch.setattr(run_all, "TIMED", ("beta", "delta"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    out = tmp_path / "out"
+    record = run_all.main(["--only", *names, "--out", str(out)])
+    assert set(record["seconds"]) == set(names)
+    assert record["config"]["timed"] == ["beta", "delta"]
+    times = {name: json.loads((out / f"{name}.times").read_text()) for name in names}
+    untimed_end = max(times["alpha"][1], times["gamma"][1])
+    # The untimed pair overlapped; the timed scripts came after, one at a time.
+    assert (
+        times["gamma"][0] < times["alpha"][1] and times["alpha"][0] < times["gamma"][1]
+    )
+    beta, delta = sorted((times["beta"], times["delta"]))
+    assert untimed_end <= beta[0] and beta[1] <= delta[0]
 
 
 def test_digits_widths_resumes(tmp_path, monkeypatch):
