@@ -13,6 +13,7 @@ drawn from a given key, and is recorded in the CHANGELOG when done on purpose.
 import functools as ft
 import itertools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,21 +75,39 @@ def _words(key: PRNGKeyArray, sizes: list[int]) -> list[UInt32[Array, "n 2"]]:
     return [words[o : o + n] for o, n in zip(offsets, num_pairs)]
 
 
-def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
-    """Independent ±1 entries shaped and typed like every leaf of `tree`."""
+Layout = tuple[tuple[tuple[int, ...], jnp.dtype], ...]
+
+
+def _like(
+    draw: Callable[[PRNGKeyArray, Layout], list[Array]],
+    key: PRNGKeyArray,
+    tree: PyTree,
+) -> PyTree:
+    """`draw`'s leaves for the shapes and dtypes of `tree`'s leaves, as a tree.
+
+    The samplers are jitted with the layout static so that their trace (twenty hash
+    rounds and an unpacking per leaf) is cached per layout: a training loop, a vmap
+    over keys or a test that draws directions for the same model many times traces
+    them once. XLA inlines the call into the caller's program, so the hash still
+    fuses with the code that consumes its output."""
     leaves, treedef = jax.tree.flatten(tree)
     layout = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
-    return jax.tree.unflatten(treedef, _rademacher_leaves(key, layout))
+    return jax.tree.unflatten(treedef, draw(key, layout))
 
 
-# Jitted so that its trace (twenty hash rounds and an unpacking per leaf) is cached
-# per layout: a training loop, a vmap over keys or a test that draws signs for the
-# same model many times traces it once. XLA inlines the call into the caller's
-# program, so the hash still fuses with the code that consumes the signs.
+def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
+    """Independent ±1 entries shaped and typed like every leaf of `tree`."""
+    return _like(_rademacher_leaves, key, tree)
+
+
+def normal_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
+    """Independent standard normal entries shaped and typed like every leaf of
+    `tree`."""
+    return _like(_normal_leaves, key, tree)
+
+
 @ft.partial(jax.jit, static_argnums=1)
-def _rademacher_leaves(
-    key: PRNGKeyArray, layout: tuple[tuple[tuple[int, ...], jnp.dtype], ...]
-) -> list[Array]:
+def _rademacher_leaves(key: PRNGKeyArray, layout: Layout) -> list[Array]:
     shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32).reshape(1, 1, -1)
     sizes = [math.prod(shape) for shape, _ in layout]
     signs = []
@@ -100,21 +119,11 @@ def _rademacher_leaves(
     return signs
 
 
-def normal_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
-    """Independent standard normal entries shaped and typed like every leaf of
-    `tree`."""
-    leaves, treedef = jax.tree.flatten(tree)
-    layout = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
-    return jax.tree.unflatten(treedef, _normal_leaves(key, layout))
-
-
 # One draw per dtype, sliced into the leaves: a draw per leaf (`optax.tree.
 # random_like`) compiles one hash and one inverse error function per leaf, which
 # made a Gaussian step several times slower to compile than a Rademacher one.
 @ft.partial(jax.jit, static_argnums=1)
-def _normal_leaves(
-    key: PRNGKeyArray, layout: tuple[tuple[tuple[int, ...], jnp.dtype], ...]
-) -> list[Array]:
+def _normal_leaves(key: PRNGKeyArray, layout: Layout) -> list[Array]:
     dtypes = list(dict.fromkeys(dtype for _, dtype in layout))
     draws = {}
     for index, dtype in enumerate(dtypes):
