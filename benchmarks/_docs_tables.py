@@ -84,11 +84,14 @@ def activity_methods_table(
 ) -> list[str]:
     """`activity.py`: the test accuracy and step time against backprop of `methods`
     (default: all), with each estimator's relative squared error when `errors`."""
-    error_column = " relative squared error |" if errors else ""
+    timed = "step_time" in record
+    extra = [" relative squared error |"] * errors + [
+        " time per step / backprop |"
+    ] * timed
     lines = [
         "| method | forward only | best step size | test accuracy (%) "
-        f"| below backprop (points) |{error_column} time per step / backprop |",
-        "|---|---|---|---|---|" + "---|" * (2 if errors else 1),
+        "| below backprop (points) |" + "".join(extra),
+        "|---|---|---|---|---|" + "---|" * len(extra),
     ]
     for method in methods or list(record["methods"]):
         entry = record["methods"][method]
@@ -98,25 +101,30 @@ def activity_methods_table(
             else f"{entry['points_below_backprop']:.2f} ± "
             f"{entry['gap_standard_error']:.2f}"
         )
-        error = record["relative_squared_error_at_init"][method]
+        error = (record.get("relative_squared_error_at_init") or {}).get(method, 0)
         error_cell = f" {0 if error < 1e-6 else float(f'{error:.3g}'):g} |"
         lines.append(
             f"| {method} | {'yes' if entry['forward_only'] else 'no'} "
             f"| {_step_size(record, entry)} "
             f"| {100 * entry['test_accuracy_mean']:.2f} ± "
             f"{100 * entry['test_accuracy_std']:.2f} | {gap} |"
-            f"{error_cell if errors else ''} {_time_ratio(record, method)} |"
+            f"{error_cell if errors else ''}"
+            + (f" {_time_ratio(record, method)} |" if timed else "")
         )
-    backprop = record["step_time"]["backprop"]["seconds"]["median"]
-    return [
-        *lines,
-        "",
-        f"{record['num_updates']} SGD updates, batch {record['batch_size']}, seeds "
-        f"{record['seeds']}, step sizes {record['learning_rates']}; mean ± standard "
-        "deviation over seeds, the gap with the standard error of a difference of "
-        "means; step times are medians of interleaved repeats (backprop's step "
-        f"{1e3 * backprop:.2f} ms) on {_caption(record)}.",
-    ]
+    optimizer = "Adam" if "adam" in record.get("optimizer", "") else "SGD"
+    caption = (
+        f"{record['num_updates']} {optimizer} updates, batch {record['batch_size']}, "
+        f"seeds {record['seeds']}, step sizes {record['learning_rates']}; mean ± "
+        "standard deviation over seeds, the gap with the standard error of a "
+        "difference of means"
+    )
+    if timed:
+        backprop = record["step_time"]["backprop"]["seconds"]["median"]
+        caption += (
+            "; step times are medians of interleaved repeats (backprop's step "
+            f"{1e3 * backprop:.2f} ms) on {_caption(record)}"
+        )
+    return [*lines, "", caption + "."]
 
 
 def local_losses_table(record: dict[str, Any]) -> list[str]:
@@ -258,6 +266,11 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
         activity_models_table,
     ),
     "activity": ("activity", "docs/concepts/activity.md", activity_methods_table),
+    "activity_adam": (
+        "activity_adam",
+        "docs/concepts/activity.md",
+        activity_methods_table,
+    ),
     "activity_errors": (
         "activity",
         "docs/concepts/activity.md",

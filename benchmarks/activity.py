@@ -53,6 +53,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import eqx_dodge
 
@@ -237,22 +238,29 @@ def run_method(
     learning_rates: Sequence[float],
     data: tuple[jax.Array, ...],
     num_updates: int,
+    optimizer: Callable[[jax.Array], optax.GradientTransformation] = optax.sgd,
 ) -> dict[str, np.ndarray]:
     """Every step size × seed in one jitted `lax.scan`: arrays of shape
-    `(len(learning_rates), len(seeds))`."""
+    `(len(learning_rates), len(seeds))`. `optimizer` makes the optax optimizer of a
+    step size (plain SGD by default)."""
     estimator = method.estimator
     static = static_part(method.make_model)
 
     def train(params, indices, keys, learning_rate, x_train, y_train):
-        def body(params, inputs):
+        transform = optimizer(learning_rate)
+
+        def body(carry, inputs):
+            params, state = carry
             index, key = inputs
             model = eqx.combine(params, static)
-            model = sgd_step(
-                estimator, model, x_train[index], y_train[index], key, learning_rate
-            )
-            return eqx.filter(model, eqx.is_inexact_array), None
+            grads = estimator(model, x_train[index], y_train[index], key)
+            grads = eqx.filter(grads, eqx.is_inexact_array)
+            updates, state = transform.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), None
 
-        params, _ = jax.lax.scan(body, params, (indices, keys))
+        (params, _), _ = jax.lax.scan(
+            body, (params, transform.init(params)), (indices, keys)
+        )
         return params
 
     # The data are arguments, not constants: XLA would fold the constants at length.
