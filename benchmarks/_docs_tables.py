@@ -178,7 +178,10 @@ def step_cost_memory_table(record: dict[str, Any]) -> list[str]:
     over_grad = []
     for name, label in STEP_COST_MODELS.items():
         memory = record["results"][name]["memory_bytes"]
-        cells = [f"{memory[c]['peak_bytes'] / 2**20:.1f}" for c in columns]
+        cells = [
+            f"{memory[c]['peak_bytes'] / 2**20:.1f}" if memory.get(c) else "–"
+            for c in columns
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         ratio = memory["average_k64"]["peak_bytes"] / memory["grad"]["peak_bytes"]
         over_grad.append(f"{ratio:.1f}× ({label.split(',')[0]})")
@@ -211,7 +214,10 @@ def step_cost_time_table(record: dict[str, Any]) -> list[str]:
     for name, label in STEP_COST_MODELS.items():
         result = record["results"][name]
         seconds = result["seconds"]
-        cells = [_significant(1e3 * seconds[c]["median"]) for c in columns]
+        cells = [
+            _significant(1e3 * seconds[c]["median"]) if c in seconds else "–"
+            for c in columns
+        ]
         one = result["ratios"]["dodge_k1_over_grad"]["median"]
         scaling = result["scaling"]["average"]["16"]["median"]
         lines.append(
@@ -293,14 +299,13 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
 
 
 def updated_pages(results: pathlib.Path, root: pathlib.Path) -> dict[pathlib.Path, str]:
-    """Every docs page with a results table, its text with the tables rewritten
-    from the result files found in `results`."""
+    """Every docs page under `root` with a results table, its text with the tables
+    rewritten from the result files found in `results`."""
     pages: dict[pathlib.Path, str] = {}
     for name, (result, page, table) in TABLES.items():
-        path = results / f"{result}.json"
-        if not path.exists():
+        path, page_path = results / f"{result}.json", root / page
+        if not path.exists() or not page_path.exists():
             continue
-        page_path = root / page
         text = pages.get(page_path, page_path.read_text())
         start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
         if start not in text or end not in text:

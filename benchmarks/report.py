@@ -54,12 +54,13 @@ def run_all_lines(record: dict[str, Any]) -> list[str]:
     scripts = ", ".join(
         f"{name} {seconds / 60:.1f}" for name, seconds in record["seconds"].items()
     )
-    timed = record["config"].get("timed")
+    config = record.get("config", {})
+    timed = config.get("timed")
     how = (
         "one at a time"
         if timed is None
         else f"(the {len(timed)} that time or measure one at a time, the others "
-        f"{record['config'].get('untimed_jobs', 2)} at a time first)"
+        f"{config.get('untimed_jobs', 2)} at a time first)"
     )
     return [
         f"The last `make bench` ran {len(record['seconds'])} benchmarks {how} in "
@@ -1005,7 +1006,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.readme: update_readme(
             args.readme, render(args.results, args.readme.parent)
         ),
-        **_docs_tables.updated_pages(args.results, ROOT),
+        # The docs pages of the checkout whose README this is (none for a README
+        # elsewhere, as in the tests).
+        **_docs_tables.updated_pages(args.results, args.readme.parent),
     }
     stale = [path for path, text in pages.items() if text != path.read_text()]
     if args.check:
