@@ -47,7 +47,11 @@ lint: $(DEV_STAMP)
 pytest: $(DEV_STAMP)
 	$(VENV)/bin/pytest -n auto --dist worksteal
 
-test: lint pytest docs
+# The linters, the suite and the docs build run side by side, each one's output
+# printed whole when it ends: pyright and mkdocs are single-threaded, and run one
+# after the other they would leave a core idle for about 40 s.
+test: $(DEV_STAMP)
+	$(MAKE) --no-print-directory -j3 --output-sync=target lint pytest docs
 
 # `make bench BENCH_FLAGS=--quick` for the smoke-test configurations (written to
 # benchmarks/results/quick/); a full run rewrites the README's Performance section.
