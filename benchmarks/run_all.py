@@ -17,6 +17,8 @@ Run: `python benchmarks/run_all.py [--quick] [--jobs N] [--only NAME ...] [--out
 
 import argparse
 import concurrent.futures
+import json
+import math
 import os
 import pathlib
 import subprocess
@@ -67,6 +69,16 @@ def run_script(
         check=False,
     )
     return time.perf_counter() - start, process
+
+
+def longest_first(
+    scripts: Sequence[pathlib.Path], out: pathlib.Path
+) -> list[pathlib.Path]:
+    """`scripts` by decreasing wall time in the last run recorded in `out` (those it
+    lacks first): started longest first, parallel scripts end close together."""
+    path = out / "run_all.json"
+    last = json.loads(path.read_text()).get("seconds", {}) if path.exists() else {}
+    return sorted(scripts, key=lambda script: -last.get(script.stem, math.inf))
 
 
 def run_batch(
@@ -130,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.quick:
         batches = [(scripts, jobs)]
     else:
-        untimed = [script for script in scripts if script.stem not in TIMED]
+        untimed = longest_first(
+            [script for script in scripts if script.stem not in TIMED], out
+        )
         timed = [script for script in scripts if script.stem in TIMED]
         batches = [(untimed, os.cpu_count() or 1), (timed, jobs)]
     for batch, batch_jobs in batches:

@@ -473,6 +473,16 @@ def test_run_all_full_runs_timed_scripts_alone(tmp_path, monkeypatch):
     assert untimed_end <= beta[0] and beta[1] <= delta[0]
 
 
+def test_run_all_starts_the_longest_untimed_scripts_first(tmp_path):
+    """Ordered by the last run's times, those without one first; without a last
+    run, as given."""
+    scripts = [tmp_path / f"{name}.py" for name in ("a", "b", "c", "new")]
+    assert run_all.longest_first(scripts, tmp_path) == scripts
+    _common.write_json(tmp_path, "run_all", {"seconds": {"a": 1.0, "b": 9.0, "c": 5.0}})
+    ordered = run_all.longest_first(scripts, tmp_path)
+    assert [path.stem for path in ordered] == ["new", "b", "c", "a"]
+
+
 def test_digits_widths_resumes(tmp_path, monkeypatch):
     """Panel c) (the paper's Fig. 1c, `--widths-only`) on its tiny `--quick`
     configuration: every (width, k) run lands in the run log and the summary, in
