@@ -58,10 +58,11 @@ WIDTHS_STUDY = {
         "num_snapshots": 4,
         "seeds": 3,
     },
-    # Each (width, k) run is a compilation: the smoke run has two.
+    # Each (width, k) run is a compilation: the smoke run has two, with one
+    # direction (k = 10's program chunks its directions and compiles longer).
     "quick": {
         "widths": [8, 16],
-        "num_directions": [10],
+        "num_directions": [1],
         "num_updates": 40,
         "num_snapshots": 2,
         "seeds": 2,
@@ -461,7 +462,7 @@ def run_panels(args: Any, x: jax.Array, y: jax.Array) -> dict[str, Any]:
     """Panels a) and b) (`make bench`'s run): writes their JSON and figure, returns
     the claims."""
     if args.quick:
-        ks, updates, evals, seeds = [1, 10], 60, 3, 2
+        ks, updates, evals, seeds = [1, 4], 60, 3, 2
         batch_ks, samples_seen = [1], 6_000
     else:
         ks, updates, evals, seeds = [1, 2, 5, 10, 20, 50, 100], 2000, 20, 3

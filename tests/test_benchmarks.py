@@ -154,20 +154,20 @@ def test_formulations_agree_with_the_library():
 
 
 def test_digits_directions_quick(tmp_path):
-    """DODGE with 1 and 10 directions beats the untrained model (its accuracy at
+    """DODGE with 1 and 4 directions beats the untrained model (its accuracy at
     update 0) by a margin. Catches an estimator that does not descend (a wrong sign,
     a zero or random update): the old check, accuracies in [0, 1], held for any
     output."""
     run_main("digits_directions", "--quick", "--out", str(tmp_path))
     record = json.loads((tmp_path / "digits_directions.json").read_text())
     assert (tmp_path / "digits_directions.png").stat().st_size > 0
-    assert [r["num_directions"] for r in record["directions"]] == [1, 10, "oracle"]
+    assert [r["num_directions"] for r in record["directions"]] == [1, 4, "oracle"]
     for run in [*record["directions"], *record["batch_study"]]:
         accuracy = np.asarray(run["accuracy_per_seed"])
         assert accuracy.shape == (record["config"]["seeds"], len(run["updates"]))
         assert run["updates"][0] == 0
     # Measured (60 updates, 2 seeds): from 0.095 at update 0 to 0.19 (k = 1) and
-    # 0.26 (k = 10).
+    # 0.33 (k = 4).
     for run, margin in zip(record["directions"][:2], (0.05, 0.08)):
         accuracy = np.mean(run["accuracy_per_seed"], axis=0)
         assert accuracy[-1] > accuracy[0] + margin, run["num_directions"]
@@ -506,7 +506,7 @@ def test_digits_widths_resumes(tmp_path, monkeypatch):
     assert saved["by_num_directions"] == summary["by_num_directions"]
     assert (tmp_path / "digits_widths.png").stat().st_size > 0
     assert summary["runs_missing"] == []
-    assert set(summary["by_num_directions"]) == {"10"}
+    assert set(summary["by_num_directions"]) == {"1"}
     snapshots = config["num_updates"] // config["num_snapshots"]
     for k, rows in summary["by_num_directions"].items():
         assert [row["width"] for row in rows] == config["widths"]
@@ -518,14 +518,14 @@ def test_digits_widths_resumes(tmp_path, monkeypatch):
     assert [row["num_parameters"] for row in rows] == [682, 1482]
     section = "\n".join(report.digits_widths_section(saved, "results"))
     assert "Runs finished: 2 of 2." in section
-    assert section.count("| 10 | ") == 2 and "| 10 | 16 | 1482 |" in section
+    assert section.count("| 1 | ") == 2 and "| 1 | 16 | 1482 |" in section
 
     log = json.loads((tmp_path / "digits_widths_runs.json").read_text())
-    del log["runs"]["width 16 / k 10"]
+    del log["runs"]["width 16 / k 1"]
     (tmp_path / "digits_widths_runs.json").write_text(json.dumps(log))
     trained.clear()
     digits.main(argv)
-    assert trained == [(16, 10)]
+    assert trained == [(16, 1)]
     trained.clear()
     again = digits.main(argv)["widths"]
     assert trained == []
