@@ -27,7 +27,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import _common
@@ -133,6 +133,11 @@ def inputs(length: int):
     return model, state, xs
 
 
+# The programs `measure_point` compiled in this process, by (method, length): with
+# `--in-process`, `quality` runs them instead of compiling them again.
+COMPILED: dict[tuple[str, int], Callable] = {}
+
+
 def measure_point(method: str, length: int, repeats: int, max_run_bytes: int):
     """Runs in a fresh subprocess: compile, analyse, run, and report."""
     model, state, xs = inputs(length)
@@ -141,6 +146,7 @@ def measure_point(method: str, length: int, repeats: int, max_run_bytes: int):
     start = time.perf_counter()
     compiled = fun.lower(model, state, xs).compile()
     compile_seconds = time.perf_counter() - start
+    COMPILED[method, length] = compiled
     memory = _common.memory_analysis(compiled)
     record: dict[str, Any] = {
         "method": method,
@@ -204,7 +210,8 @@ def quality(length: int) -> dict[str, Any]:
     model, state, xs = inputs(length)
 
     def compute(method):
-        return eqx.filter_jit(make_computation(method))(model, state, xs)
+        fun = COMPILED.get((method, length)) or eqx.filter_jit(make_computation(method))
+        return fun(model, state, xs)
 
     exact = compute("bptt")
     return {
