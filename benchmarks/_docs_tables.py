@@ -16,6 +16,29 @@ def _ratio(entry: dict[str, Any] | None) -> str:
     return "–" if entry is None else f"{entry:.1f}"
 
 
+def _accuracy_and_gap(method: str, entry: dict[str, Any]) -> str:
+    """A method's test accuracy (mean ± std, %) and gap to backprop cells."""
+    gap = (
+        "—"
+        if method == "backprop"
+        else f"{entry['points_below_backprop']:.2f} ± {entry['gap_standard_error']:.2f}"
+    )
+    return (
+        f"{100 * entry['test_accuracy_mean']:.2f} ± "
+        f"{100 * entry['test_accuracy_std']:.2f} | {gap}"
+    )
+
+
+def _protocol(record: dict[str, Any], optimizer: str = "SGD") -> str:
+    """The sentence under an accuracy table: what was run, what the cells are."""
+    return (
+        f"{record['num_updates']} {optimizer} updates, batch {record['batch_size']}, "
+        f"seeds {record['seeds']}, step sizes {record['learning_rates']}; mean ± "
+        "standard deviation over seeds, the gap with the standard error of a "
+        "difference of means"
+    )
+
+
 def activity_models_table(record: dict[str, Any]) -> list[str]:
     """`activity_models.py --full`: every model and method against backprop."""
     lines = [
@@ -28,18 +51,11 @@ def activity_models_table(record: dict[str, Any]) -> list[str]:
         for index, (method, entry) in enumerate(model["methods"].items()):
             time = model["step_time"][method]["ratio_to_backprop"]["median"]
             memory = (model["memory"][method] or {}).get("ratio_to_backprop")
-            gap = (
-                "—"
-                if method == "backprop"
-                else f"{entry['points_below_backprop']:.2f} ± "
-                f"{entry['gap_standard_error']:.2f}"
-            )
             lines.append(
                 f"| {name if index == 0 else ''} | {method} "
                 f"| {'yes' if entry['forward_only'] else 'no'} "
                 f"| {entry['best_learning_rate']} "
-                f"| {100 * entry['test_accuracy_mean']:.2f} ± "
-                f"{100 * entry['test_accuracy_std']:.2f} | {gap} "
+                f"| {_accuracy_and_gap(method, entry)} "
                 f"| {time:.1f} | {_ratio(memory)} |"
             )
         machine = model["timed_on"]
@@ -50,14 +66,7 @@ def activity_models_table(record: dict[str, Any]) -> list[str]:
             f"{machine['load_average_1_5_15min'][0]:.1f}, commit "
             f"{machine['git_commit']}"
         )
-    return [
-        *lines,
-        "",
-        f"{record['num_updates']} SGD updates, batch {record['batch_size']}, seeds "
-        f"{record['seeds']}, step sizes {record['learning_rates']}; mean ± standard "
-        "deviation over seeds, the gap with the standard error of a difference of "
-        "means. " + "; ".join(captions) + ".",
-    ]
+    return [*lines, "", f"{_protocol(record)}. " + "; ".join(captions) + "."]
 
 
 def _time_ratio(record: dict[str, Any], method: str) -> str:
@@ -95,29 +104,18 @@ def activity_methods_table(
     ]
     for method in methods or list(record["methods"]):
         entry = record["methods"][method]
-        gap = (
-            "—"
-            if method == "backprop"
-            else f"{entry['points_below_backprop']:.2f} ± "
-            f"{entry['gap_standard_error']:.2f}"
-        )
-        error = (record.get("relative_squared_error_at_init") or {}).get(method, 0)
-        error_cell = f" {0 if error < 1e-6 else float(f'{error:.3g}'):g} |"
+        cells = [_accuracy_and_gap(method, entry)]
+        if errors:
+            error = record["relative_squared_error_at_init"][method]
+            cells.append("0" if error < 1e-6 else _significant(error))
+        if timed:
+            cells.append(_time_ratio(record, method))
         lines.append(
             f"| {method} | {'yes' if entry['forward_only'] else 'no'} "
-            f"| {_step_size(record, entry)} "
-            f"| {100 * entry['test_accuracy_mean']:.2f} ± "
-            f"{100 * entry['test_accuracy_std']:.2f} | {gap} |"
-            f"{error_cell if errors else ''}"
-            + (f" {_time_ratio(record, method)} |" if timed else "")
+            f"| {_step_size(record, entry)} | " + " | ".join(cells) + " |"
         )
     optimizer = "Adam" if "adam" in record.get("optimizer", "") else "SGD"
-    caption = (
-        f"{record['num_updates']} {optimizer} updates, batch {record['batch_size']}, "
-        f"seeds {record['seeds']}, step sizes {record['learning_rates']}; mean ± "
-        "standard deviation over seeds, the gap with the standard error of a "
-        "difference of means"
-    )
+    caption = _protocol(record, optimizer)
     if timed:
         backprop = record["step_time"]["backprop"]["seconds"]["median"]
         caption += (
