@@ -334,25 +334,34 @@ def relative_errors(data: tuple[jax.Array, ...], num_keys: int) -> dict[str, flo
     return errors
 
 
-def plot(results: dict[str, Any], out_dir) -> None:
-    fig, (left, right) = _common.new_figure(1, 2, figsize=(11, 4))
+def plot_accuracies(
+    axis, results: dict[str, Any], title: str, color: str
+) -> tuple[list[str], list[float], list[float]]:
+    """Each method's test accuracy as a bar (mean ± std over seeds, backprop first),
+    with the goal line under backprop's; returns the names, means and stds (%)."""
     names = list(results["methods"])
     means = [100 * results["methods"][n]["test_accuracy_mean"] for n in names]
     stds = [100 * results["methods"][n]["test_accuracy_std"] for n in names]
     positions = np.arange(len(names))
-    left.bar(positions, means, yerr=stds, capsize=4, color="tab:blue")
+    axis.bar(positions, means, yerr=stds, capsize=4, color=color)
     for x, mean in zip(positions, means):
-        left.text(x, mean + 1, f"{mean:.1f}", ha="center", fontsize=8)
-    backprop = means[0]
-    left.axhline(backprop - GOAL_POINTS, color="k", ls=":", lw=1)
-    left.set_xticks(positions, names, rotation=20, ha="right", fontsize=8)
-    left.set_ylabel("test accuracy (%)")
-    left.set_ylim(min(means) - 10, 100)
-    left.set_title(
+        axis.text(x, mean + 1, f"{mean:.1f}", ha="center", fontsize=8)
+    axis.axhline(means[0] - GOAL_POINTS, color="k", ls=":", lw=1)
+    axis.set_xticks(positions, names, rotation=20, ha="right", fontsize=8)
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylim(min(means) - 10, 100)
+    axis.set_title(title, fontsize=9)
+    return names, means, stds
+
+
+def plot(results: dict[str, Any], out_dir) -> None:
+    fig, (left, right) = _common.new_figure(1, 2, figsize=(11, 4))
+    title = (
         f"digits, MLP 64-{HIDDEN}-10, {results['num_updates']} SGD updates, "
-        f"{len(results['seeds'])} seeds",
-        fontsize=9,
+        f"{len(results['seeds'])} seeds"
     )
+    names, means, stds = plot_accuracies(left, results, title, "tab:blue")
+    backprop = means[0]
     # Accuracy against cost: one point per timed method, forward-only ones filled.
     for name, mean, std in zip(names, means, stds):
         if name not in results["step_time"]:

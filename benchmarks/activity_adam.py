@@ -23,7 +23,6 @@ from typing import Any
 
 import _common
 import activity
-import numpy as np
 import optax
 
 
@@ -44,23 +43,12 @@ QUICK_METHODS = ("backprop", "weight DODGE k=1", "activity, separate layers")
 
 def plot(results: dict[str, Any], out_dir) -> None:
     figure, axis = _common.new_figure(1, 1, figsize=(7, 4))
-    names = list(results["methods"])
-    means = np.array([100 * results["methods"][n]["test_accuracy_mean"] for n in names])
-    stds = np.array([100 * results["methods"][n]["test_accuracy_std"] for n in names])
-    positions = np.arange(len(names))
-    axis.bar(positions, means, yerr=stds, capsize=4, color="tab:orange")
-    for x, mean in zip(positions, means):
-        axis.text(x, mean + 1, f"{mean:.1f}", ha="center", fontsize=8)
-    axis.axhline(means[0] - results["goal_points"], color="k", ls=":", lw=1)
-    axis.set_xticks(positions, names, rotation=20, ha="right", fontsize=8)
-    axis.set_ylabel("test accuracy (%)")
-    axis.set_ylim(min(means) - 10, 100)
-    axis.set_title(
+    title = (
         f"digits, MLP 64-{activity.HIDDEN}-10, {results['num_updates']} Adam "
         f"updates, {len(results['seeds'])} seeds (dotted: backprop − "
-        f"{results['goal_points']:g} point)",
-        fontsize=9,
+        f"{results['goal_points']:g} point)"
     )
+    activity.plot_accuracies(axis, results, title, "tab:orange")
     _common.save_figure(figure, out_dir, "activity_adam")
 
 
