@@ -66,7 +66,8 @@ def activity_models_table(record: dict[str, Any]) -> list[str]:
             f"{machine['load_average_1_5_15min'][0]:.1f}, commit "
             f"{machine['git_commit']}"
         )
-    return [*lines, "", f"{_protocol(record)}. " + "; ".join(captions) + "."]
+    protocol = _protocol(record, record.get("optimizer", "SGD"))
+    return [*lines, "", f"{protocol}. " + "; ".join(captions) + "."]
 
 
 def _time_ratio(record: dict[str, Any], method: str) -> str:
@@ -266,6 +267,11 @@ def which_activity_table(record: dict[str, Any]) -> list[str]:
 TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
     "activity_models_full": (
         "activity_models_full",
+        "docs/concepts/local_losses.md",
+        activity_models_table,
+    ),
+    "activity_models_adam_full": (
+        "activity_models_adam_full",
         "docs/concepts/local_losses.md",
         activity_models_table,
     ),

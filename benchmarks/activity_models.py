@@ -36,6 +36,12 @@ Scales (`SCALES`): `make bench` runs the digits MLP without the group-wise model
 model and method, one run at a time into `results/activity_models_full_runs.json`,
 and resumes where an interrupted study stopped (`_common.RunLog`); its summary is
 `results/activity_models_full.json` (committed). `--quick` is the smoke test.
+
+`--adam` feeds every estimate to `optax.adam` (default betas) instead of plain SGD,
+with Adam's step sizes (`ADAM_LEARNING_RATES`), as the issue's protocol asks for
+both optimizers; its results go to `activity_models_adam*.json`. The step costs are
+still those of an SGD step: Adam's update adds the same elementwise work to every
+method's.
 """
 
 import functools as ft
@@ -50,6 +56,7 @@ import activity as base
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optax
 
 import eqx_dodge
 
@@ -224,6 +231,11 @@ CONFIGS: dict[str, tuple[dict[str, Any], tuple[int, float]]] = {
     "default": (_STUDY | {"num_updates": 1000}, (7, 0.1)),
     "full": (_STUDY | {"num_updates": 1000}, (7, 0.1)),
 }
+# With `--adam`, `optax.adam`'s step sizes replace SGD's (the seeds, the updates and
+# the timing stay): on the 64-64-10 MLP (`activity_adam.py`) every method's best was
+# within {0.003, 0.01, 0.03}, and a first run on the 256-unit MLP had backprop's
+# best at 0.01.
+ADAM_LEARNING_RATES = {"quick": [1e-3, 1e-2], "default": [3e-4, 1e-3, 3e-3, 0.01, 0.03]}
 
 
 def step_costs(
@@ -266,6 +278,7 @@ def train_records(
     data: tuple[jax.Array, ...],
     config: dict[str, Any],
     log: _common.RunLog | None,
+    optimizer: Callable[[jax.Array], optax.GradientTransformation] = optax.sgd,
 ) -> dict[str, dict[str, Any]]:
     """Every method's record (`activity.method_record`): trained here, or read from
     the `--full` study's `log` where an earlier sitting finished it."""
@@ -282,6 +295,7 @@ def train_records(
             config["learning_rates"],
             data,
             config["num_updates"],
+            optimizer,
         )
         print(
             f"[{name}] {method_name}: {time.perf_counter() - start:.1f} s",
@@ -325,10 +339,11 @@ def run_model(
     config: dict[str, Any],
     timing: tuple[int, float],
     log: _common.RunLog | None = None,
+    optimizer: Callable[[jax.Array], optax.GradientTransformation] = optax.sgd,
 ) -> dict[str, Any]:
     model = MODELS[name]
     data = model.load()  # mnist1d's is generated: once per model
-    records = train_records(name, table, data, config, log)
+    records = train_records(name, table, data, config, log, optimizer)
     base.compare_with_backprop(records, len(config["seeds"]), model.goal_points)
     costs = timed_costs(name, table, data, timing, log)
     step_time = costs["step_time"]
@@ -398,7 +413,8 @@ def plot(results: dict[str, Any], out_dir, filename: str) -> None:
         axis.set_ylim(min(means) - 5, min(100, max(means) + 3))
         axis.set_title(f"{record['description']}", fontsize=8)
     fig.suptitle(
-        f"{results['num_updates']} SGD updates, {len(results['seeds'])} seeds; "
+        f"{results['num_updates']} {results['optimizer']} updates, "
+        f"{len(results['seeds'])} seeds; "
         "dotted: the goal (accuracy, 3× cost); squares use backprop",
         fontsize=9,
     )
@@ -407,20 +423,29 @@ def plot(results: dict[str, Any], out_dir, filename: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _common.parse_args(
-        __doc__, argv, flags=[("--full", "every model and method, resumable")]
+        __doc__,
+        argv,
+        flags=[
+            ("--full", "every model and method, resumable"),
+            ("--adam", "optax.adam and its step sizes instead of SGD"),
+        ],
     )
     scale = "quick" if args.quick else "full" if args.full else "default"
     config, timing = CONFIGS[scale]
     models = SCALES[scale]
+    optimizer = optax.adam if args.adam else optax.sgd
+    if args.adam:
+        rates = ADAM_LEARNING_RATES["quick" if args.quick else "default"]
+        config = config | {"learning_rates": rates}
+    output = "activity_models" + "_adam" * args.adam + "_full" * args.full
     log = (
-        _common.RunLog(
-            args.out, "activity_models_full_runs", config | {"models": models}
-        )
+        _common.RunLog(args.out, f"{output}_runs", config | {"models": models})
         if args.full
         else None
     )
     results = {
         "scale": scale,
+        "optimizer": "Adam" if args.adam else "SGD",
         **config,
         "batch_size": base.BATCH,
         "groups": GROUPS,
@@ -431,8 +456,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     for name, method_names in models.items():
         table = {method: full_table(name)[method] for method in method_names}
-        results["models"][name] = run_model(name, table, config, timing, log)
-    output = "activity_models_full" if args.full else "activity_models"
+        results["models"][name] = run_model(name, table, config, timing, log, optimizer)
     _common.write_json(args.out, output, results)
     plot(results, args.out, output)
     return results
