@@ -247,6 +247,60 @@ def digits_directions_table(record: dict[str, Any]) -> list[str]:
     ]
 
 
+LONG_SEQUENCE_METHODS = {
+    "bptt": "BPTT",
+    "bptt_remat": "BPTT with `jax.checkpoint` on √T segments",
+    "dodge_k1": "DODGE, $k = 1$",
+    "dodge_k8": "DODGE, $k = 8$",
+}
+
+
+def _length(t: str) -> str:
+    """A sequence length as the pages write it in MathJax: $T = 50\\,000$."""
+    return "$T = " + f"{int(t):,}".replace(",", r"\,") + "$"
+
+
+def long_sequence_table(record: dict[str, Any]) -> list[str]:
+    """`long_sequence.py`: each gradient's peak memory and time against the forward
+    pass's, at every sequence length $T$."""
+    lengths = sorted(record["ratios"], key=int)
+    headers = [f"peak / forward, {_length(lengths[-1])}"]
+    headers += [f"MiB beyond forward, {_length(t)}" for t in lengths]
+    headers += [f"time / forward, {_length(t)}" for t in lengths]
+    lines = [
+        "| method | " + " | ".join(headers) + " |",
+        "|---|" + "---|" * len(headers),
+    ]
+    for method, label in LONG_SEQUENCE_METHODS.items():
+        rows = [record["ratios"][t][f"{method}_over_forward"] for t in lengths]
+        cells = [f"{rows[-1]['xla_peak_bytes']:.2f}×"]
+        cells += [f"{row['xla_extra_mib']:.1f}" for row in rows]
+        cells += [
+            "not run" if row["seconds"] is None else f"{row['seconds']:.1f}×"
+            for row in rows
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    forward = [record["points"][t]["forward"]["seconds"]["median"] for t in lengths]
+    quality = record["quality"]
+    cosines = ", ".join(
+        f"{value:.3f} ($k = {name.removeprefix('dodge_k')}$)"
+        for name, value in quality["cosine_with_bptt"].items()
+    )
+    limit = record["config"]["max_run_bytes"] / 2**30
+    return [
+        *lines,
+        "",
+        f"XLA's compiled peak memory; a gradient that needs over {limit:g} GiB is "
+        "compiled but not run. The forward pass took "
+        + ", ".join(f"{seconds:.2f} s" for seconds in forward)
+        + f" at these lengths. At {_length(str(quality['length']))} (one key) "
+        f"DODGE's estimate had cosine {cosines} with the exact gradient, and remat "
+        "BPTT's gradient differed from BPTT's by at most "
+        f"{quality['bptt_remat_max_relative_difference']:.1e} (relative); "
+        f"{_caption(record)}.",
+    ]
+
+
 def which_activity_table(record: dict[str, Any]) -> list[str]:
     """`activity.py`'s main rows for the guide page."""
     methods = [
@@ -291,6 +345,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
         "docs/concepts/local_losses.md",
         local_losses_table,
     ),
+    "long_sequence": ("long_sequence", "docs/which.md", long_sequence_table),
     "step_cost_memory": ("step_cost", "docs/which.md", step_cost_memory_table),
     "step_cost_time": ("step_cost", "docs/which.md", step_cost_time_table),
     "digits_directions": (

@@ -322,6 +322,39 @@ def test_docs_tables_from_activity_results(tmp_path):
         _docs_tables.updated_pages(tmp_path / "results", tmp_path)
 
 
+def test_docs_long_sequence_table():
+    """The long-sequence table orders the lengths as numbers (50 000 after 1000,
+    not as strings), takes the peak ratio at the longest, and writes a gradient
+    that was compiled but not run as such, not as 0× or None."""
+
+    def ratios(peak, seconds):
+        row = {"xla_peak_bytes": peak, "xla_extra_mib": 2 * peak, "seconds": seconds}
+        return {f"{m}_over_forward": row for m in _docs_tables.LONG_SEQUENCE_METHODS}
+
+    record = {
+        "ratios": {"50000": ratios(9.0, None), "1000": ratios(3.0, 2.5)},
+        "points": {
+            t: {"forward": {"seconds": {"median": 0.5}}} for t in ("1000", "50000")
+        },
+        "quality": {
+            "length": 1000,
+            "cosine_with_bptt": {"dodge_k1": 0.01},
+            "bptt_remat_max_relative_difference": 1e-6,
+        },
+        "config": {"max_run_bytes": 2**32},
+        "machine": {
+            "cpu_count": 2,
+            "cpu": "x",
+            "load_average_1_5_15min": [1.0],
+            "git_commit": "abc",
+        },
+    }
+    lines = _docs_tables.long_sequence_table(record)
+    assert r"$T = 1\,000$ | time / forward, $T = 50\,000$ |" in lines[0]
+    assert lines[2] == "| BPTT | 9.00× | 6.0 | 18.0 | 2.5× | not run |"
+    assert "cosine 0.010 ($k = 1$)" in lines[-1]
+
+
 def test_vs_pytorch_without_torch(tmp_path):
     result = run_script(
         "vs_pytorch.py",
