@@ -49,6 +49,7 @@ from ._checks import (
 from ._derivatives import jvp
 from ._directions import sample_direction, trainable
 from ._filter import _DodgeWrapper, WrapperMethods
+from ._live import live_mask
 from ._tangents import weighted_sum
 
 
@@ -124,6 +125,27 @@ def _draw_tangents(
         other_keys
     )
     return words, directions
+
+
+def _without_dead_leaves(
+    directions: PyTree, parts: ModelParts, example_value: Callable, batch: tuple
+) -> PyTree:
+    """`directions` with zeros at the weight-space leaves whose tangent never reaches
+    the loss (frozen behind `jax.lax.stop_gradient`): their estimate is then exactly
+    zero, as `eqx.filter_grad`'s, instead of drifting by `d·u`. The points need no
+    such care: their estimate is pass B's gradient, zero behind a `stop_gradient`."""
+    example = jax.tree.map(lambda leaf: leaf[0], batch)
+
+    def value(others):
+        model = eqx.combine(parts.layers, others, parts.static)
+        return example_value(model, example)[0]
+
+    mask = live_mask(value, parts.others)
+    if all(mask):
+        return directions
+    leaves, treedef = jax.tree.flatten(directions)
+    kept = [u if live else jnp.zeros_like(u) for u, live in zip(leaves, mask)]
+    return jax.tree.unflatten(treedef, kept)
 
 
 def _example_derivatives(
@@ -247,6 +269,7 @@ class _ActivityValueAndDodgeWrapper(WrapperMethods):
         words, directions = _draw_tangents(
             options.key, parts.others, options.num_directions, batch_size
         )
+        directions = _without_dead_leaves(directions, parts, example_value, batch)
         values, derivatives, aux = _forward_pass(
             example_value, parts, batch, words, directions
         )

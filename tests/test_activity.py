@@ -300,3 +300,40 @@ def test_layer_fields_read_through_weights_do_not():
     assert estimate.linear.weight.shape == (2, 3)
     with pytest.raises(AttributeError, match="reads `.weight`"):
         eqx_dodge.activity_dodge(cross_entropy, key=0)(ReadsWeight(linear), x, y)
+
+
+class FrozenParts(eqx.Module):
+    """`TokenModel` with its LayerNorm and its `hidden` layer frozen inside the model
+    by `jax.lax.stop_gradient`, as Equinox users freeze layers."""
+
+    inner: TokenModel
+
+    def __call__(self, tokens: Int[Array, " t"]) -> Array:
+        model = self.inner
+        norm, hidden_layer = jax.lax.stop_gradient((model.norm, model.hidden))
+        features = jnp.mean(jax.vmap(model.embedding)(tokens), axis=0)
+        hidden = jnp.tanh(hidden_layer(norm(features)))
+        return model.scale * model.readout(hidden)
+
+
+@pytest.mark.parametrize("separate_layers", [False, True])
+def test_leaves_frozen_by_stop_gradient_get_exactly_zero(separate_layers):
+    """A weight-space leaf frozen behind `stop_gradient` (the LayerNorm) would get
+    `d·u` with a random `u`, and drift at every step; it gets a zero direction, so
+    its estimate is exactly zero, as `eqx.filter_grad`'s. The frozen Linear layer
+    (a perturbation point) is zero through pass B. The live leaves still learn."""
+    model = FrozenParts(TokenModel(jax.random.key(16)))
+    tokens = jax.random.randint(jax.random.key(17), (6, 3), 0, 5)
+    labels = jnp.array([0, 1, 1, 0, 1, 0])
+    estimate = eqx.filter_jit(
+        eqx_dodge.activity_dodge(
+            cross_entropy, key=3, num_directions=2, separate_layers=separate_layers
+        )
+    )(model, tokens, labels)
+    gradient = eqx.filter_grad(mean_loss(cross_entropy))(model, tokens, labels)
+    estimate, gradient = estimate.inner, gradient.inner
+    for frozen in (estimate.norm, estimate.hidden, gradient.norm, gradient.hidden):
+        for leaf in jax.tree.leaves(frozen):
+            assert jnp.all(leaf == 0)
+    for live in (estimate.embedding, estimate.readout, estimate.scale):
+        assert all(jnp.any(leaf != 0) for leaf in jax.tree.leaves(live))
