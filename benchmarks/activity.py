@@ -232,6 +232,23 @@ def evaluate(params, data, make: Callable):
     return jax.vmap(jax.vmap(one))(params)
 
 
+def _map_runs(train: Callable, params, indices, keys, rates, x_train, y_train):
+    """`train` for every step size × seed by `lax.map`, one run at a time, stacked
+    as the vmapped runs are: leading axes (step size, seed)."""
+    num_rates, num_seeds = rates.shape[0], indices.shape[0]
+
+    def one(grid_point):
+        rate, seed = grid_point
+        seed_params = jax.tree.map(lambda leaf: leaf[seed], params)
+        return train(seed_params, indices[seed], keys[seed], rate, x_train, y_train)
+
+    grid = (jnp.repeat(rates, num_seeds), jnp.tile(jnp.arange(num_seeds), num_rates))
+    final = jax.lax.map(one, grid)
+    return jax.tree.map(
+        lambda leaf: leaf.reshape(num_rates, num_seeds, *leaf.shape[1:]), final
+    )
+
+
 def run_method(
     method: Method,
     seeds: Sequence[int],
@@ -239,10 +256,13 @@ def run_method(
     data: tuple[jax.Array, ...],
     num_updates: int,
     optimizer: Callable[[jax.Array], optax.GradientTransformation] = optax.sgd,
+    sequential: bool = False,
 ) -> dict[str, np.ndarray]:
     """Every step size × seed in one jitted `lax.scan`: arrays of shape
     `(len(learning_rates), len(seeds))`. `optimizer` makes the optax optimizer of a
-    step size (plain SGD by default)."""
+    step size (plain SGD by default). The runs are vmapped, or with `sequential`
+    run one after the other by `lax.map`: vmapped over seeds, a convolution's kernel
+    gets a batch axis and becomes a grouped convolution, slow on XLA:CPU."""
     estimator = method.estimator
     static = static_part(method.make_model)
 
@@ -266,6 +286,8 @@ def run_method(
     # The data are arguments, not constants: XLA would fold the constants at length.
     @jax.jit
     def all_runs(params, indices, keys, rates, x_train, y_train):
+        if sequential:
+            return _map_runs(train, params, indices, keys, rates, x_train, y_train)
         per_seed = jax.vmap(train, in_axes=(0, 0, 0, None, None, None))
         return jax.vmap(per_seed, in_axes=(None, None, None, 0, None, None))(
             params, indices, keys, rates, x_train, y_train

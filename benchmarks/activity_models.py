@@ -9,8 +9,8 @@ Models (ReLU everywhere; the digits data and split are `activity.py`'s):
 
 - digits MLP 64-256-256-10 (`eqx.nn.MLP`);
 - digits conv net: the 8×8 image, a 3×3 conv to 16 channels (padding 1), a 3×3 conv
-    to 32 channels with stride 2 (padding 1, 4×4), a linear layer 512-10 (built, not
-    trained: see `Model.full`);
+    to 32 channels with stride 2 (padding 1, 4×4), a linear layer 512-10 (its runs
+    one after the other: see `Model.sequential`);
 - mnist1d MLP 40-128-128-10 on the `mnist1d` package's default data set, generated
     offline (`mnist1d.data.make_dataset(get_dataset_args())`: 4000 training and 1000
     test sequences of 40 values, its own split and seed).
@@ -108,10 +108,11 @@ class Model(NamedTuple):
     # The group-wise models are slow to train (the conv net's: about 40× a backprop
     # step, and most of the benchmark's time); these are run only where this holds.
     grouped: bool = True
-    # Trained in the `--full` study. The conv net is not: vmapped over seeds and
-    # step sizes, its convolutions become grouped ones, slow on XLA:CPU (backprop
-    # alone ran over 7 minutes on 2 cores without finishing).
-    full: bool = True
+    # Its runs one after the other (`activity.run_method(sequential=True)`), not
+    # vmapped: vmapped over seeds and step sizes, the conv net's convolutions become
+    # grouped ones, slow on XLA:CPU (backprop alone ran over 7 minutes on 2 cores
+    # without finishing).
+    sequential: bool = False
 
 
 def mlp_parts(mlp: eqx.nn.MLP) -> tuple[Callable, list, eqx.nn.Linear]:
@@ -143,7 +144,7 @@ MODELS = {
         (64,),
         2.0,
         grouped=False,
-        full=False,
+        sequential=True,
     ),
     "mnist1d MLP 40-128-128-10": Model(
         "mnist1d (package defaults), MLP 40-128-128-10",
@@ -213,9 +214,7 @@ SCALES: dict[str, dict[str, list[str]]] = {
     # The smoke test trains the model and method kinds that `activity.py`'s does not.
     "quick": {DIGITS_MLP: ["backprop", "local losses, activity (LG-FG-A)"]},
     "default": {DIGITS_MLP: [m for m in full_table(DIGITS_MLP) if m != GROUP_WISE]},
-    "full": {
-        name: list(full_table(name)) for name, model in MODELS.items() if model.full
-    },
+    "full": {name: list(full_table(name)) for name in MODELS},
 }
 # Not `activity.py`'s 5 seeds and 7 step sizes: on 2 CPU cores the full study would
 # take over an hour. Three seeds and four step sizes: in a first run on
@@ -296,6 +295,7 @@ def train_records(
             data,
             config["num_updates"],
             optimizer,
+            sequential=MODELS[name].sequential,
         )
         print(
             f"[{name}] {method_name}: {time.perf_counter() - start:.1f} s",

@@ -251,6 +251,22 @@ def test_activity_methods_table():
         assert method.forward_only == (name not in uses_backprop), name
 
 
+def test_sequential_runs_match_vmapped_runs():
+    """`run_method(sequential=True)` (`lax.map`, how the conv net is trained) gives
+    the runs the vmapped form gives, each in its (step size, seed) place: catches a
+    seed's data or a step size paired with another run."""
+    x, y = activity.load_data()[0][:256], activity.load_data()[1][:256]
+    data = (x, y, x[:64], y[:64])
+    args = (activity.METHODS["backprop"], [0, 1], [0.1, 1.0], data, 20)
+    vmapped = activity.run_method(*args)
+    mapped = activity.run_method(*args, sequential=True)
+    losses = vmapped["train_loss"]
+    # The four runs differ, so a swapped layout cannot match by accident.
+    assert len(set(np.round(losses.ravel(), 4))) == 4
+    for name, values in vmapped.items():
+        np.testing.assert_allclose(mapped[name], values, rtol=1e-4, err_msg=name)
+
+
 def test_docs_tables_from_activity_results(tmp_path):
     """The docs pages' activity tables come from the result file: every method's
     row in the activity page, the local-loss page's subset with the estimators'
