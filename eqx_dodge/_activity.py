@@ -47,7 +47,7 @@ from ._checks import (
     KeyLike,
 )
 from ._derivatives import jvp
-from ._directions import sample_direction, trainable
+from ._directions import fresh_nodes, sample_direction, trainable
 from ._filter import _DodgeWrapper, WrapperMethods
 from ._live import live_mask
 from ._tangents import weighted_sum
@@ -103,7 +103,7 @@ def _example_value(
     fun: Callable, kwargs: dict, has_aux: bool, model: PyTree, example: tuple
 ) -> tuple[Array, Any]:
     """The checked loss of one example and its `aux` (`None` without `has_aux`)."""
-    out = fun(model, *example, **kwargs)
+    out = fun(model, *example, **fresh_nodes(kwargs))
     value, aux = out if has_aux else (out, None)
     return check_scalar_loss(value, "example_loss", has_aux), aux
 

@@ -64,20 +64,28 @@ def initial_record(params: PyTree, has_aux: bool, aux_init: Any) -> tuple:
 
 
 def _check_aux(aux: PyTree, aux_init: PyTree) -> None:
-    def shapes(tree):
-        return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
-
     def signature(tree):
         leaves = jax.tree.leaves(tree)
         return [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
 
-    if jax.tree.structure(aux) != jax.tree.structure(aux_init) or signature(
-        aux
-    ) != signature(aux_init):
+    structure, expected_structure = (
+        jax.tree.structure(aux),
+        jax.tree.structure(aux_init),
+    )
+    if structure != expected_structure:
+        # The PyTree nodes themselves may differ (a Flax NNX `State` of Variables
+        # against one of plain arrays, as `nnx.Optimizer` passes the state).
         raise ValueError(
-            "The `aux` returned by `value_fn` must have the structure, shapes and "
-            "dtypes of `aux_init` (the state's structure is fixed at `init`).\n"
-            f"Expected {shapes(aux_init)},\ngot {shapes(aux)}."
+            "The `aux` returned by `value_fn` must have the structure of `aux_init` "
+            "(the state's structure is fixed at `init`).\n"
+            f"Expected {expected_structure},\ngot {structure}.\nWith Flax NNX, "
+            "return and initialise plain arrays: `nnx.as_pure(nnx.state(...))`."
+        )
+    if signature(aux) != signature(aux_init):
+        raise ValueError(
+            "The `aux` returned by `value_fn` must have the shapes and dtypes of "
+            "`aux_init` (the state's structure is fixed at `init`).\n"
+            f"Expected {signature(aux_init)},\ngot {signature(aux)}."
         )
 
 

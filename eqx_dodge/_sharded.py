@@ -23,7 +23,13 @@ from ._checks import (
     first_argument,
     REDUCTIONS,
 )
-from ._directions import check_direction, check_num_parts, num_coordinates, trainable
+from ._directions import (
+    check_direction,
+    check_num_parts,
+    fresh_nodes,
+    num_coordinates,
+    trainable,
+)
 from ._estimator import value_and_estimate
 from ._filter import (
     _DodgeWrapper,
@@ -119,7 +125,8 @@ class _ShardedValueAndDodgeWrapper(WrapperMethods):
         reduce = jax.lax.pmean if self._batch_reduction == "mean" else jax.lax.psum
 
         def global_value(_diff):
-            out = self._fun(eqx.combine(_diff, rest), *batch, **kwargs)
+            _batch, _kwargs = fresh_nodes((batch, kwargs))
+            out = self._fun(eqx.combine(_diff, rest), *_batch, **_kwargs)
             value, aux = out if self._options.has_aux else (out, None)
             return reduce(value, self._data_axes), aux
 

@@ -10,7 +10,12 @@ import optax
 from jaxtyping import Array, PyTree
 
 from ._checks import check_callable, check_scalar_loss
-from ._directions import check_direction, trainable
+from ._directions import (
+    check_direction,
+    fresh_nodes,
+    note_closed_over_variables,
+    trainable,
+)
 
 
 # What `update` itself takes: these names cannot reach `value_fn` as extra arguments.
@@ -111,11 +116,12 @@ def loss_of_trainable(
 
     def fun(_primal):
         try:
-            out = value_fn(_unmasked(eqx.combine(_primal, rest)), **kwargs)
+            out = value_fn(_unmasked(eqx.combine(_primal, rest)), **fresh_nodes(kwargs))
         except Exception as error:
             hint = _rebuild_hint(params)
             if hint is not None:
                 error.add_note(hint)
+            note_closed_over_variables(error)
             raise
         if has_aux and not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(

@@ -1,6 +1,8 @@
+import flax.errors
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 from flax import linen, nnx
 from flax.training import train_state
 from jax.flatten_util import ravel_pytree
@@ -123,6 +125,63 @@ def test_nnx_optimizer_with_adam_dodge_trains_through_value_fn():
         jax.tree.leaves(statistics), jax.tree.leaves(nnx.state(model, nnx.BatchStat))
     ):
         assert jnp.array_equal(a, b)
+
+
+@pytest.mark.parametrize("num_directions", [1, 8])
+def test_nnx_batchnorm_in_training_mode_with_split_states(num_directions):
+    """BatchNorm in training mode updates its statistics inside the loss. With the
+    states of `nnx.split` (Variables) passed to `filter_value_and_dodge`, each of
+    the estimator's traces of the loss must get Variables of its own: NNX refuses
+    to mutate a Variable from another trace (`TraceContextError`, raised before
+    this was handled, for every `num_directions`). The statistics returned as aux
+    are the ones one training-mode forward pass gives."""
+    x, y = _regression_data()
+    model = _NormedMLP(rngs=nnx.Rngs(0))
+    model.train()
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+
+    def loss(params, stats, x, y):
+        model = nnx.merge(graphdef, params, stats, rest)
+        return _nnx_loss(model, x, y), nnx.state(model, nnx.BatchStat)
+
+    initial = [jnp.array(leaf) for leaf in jax.tree.leaves(stats)]
+    estimator = eqx_dodge.filter_value_and_dodge(
+        loss, key=0, num_directions=num_directions, has_aux=True
+    )
+    (value, new_stats), estimate = jax.jit(estimator.__call__)(params, stats, x, y)
+    # Outside a trace, the loss mutates `stats` in place, as NNX does.
+    expected_value, expected_stats = loss(params, stats, x, y)
+    assert jnp.allclose(value, expected_value)
+    assert jax.tree.structure(estimate) == jax.tree.structure(params)
+    for new, expected, old in zip(
+        jax.tree.leaves(new_stats),
+        jax.tree.leaves(expected_stats),
+        initial,
+    ):
+        assert jnp.allclose(new, expected) and not jnp.allclose(new, old)
+
+
+def test_closed_over_batch_statistics_get_an_error_that_says_what_to_do():
+    """The same loss closing over the statistics' Variables (made in `nnx.jit`'s
+    trace, mutated in the transform's): NNX's own error, with a note saying to pass
+    them as an argument."""
+    x, y = _regression_data()
+    model = _NormedMLP(rngs=nnx.Rngs(0))
+    model.train()
+    optimizer = nnx.Optimizer(model, eqx_dodge.adam_dodge(1e-2, key=0), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        graphdef, _, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+
+        def value_fn(params, x, y):
+            return _nnx_loss(nnx.merge(graphdef, params, stats, rest), x, y)
+
+        optimizer.update(model, None, value_fn=value_fn, x=x, y=y)
+
+    with pytest.raises(flax.errors.TraceContextError) as raised:
+        step(model, optimizer, x, y)
+    assert "as an argument of the loss" in "".join(raised.value.__notes__)
 
 
 def test_nnx_parameter_state_estimate_has_nnx_grad_structure():

@@ -259,8 +259,16 @@ def test_aux_must_match_aux_init(getkey):
     state = optim.init(eqx.filter(model, eqx.is_inexact_array))
     value_fn = ft.partial(batch_norm_loss, state=bn_state, x=x)
     # Raised while tracing: `filter_eval_shape` checks it without compiling.
-    with pytest.raises(ValueError, match="structure, shapes and dtypes of `aux_init`"):
+    with pytest.raises(ValueError, match="structure of `aux_init`"):
         eqx.filter_eval_shape(optim.update, None, state, model, value_fn=value_fn)
+
+    def wrong_shape(model):
+        return batch_norm_loss(model, bn_state, x)[0], jnp.zeros(2)
+
+    with pytest.raises(
+        ValueError, match=r"(?s)shapes and dtypes of `aux_init`.*\(3,\)"
+    ):
+        eqx.filter_eval_shape(optim.update, None, state, model, value_fn=wrong_shape)
 
 
 # -- wrappers that need `params` as a tree of arrays ----------------------------------
