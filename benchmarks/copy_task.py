@@ -353,6 +353,33 @@ def method_result(
     }
 
 
+def progress(methods: Sequence[str], config: Config, log: Any) -> dict[str, Any]:
+    """What a `--full` study has finished: its runs out of those planned, and each
+    method's learning rates with their finished seeds and median final bit errors
+    (the summary's `results` hold only the methods whose runs are all finished)."""
+    partial: dict[str, Any] = {}
+    for method in methods:
+        rates = {}
+        for learning_rate in config.learning_rates:
+            finals = [
+                log.runs[key]["bit_errors"][-1]
+                for seed in config.seeds
+                if (key := f"{method} / {learning_rate:g} / {seed}") in log
+            ]
+            if finals:
+                rates[f"{learning_rate:g}"] = {
+                    "seeds_finished": len(finals),
+                    "median_final_bit_errors": float(np.median(finals)),
+                }
+        partial[method] = rates
+    return {
+        "runs_finished": len(log.runs),
+        "runs_planned": len(methods) * len(config.learning_rates) * len(config.seeds),
+        "methods_planned": list(methods),
+        "per_learning_rate": partial,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Copy task.")
     scale = parser.add_mutually_exclusive_group()
@@ -403,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "results": results,
     }
+    if log is not None:
+        payload["progress"] = progress(args.methods, config, log)
     output = "copy_task_full" if args.full else "copy_task"
     _common.write_json(args.out, output, payload)
 

@@ -647,6 +647,82 @@ def copy_task_section(record: dict[str, Any], results_path: str) -> list[str]:
     return lines
 
 
+# The paper's copy-task grid (Silver et al. 2022, §5.4.1 and Fig. 4).
+PAPER_COPY_GRID = "learning rates 3e-3 to 1e-5 (six) and 5 seeds"
+
+
+def _copy_cell(entry: dict[str, Any] | None, seeds: int, best: bool) -> str:
+    if entry is None:
+        return "not run yet"
+    value = f"{entry['median_final_bit_errors']:.1f}"
+    value = f"**{value}**" if best else value
+    finished = entry["seeds_finished"]
+    return value if finished == seeds else f"{value} ({finished} of {seeds} seeds)"
+
+
+def copy_task_full_section(record: dict[str, Any], results_path: str) -> list[str]:
+    """The paper-scale copy task, as far as its resumable study has run."""
+    config, progress = record["config"], record["progress"]
+    rates, seeds = [f"{r:g}" for r in config["learning_rates"]], len(config["seeds"])
+    chance = COPY_TASK_BITS * (config["max_length"] + 1) / 4
+    lines = [
+        "### Copy task at the paper's scale (`benchmarks/copy_task.py --full`, "
+        "in progress)",
+        "",
+        f"Machine: {_machine(record)}. LSTM-{config['hidden']}, lengths 1.."
+        f"{config['max_length']}, batch {config['batch']}, Adam, "
+        f"{config['steps']} steps; a reduced grid of learning rates "
+        f"{', '.join(rates)} and {seeds} seeds (the paper: {PAPER_COPY_GRID}). "
+        f"**{progress['runs_finished']} of the {progress['runs_planned']} runs are "
+        "finished**; the study resumes where it stopped. Median final bit errors "
+        f"per sequence over the finished seeds (chance is about {chance:g}; bold: "
+        "the best learning rate of a finished method):",
+        "",
+        "| method | " + " | ".join(f"lr {rate}" for rate in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    results = record["results"]
+    for method in progress["methods_planned"]:
+        entries = progress["per_learning_rate"].get(method, {})
+        best = results.get(method, {}).get("best_learning_rate")
+        cells = [
+            _copy_cell(
+                entries.get(rate), seeds, best is not None and f"{best:g}" == rate
+            )
+            for rate in rates
+        ]
+        lines.append(f"| {_copy_label(method, config)} | " + " | ".join(cells) + " |")
+    lines += ["", *_copy_task_comparison(record), ""]
+    lines += [f"![copy task, paper's scale]({results_path}/copy_task_full.png)", ""]
+    return lines
+
+
+def _copy_task_comparison(record: dict[str, Any]) -> list[str]:
+    """Where the finished methods agree with the paper's Fig. 4 so far."""
+    finals = record["final_bit_errors"]
+    if "bptt" not in finals:
+        return []
+    random = {k: v for k, v in finals.items() if k.startswith("dodge_k")}
+    text = f"BPTT reaches {finals['bptt']:.1f} bit errors"
+    if "tbptt" in finals:
+        text += f" and TBPTT {finals['tbptt']:.1f}"
+    if random:
+        listed = ", ".join(
+            f"{v:.1f} with {k.removeprefix('dodge_k')}" for k, v in random.items()
+        )
+        text += (
+            f"; DODGE with random directions ends at {listed} direction(s). The "
+            "paper's Fig. 4b has random directions reach a low loss only with 64 "
+            "directions"
+        )
+        text += "; our 64-direction runs are " + (
+            "finished (above)." if "dodge_k64" in finals else "not finished yet."
+        )
+    else:
+        text += "."
+    return [text]
+
+
 def _cosine(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "–"
@@ -952,6 +1028,7 @@ SECTIONS = {
     "influence_balancing": influence_balancing_section,
     "long_sequence": long_sequence_section,
     "copy_task": copy_task_section,
+    "copy_task_full": copy_task_full_section,
     "guess_quality": guess_quality_section,
     "scaling": scaling_section,
     "adam_problems": adam_problems_section,

@@ -757,7 +757,10 @@ def test_report_committed_results():
     body = report.render(results, ROOT)
     headings = [line for line in body.splitlines() if line.startswith("### ")]
     # Result files of another script's study (its `--full` panel).
-    scripts = {"digits_widths": "digits_directions.py --full"}
+    scripts = {
+        "digits_widths": "digits_directions.py --full",
+        "copy_task_full": "copy_task.py --full",
+    }
     for name in report.SECTIONS:
         if (results / f"{name}.json").exists():
             script = scripts.get(name, f"{name}.py")

@@ -66,6 +66,17 @@ def test_full_study_resumes(tmp_path, monkeypatch):
         first = copy_task.main(arguments)
         log = json.loads((tmp_path / "copy_task_full_runs.json").read_text())
         assert set(log["runs"]) == {"dodge_k1 / 0.001 / 0"}
+        final = log["runs"]["dodge_k1 / 0.001 / 0"]["bit_errors"][-1]
+        assert first["progress"] == {
+            "runs_finished": 1,
+            "runs_planned": 1,
+            "methods_planned": ["dodge_k1"],
+            "per_learning_rate": {
+                "dodge_k1": {
+                    "0.001": {"seeds_finished": 1, "median_final_bit_errors": final}
+                }
+            },
+        }
 
         def no_training(*args):
             raise AssertionError("a finished run was trained again")
