@@ -47,10 +47,11 @@ from ._checks import (
     KeyLike,
 )
 from ._derivatives import jvp
-from ._directions import fresh_nodes, sample_direction, trainable
+from ._directions import sample_direction, trainable
 from ._filter import _DodgeWrapper, WrapperMethods
 from ._live import live_mask
 from ._tangents import weighted_sum
+from ._value_fn import fresh_nodes
 
 
 class ActivityKeywords(TypedDict, total=False):

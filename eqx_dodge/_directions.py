@@ -13,27 +13,6 @@ from ._checks import as_key, check_int, check_option, KeyLike, SAMPLERS
 from ._threefry import normal_like, rademacher_like
 
 
-def fresh_nodes(tree: PyTree) -> PyTree:
-    """`tree` with new PyTree nodes around the same leaves, made in the trace that
-    calls this. The estimators trace the loss several times (the jvp, the live-leaf
-    analysis) with its other arguments closed over; a Flax NNX Variable (a
-    BatchNorm's running statistics) may only be mutated in the trace that made it,
-    so each trace of the loss gets Variables of its own."""
-    return jax.tree.map(lambda leaf: leaf, tree)
-
-
-def note_closed_over_variables(error: Exception) -> None:
-    """Tells a Flax NNX user what to do when the loss mutated a Variable that it
-    closed over (made in another trace than the estimator's)."""
-    if type(error).__name__ == "TraceContextError":
-        error.add_note(
-            "eqx_dodge traces the loss inside its own transformations: pass NNX "
-            "state that the loss updates (BatchNorm statistics from `nnx.split`) "
-            "as an argument of the loss (a keyword argument of `update` for the "
-            "optax transforms, e.g. `stats=stats`) instead of closing over it."
-        )
-
-
 def trainable(tree: PyTree) -> PyTree:
     """The part of `tree` that DODGE differentiates: its inexact-array leaves, with
     `None` everywhere else (the same convention as `eqx.filter_grad`)."""

@@ -20,15 +20,11 @@ from ._checks import (
     KeyLike,
     ScalarLike,
 )
-from ._directions import (
-    check_direction,
-    fresh_nodes,
-    note_closed_over_variables,
-    trainable,
-)
+from ._directions import check_direction, trainable
 from ._estimator import value_and_estimate
 from ._live import LiveSplit, split_live
 from ._tangents import draw_tangents, Layout, SINGLE_DEVICE, Tangents
+from ._value_fn import fresh_nodes, note_closed_over_variables
 
 
 _sentinel: Any = object()

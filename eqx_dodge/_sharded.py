@@ -23,13 +23,7 @@ from ._checks import (
     first_argument,
     REDUCTIONS,
 )
-from ._directions import (
-    check_direction,
-    check_num_parts,
-    fresh_nodes,
-    num_coordinates,
-    trainable,
-)
+from ._directions import check_direction, check_num_parts, num_coordinates, trainable
 from ._estimator import value_and_estimate
 from ._filter import (
     _DodgeWrapper,
@@ -49,6 +43,7 @@ from ._sharded_layout import (
     ShardedLayout,
 )
 from ._tangents import draw_tangents
+from ._value_fn import fresh_nodes
 
 
 AxisNames = str | tuple[str, ...]

@@ -1,4 +1,5 @@
-"""How the optax transforms call `value_fn`: the loss of the trainable leaves."""
+"""How the estimators call the user's loss: `value_fn` of the optax transforms as a
+function of the trainable leaves, and the loss's other arguments in each trace."""
 
 import inspect
 from collections.abc import Callable
@@ -10,12 +11,28 @@ import optax
 from jaxtyping import Array, PyTree
 
 from ._checks import check_callable, check_scalar_loss
-from ._directions import (
-    check_direction,
-    fresh_nodes,
-    note_closed_over_variables,
-    trainable,
-)
+from ._directions import check_direction, trainable
+
+
+def fresh_nodes(tree: PyTree) -> PyTree:
+    """`tree` with new PyTree nodes around the same leaves, made in the trace that
+    calls this. The estimators trace the loss several times (the jvp, the live-leaf
+    analysis) with its other arguments closed over; a Flax NNX Variable (a
+    BatchNorm's running statistics) may only be mutated in the trace that made it,
+    so each trace of the loss gets Variables of its own."""
+    return jax.tree.map(lambda leaf: leaf, tree)
+
+
+def note_closed_over_variables(error: Exception) -> None:
+    """Tells a Flax NNX user what to do when the loss mutated a Variable that it
+    closed over (made in another trace than the estimator's)."""
+    if type(error).__name__ == "TraceContextError":
+        error.add_note(
+            "eqx_dodge traces the loss inside its own transformations: pass NNX "
+            "state that the loss updates (BatchNorm statistics from `nnx.split`) "
+            "as an argument of the loss (a keyword argument of `update` for the "
+            "optax transforms, e.g. `stats=stats`) instead of closing over it."
+        )
 
 
 # What `update` itself takes: these names cannot reach `value_fn` as extra arguments.
