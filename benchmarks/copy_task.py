@@ -292,6 +292,11 @@ class StudyPaused(Exception):
     its log."""
 
 
+def run_key(method: str, learning_rate: float, seed: int) -> str:
+    """A run's key in the `--full` study's log."""
+    return f"{method} / {learning_rate:g} / {seed}"
+
+
 def seed_run(
     method: str,
     learning_rate: float,
@@ -303,7 +308,7 @@ def seed_run(
     """One training run's evaluation curves: trained here, or read from the `--full`
     study's `log` where an earlier sitting finished it. No run starts after
     `deadline` (a `time.time()`)."""
-    key = f"{method} / {learning_rate:g} / {seed}"
+    key = run_key(method, learning_rate, seed)
     if log is not None and key in log:
         return log.runs[key]
     if deadline is not None and time.time() > deadline:
@@ -364,7 +369,7 @@ def progress(methods: Sequence[str], config: Config, log: Any) -> dict[str, Any]
             finals = [
                 log.runs[key]["bit_errors"][-1]
                 for seed in config.seeds
-                if (key := f"{method} / {learning_rate:g} / {seed}") in log
+                if (key := run_key(method, learning_rate, seed)) in log
             ]
             if finals:
                 rates[f"{learning_rate:g}"] = {

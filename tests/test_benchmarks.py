@@ -255,8 +255,8 @@ def test_sequential_runs_match_vmapped_runs():
     """`run_method(sequential=True)` (`lax.map`, how the conv net is trained) gives
     the runs the vmapped form gives, each in its (step size, seed) place: catches a
     seed's data or a step size paired with another run."""
-    x, y = activity.load_data()[0][:256], activity.load_data()[1][:256]
-    data = (x, y, x[:64], y[:64])
+    x, y, *_ = activity.load_data()
+    data = (x[:256], y[:256], x[:64], y[:64])
     args = (activity.METHODS["backprop"], [0, 1], [0.1, 1.0], data, 20)
     vmapped = activity.run_method(*args)
     mapped = activity.run_method(*args, sequential=True)
