@@ -51,7 +51,7 @@ from ._directions import sample_direction, trainable
 from ._filter import _DodgeWrapper, WrapperMethods
 from ._live import live_mask
 from ._tangents import weighted_sum
-from ._value_fn import fresh_nodes
+from ._value_fn import call_loss
 
 
 class ActivityKeywords(TypedDict, total=False):
@@ -104,7 +104,7 @@ def _example_value(
     fun: Callable, kwargs: dict, has_aux: bool, model: PyTree, example: tuple
 ) -> tuple[Array, Any]:
     """The checked loss of one example and its `aux` (`None` without `has_aux`)."""
-    out = fun(model, *example, **fresh_nodes(kwargs))
+    out = call_loss(fun, model, example, kwargs)
     value, aux = out if has_aux else (out, None)
     return check_scalar_loss(value, "example_loss", has_aux), aux
 

@@ -24,7 +24,7 @@ from ._directions import check_direction, trainable
 from ._estimator import value_and_estimate
 from ._live import LiveSplit, split_live
 from ._tangents import draw_tangents, Layout, SINGLE_DEVICE, Tangents
-from ._value_fn import fresh_nodes, note_closed_over_variables
+from ._value_fn import call_loss
 
 
 _sentinel: Any = object()
@@ -137,12 +137,7 @@ def _value_and_estimate_jit(wrapper: _ValueAndDodgeWrapper, args: tuple, kwargs:
     nondiff_x = eqx.filter(x, eqx.is_inexact_array, inverse=True)
 
     def fun_of_trainable(_diff_x):
-        _rest, _kwargs = fresh_nodes((rest, kwargs))
-        try:
-            return wrapper._fun(eqx.combine(_diff_x, nondiff_x), *_rest, **_kwargs)
-        except Exception as error:
-            note_closed_over_variables(error)
-            raise
+        return call_loss(wrapper._fun, eqx.combine(_diff_x, nondiff_x), rest, kwargs)
 
     options = wrapper._options
     split = split_live(fun_of_trainable, diff_x, has_aux=options.has_aux)

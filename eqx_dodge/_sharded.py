@@ -43,7 +43,7 @@ from ._sharded_layout import (
     ShardedLayout,
 )
 from ._tangents import draw_tangents
-from ._value_fn import fresh_nodes
+from ._value_fn import call_loss
 
 
 AxisNames = str | tuple[str, ...]
@@ -120,8 +120,7 @@ class _ShardedValueAndDodgeWrapper(WrapperMethods):
         reduce = jax.lax.pmean if self._batch_reduction == "mean" else jax.lax.psum
 
         def global_value(_diff):
-            _batch, _kwargs = fresh_nodes((batch, kwargs))
-            out = self._fun(eqx.combine(_diff, rest), *_batch, **_kwargs)
+            out = call_loss(self._fun, eqx.combine(_diff, rest), batch, kwargs)
             value, aux = out if self._options.has_aux else (out, None)
             return reduce(value, self._data_axes), aux
 

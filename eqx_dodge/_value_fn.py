@@ -2,7 +2,7 @@
 function of the trainable leaves, and the loss's other arguments in each trace."""
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -33,6 +33,20 @@ def note_closed_over_variables(error: Exception) -> None:
             "as an argument of the loss (a keyword argument of `update` for the "
             "optax transforms, e.g. `stats=stats`) instead of closing over it."
         )
+
+
+def call_loss(
+    fun: Callable, first: Any, args: Sequence[Any], kwargs: dict[str, Any]
+) -> Any:
+    """`fun(first, *args, **kwargs)` in the current trace: `args` and `kwargs` get
+    fresh nodes (`fresh_nodes`), and the error of an NNX Variable that `fun` closed
+    over gets a note saying what to do."""
+    args, kwargs = fresh_nodes((args, kwargs))
+    try:
+        return fun(first, *args, **kwargs)
+    except Exception as error:
+        note_closed_over_variables(error)
+        raise
 
 
 # What `update` itself takes: these names cannot reach `value_fn` as extra arguments.
@@ -133,12 +147,11 @@ def loss_of_trainable(
 
     def fun(_primal):
         try:
-            out = value_fn(_unmasked(eqx.combine(_primal, rest)), **fresh_nodes(kwargs))
+            out = call_loss(value_fn, _unmasked(eqx.combine(_primal, rest)), (), kwargs)
         except Exception as error:
             hint = _rebuild_hint(params)
             if hint is not None:
                 error.add_note(hint)
-            note_closed_over_variables(error)
             raise
         if has_aux and not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(

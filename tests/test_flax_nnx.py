@@ -184,6 +184,47 @@ def test_closed_over_batch_statistics_get_an_error_that_says_what_to_do():
     assert "as an argument of the loss" in "".join(raised.value.__notes__)
 
 
+def _mutates_a_foreign_variable(params, x, y):
+    # What NNX raises when a loss mutates a Variable made in another trace.
+    raise flax.errors.TraceContextError(
+        "Cannot mutate BatchStat from a different trace"
+    )
+
+
+def _through_dodge_transform(params, x, y):
+    transform = eqx_dodge.dodge(key=0)
+    state = transform.init(params)
+    return transform.update(
+        None, state, params, value_fn=_mutates_a_foreign_variable, x=x, y=y
+    )
+
+
+CALLS_OF_THE_LOSS = {
+    "filter_dodge": lambda p, x, y: eqx_dodge.filter_dodge(
+        _mutates_a_foreign_variable, key=0
+    )(p, x, y),
+    "sharded_dodge": lambda p, x, y: eqx_dodge.sharded_dodge(
+        _mutates_a_foreign_variable, mesh=jax.make_mesh((1,), ("data",)), key=0
+    )(p, x, y),
+    "activity_dodge": lambda p, x, y: eqx_dodge.activity_dodge(
+        _mutates_a_foreign_variable, key=0
+    )(p, x, y),
+    "dodge": _through_dodge_transform,
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS_OF_THE_LOSS))
+def test_every_estimator_notes_a_closed_over_variable(name):
+    """Every estimator that calls the user's loss with its other arguments closed
+    over adds the note to NNX's error (catches an entry point that calls the loss
+    its own way)."""
+    params = {"w": jnp.ones(3)}
+    x, y = jnp.ones((4, 3)), jnp.ones(4)
+    with pytest.raises(flax.errors.TraceContextError) as raised:
+        CALLS_OF_THE_LOSS[name](params, x, y)
+    assert "as an argument of the loss" in "".join(raised.value.__notes__)
+
+
 def test_nnx_parameter_state_estimate_has_nnx_grad_structure():
     x, y = _regression_data()
     model = _NormedMLP(rngs=nnx.Rngs(0))
