@@ -49,7 +49,7 @@ from ._checks import (
 from ._derivatives import jvp
 from ._directions import sample_direction, trainable
 from ._filter import _DodgeWrapper, WrapperMethods
-from ._live import live_mask
+from ._live import live_mask, zero_dead
 from ._tangents import weighted_sum
 from ._value_fn import call_loss
 
@@ -141,12 +141,7 @@ def _without_dead_leaves(
         model = eqx.combine(parts.layers, others, parts.static)
         return example_value(model, example)[0]
 
-    mask = live_mask(value, parts.others)
-    if all(mask):
-        return directions
-    leaves, treedef = jax.tree.flatten(directions)
-    kept = [u if live else jnp.zeros_like(u) for u, live in zip(leaves, mask)]
-    return jax.tree.unflatten(treedef, kept)
+    return zero_dead(directions, live_mask(value, parts.others))
 
 
 def _example_derivatives(

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 from jax.interpreters.partial_eval import dce_jaxpr
 from jaxtyping import PyTree
@@ -54,6 +55,16 @@ def _select(tree: PyTree, mask: tuple[bool, ...], keep: bool) -> PyTree:
     leaves, treedef = jax.tree.flatten(tree)
     picked = [leaf if live == keep else None for leaf, live in zip(leaves, mask)]
     return jax.tree.unflatten(treedef, picked)
+
+
+def zero_dead(tree: PyTree, mask: tuple[bool, ...]) -> PyTree:
+    """`tree`, shaped like the trainable leaves (or stacked: its leaves may carry
+    leading axes), with zeros at the dead leaves."""
+    if all(mask):
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    kept = [leaf if live else jnp.zeros_like(leaf) for leaf, live in zip(leaves, mask)]
+    return jax.tree.unflatten(treedef, kept)
 
 
 class LiveSplit(eqx.Module):
@@ -96,7 +107,7 @@ class LiveSplit(eqx.Module):
     def project(self, candidate: PyTree) -> PyTree:
         """`candidate` with its dead leaves set to zero: its projection onto the
         subspace where the gradient lives."""
-        return self.widen(self.restrict(candidate))
+        return zero_dead(candidate, self.mask)
 
 
 def split_live(
