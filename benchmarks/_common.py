@@ -18,9 +18,11 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -200,6 +202,108 @@ def memory_analysis(compiled: Any) -> dict[str, int] | None:
         - fields["alias_size"]
     )
     return fields
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set now (Linux's `/proc/self/statm`), or None."""
+    try:
+        pages = int(pathlib.Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class ResidentPeak:
+    """The largest resident set seen while the `with` block runs, sampled every
+    `interval` seconds by a thread (XLA releases the GIL while it computes).
+    `ru_maxrss` cannot tell a computation's peak from the compiler's, which is
+    higher for short runs and varies by tens of MiB from one process to the next."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak = interval, resident_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = resident_bytes()
+            if now is not None and self.peak is not None:
+                self.peak = max(self.peak, now)
+
+    def __enter__(self) -> "ResidentPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        now = resident_bytes()
+        if now is not None and self.peak is not None:
+            self.peak = max(self.peak, now)
+
+
+def measure_compiled(
+    fun: Callable,
+    args: Sequence[Any],
+    *,
+    repeats: int,
+    max_run_bytes: int,
+    timed_seconds: float = 10.0,
+    warm_up_below_seconds: float = 1.0,
+) -> tuple[dict[str, Any], Any, Any]:
+    """Compiles `fun` (an `eqx.filter_jit` function) for `args`, analyses its memory
+    and, unless XLA predicts more than `max_run_bytes`, times calls of it.
+
+    Meant for a fresh process per measurement (see `run_point`), so that the peak
+    resident set reported (`ru_maxrss`, compilation included) is this computation's;
+    `run_peak_rss_bytes` is the largest resident set sampled while the compiled
+    function ran (`ResidentPeak`). Timed calls stop at
+    `repeats` or once they add up to `timed_seconds`; the first call is a dropped
+    warm-up only when it is shorter than `warm_up_below_seconds` (a minute-long call
+    is timed as it is). Returns the record, the compiled function and the output of
+    its last call (None when it did not run).
+    """
+    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    compiled = fun.lower(*args).compile()
+    record: dict[str, Any] = {
+        "xla_memory": memory_analysis(compiled),
+        "compile_seconds": time.perf_counter() - start,
+        "rss_after_setup_bytes": rss_setup,
+    }
+    peak = (record["xla_memory"] or {}).get("peak_bytes", 0)
+    output = None
+    if peak > max_run_bytes:
+        record["skipped_run"] = (
+            f"predicted peak {peak / 2**30:.1f} GiB exceeds "
+            f"--max-run-bytes={max_run_bytes / 2**30:.1f} GiB"
+        )
+    else:
+        with ResidentPeak() as resident:
+            start = time.perf_counter()
+            output = jax.block_until_ready(compiled(*args))
+            first = time.perf_counter() - start
+            times = [] if first < warm_up_below_seconds else [first]
+            while len(times) < repeats and sum(times) < timed_seconds:
+                start = time.perf_counter()
+                output = jax.block_until_ready(compiled(*args))
+                times.append(time.perf_counter() - start)
+        record["seconds"] = (
+            summarize(times) if len(times) > 1 else {"median": times[0], "repeats": 1}
+        )
+        record["run_peak_rss_bytes"] = resident.peak
+    record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return record, compiled, output
+
+
+def run_point(script: str, *point: Any) -> dict[str, Any]:
+    """Runs `script --point *point` in a fresh interpreter and returns the JSON
+    record it prints last, or an `error` record with the end of its stderr."""
+    command = [sys.executable, script, "--point", *map(str, point)]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr[-2000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def write_json(

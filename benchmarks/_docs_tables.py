@@ -70,6 +70,40 @@ def activity_models_table(record: dict[str, Any]) -> list[str]:
     return [*lines, "", f"{protocol}. " + "; ".join(captions) + "."]
 
 
+def _points(value: float) -> str:
+    return f"{value:g} point" + ("" if value == 1 else "s")
+
+
+def _best_forward_only(model: dict[str, Any]) -> str:
+    method = model["best_forward_only"]
+    entry = model["methods"][method]
+    time = model["step_time"][method]["ratio_to_backprop"]["median"]
+    memory = (model["memory"][method] or {}).get("ratio_to_backprop")
+    cost = f"{time:.1f}× a backprop step" + (
+        "" if memory is None else f" and {memory:.1f}× its peak memory"
+    )
+    return f"{method}, {entry['points_below_backprop']:.1f} points below, at {cost}"
+
+
+def activity_models_goals(sgd: dict[str, Any], adam: dict[str, Any]) -> list[str]:
+    """`activity_models.py --full` with SGD and with `--adam`: per model, the
+    closest forward-only method under each optimizer against the model's goal."""
+    rows = [
+        "| model (goal) | SGD: closest forward-only | Adam: closest forward-only "
+        "| goal reached |",
+        "|---|---|---|---|",
+    ]
+    for name, model in sgd["models"].items():
+        other = adam["models"].get(name)
+        reached = model["accuracy_goal_met"] or (other or {}).get("accuracy_goal_met")
+        rows.append(
+            f"| {name} ({_points(model['goal_points'])}) | {_best_forward_only(model)} "
+            f"| {'not run' if other is None else _best_forward_only(other)} "
+            f"| {'yes' if reached else 'no'} |"
+        )
+    return rows
+
+
 def _time_ratio(record: dict[str, Any], method: str) -> str:
     entry = record["step_time"].get(method)
     return "–" if entry is None else f"{entry['ratio_to_backprop']['median']:.1f}"
@@ -124,6 +158,25 @@ def activity_methods_table(
             f"{1e3 * backprop:.2f} ms) on {_caption(record)}"
         )
     return [*lines, "", caption + "."]
+
+
+def adam_against_sgd(sgd: dict[str, Any], adam: dict[str, Any]) -> list[str]:
+    """`activity_adam.py` against `activity.py`: each forward-only method's gap to
+    backprop with SGD and with Adam, and the closest one against the goal."""
+    gaps = [
+        f"{method} {sgd['methods'][method]['points_below_backprop']:.1f} → "
+        f"{entry['points_below_backprop']:.1f}"
+        for method, entry in adam["methods"].items()
+        if entry["forward_only"] and method in sgd["methods"]
+    ]
+    best = adam["best_forward_only"]
+    reached = "reached" if adam["goal_met"] else "not reached"
+    return [
+        "Points below backprop, SGD → Adam: " + "; ".join(gaps) + ". The closest "
+        f"forward-only method with Adam, {best}, ends "
+        f"{adam['methods'][best]['points_below_backprop']:.1f} points below backprop "
+        f"(goal: {_points(adam['goal_points'])}; {reached})."
+    ]
 
 
 def local_losses_table(record: dict[str, Any]) -> list[str]:
@@ -301,6 +354,70 @@ def long_sequence_table(record: dict[str, Any]) -> list[str]:
     ]
 
 
+ONLINE_STREAM_METHODS = {
+    "forward": "forward pass only (no training)",
+    "tbptt": "truncated BPTT, one window",
+    "dodge_k1": "online DODGE, $k = 1$",
+    "bptt": "BPTT through the whole stream",
+    "bptt_remat": "BPTT with `jax.checkpoint`, √W segments of windows",
+}
+
+
+def _steps(t: str) -> str:
+    return "$10^{" + str(len(t) - 1) + "}$" if t.strip("0") == "1" else f"{int(t):,}"
+
+
+def online_stream_table(record: dict[str, Any]) -> list[str]:
+    """`online_stream.py`: time per stream step and peak memory (XLA's and the
+    process's) of each method, at every stream length."""
+    summary, config = record["summary"], record["config"]
+    lengths = sorted(record["points"], key=int)
+    at = " / ".join(_steps(t) for t in lengths) + " steps"
+    lines = [
+        f"| method | µs per step, {at} | XLA peak, MiB | RSS while running, MiB "
+        "| RSS growth, MiB | loss over the last tenth |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def joined(rows: list[dict[str, Any]], field: str, fmt: str) -> str:
+        return " / ".join(
+            "not run" if row[field] is None else format(row[field], fmt) for row in rows
+        )
+
+    for method, label in ONLINE_STREAM_METHODS.items():
+        if method not in summary:
+            continue  # `make bench`'s run leaves the BPTT rows to `--full`
+        rows = [summary[method]["lengths"][t] for t in lengths]
+        growth = summary[method]["rss_growth_mib"]
+        cells = [
+            joined(rows, "microseconds_per_step", ".0f"),
+            joined(rows, "xla_peak_mib", ".1f"),
+            joined(rows, "run_peak_rss_mib", ".0f"),
+            "—" if growth is None else f"{growth:+.1f}",
+            " / ".join(
+                "—" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
+                for r in rows
+            ),
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return [
+        *lines,
+        "",
+        f"LSTM-{config['hidden']}, batch {config['batch']}, windows of "
+        f"{config['window']} steps generated inside the compiled loop; one subprocess "
+        "per point. RSS while running: the largest resident set sampled during the "
+        "timed calls (the Python and XLA runtime included); its growth from the "
+        "shortest stream to the longest is the RSS growth column. A "
+        f"computation XLA predicts to need over {config['max_run_bytes'] / 2**30:g} "
+        "GiB is compiled but not run. Truncated BPTT and DODGE take one SGD step per "
+        f"window (step size {config['learning_rate']:g} for both, not tuned; the "
+        "last column, the mean window loss over the stream's last tenth, shows "
+        "whether they learned, starting from about 1); the two BPTT rows compute one "
+        f"exact gradient of the whole stream (one update per stream); "
+        f"{_caption(record)}.",
+    ]
+
+
 def which_activity_table(record: dict[str, Any]) -> list[str]:
     """`activity.py`'s main rows for the guide page."""
     methods = [
@@ -317,8 +434,8 @@ def which_activity_table(record: dict[str, Any]) -> list[str]:
     )
 
 
-# Table name: (result file, docs page, function).
-TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
+# Table name: (result file or files, docs page, function of their records).
+TABLES: dict[str, tuple[str | tuple[str, ...], str, Callable[..., list[str]]]] = {
     "activity_models_full": (
         "activity_models_full",
         "docs/concepts/local_losses.md",
@@ -329,11 +446,21 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
         "docs/concepts/local_losses.md",
         activity_models_table,
     ),
+    "activity_models_goals": (
+        ("activity_models_full", "activity_models_adam_full"),
+        "docs/concepts/local_losses.md",
+        activity_models_goals,
+    ),
     "activity": ("activity", "docs/concepts/activity.md", activity_methods_table),
     "activity_adam": (
         "activity_adam",
         "docs/concepts/activity.md",
         activity_methods_table,
+    ),
+    "activity_adam_against_sgd": (
+        ("activity", "activity_adam"),
+        "docs/concepts/activity.md",
+        adam_against_sgd,
     ),
     "activity_errors": (
         "activity",
@@ -346,6 +473,7 @@ TABLES: dict[str, tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = {
         local_losses_table,
     ),
     "long_sequence": ("long_sequence", "docs/which.md", long_sequence_table),
+    "online_stream_full": ("online_stream_full", "docs/which.md", online_stream_table),
     "step_cost_memory": ("step_cost", "docs/which.md", step_cost_memory_table),
     "step_cost_time": ("step_cost", "docs/which.md", step_cost_time_table),
     "digits_directions": (
@@ -362,8 +490,9 @@ def updated_pages(results: pathlib.Path, root: pathlib.Path) -> dict[pathlib.Pat
     rewritten from the result files found in `results`."""
     pages: dict[pathlib.Path, str] = {}
     for name, (result, page, table) in TABLES.items():
-        path, page_path = results / f"{result}.json", root / page
-        if not path.exists() or not page_path.exists():
+        names = (result,) if isinstance(result, str) else result
+        paths, page_path = [results / f"{n}.json" for n in names], root / page
+        if not all(path.exists() for path in paths) or not page_path.exists():
             continue
         text = pages.get(page_path, page_path.read_text())
         start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
@@ -371,6 +500,6 @@ def updated_pages(results: pathlib.Path, root: pathlib.Path) -> dict[pathlib.Pat
             raise SystemExit(f"{page} has no `{start}` … `{end}` markers.")
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
-        body = "\n".join(table(json.loads(path.read_text())))
+        body = "\n".join(table(*(json.loads(path.read_text()) for path in paths)))
         pages[page_path] = f"{head}{start}\n\n{body}\n\n{end}{tail}"
     return pages

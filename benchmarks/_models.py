@@ -3,7 +3,9 @@
 - `mlp`: 784-256-256-10 ReLU MLP on a batch of 256 (the paper's MNIST model);
 - `conv`: a small convolutional net on 28×28 single-channel images, batch 128;
 - `lstm`: an LSTM with 128 units unrolled over T = 100 steps (`lax.scan`), batch 32,
-    with a read-out and a cross-entropy loss at every step.
+    with a read-out and a cross-entropy loss at every step;
+- `mlp_large` (`large_mlp_problem`, timed by `step_cost.py --large` only):
+    784-2048-2048-10 ReLU MLP (p = 5.8 M) on a batch of 256.
 
 Data is random: the benchmarks measure cost, not accuracy.
 """
@@ -188,3 +190,19 @@ def make_problems(key: PRNGKeyArray, quick: bool = False) -> list[Problem]:
             names, descriptions, models, losses, inputs, targets, remat_losses
         )
     ]
+
+
+@eqx.filter_jit
+def _large_mlp_and_data(key: PRNGKeyArray) -> tuple:
+    keys = jax.random.split(key, 2)
+    model = eqx.nn.MLP(784, 10, 2048, 2, activation=jax.nn.relu, key=keys[0])
+    x = jax.random.normal(keys[1], (256, 784))
+    return model, x, jax.random.randint(keys[1], (256,), 0, 10)
+
+
+def large_mlp_problem(key: PRNGKeyArray) -> Problem:
+    """An MLP wide enough (p = 5.8 M) that drawing a direction is a visible part of
+    a step and each extra direction's tangent costs nearly a forward pass."""
+    model, x, y = _large_mlp_and_data(key)
+    description = "MLP 784-2048-2048-10, batch 256"
+    return Problem("mlp_large", description, model, mlp_loss, x, y, mlp_remat_loss)

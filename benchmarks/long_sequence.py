@@ -23,10 +23,7 @@ too (to float tolerance; tests/test_long_sequence.py checks it).
 import argparse
 import json
 import pathlib
-import resource
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -140,48 +137,16 @@ COMPILED: dict[tuple[str, int], Callable] = {}
 
 def measure_point(method: str, length: int, repeats: int, max_run_bytes: int):
     """Runs in a fresh subprocess: compile, analyse, run, and report."""
-    model, state, xs = inputs(length)
-    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     fun = eqx.filter_jit(make_computation(method))
-    start = time.perf_counter()
-    compiled = fun.lower(model, state, xs).compile()
-    compile_seconds = time.perf_counter() - start
-    COMPILED[method, length] = compiled
-    memory = _common.memory_analysis(compiled)
-    record: dict[str, Any] = {
-        "method": method,
-        "length": length,
-        "xla_memory": memory,
-        "compile_seconds": compile_seconds,
-        "rss_after_setup_bytes": rss_setup,
-    }
-    if memory is not None and memory["peak_bytes"] > max_run_bytes:
-        record["skipped_run"] = (
-            f"predicted peak {memory['peak_bytes'] / 2**30:.1f} GiB exceeds "
-            f"--max-run-bytes={max_run_bytes / 2**30:.1f} GiB"
-        )
-    else:
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(model, state, xs))
-        first = time.perf_counter() - start
-        # The first call is a warm-up, dropped, where its one-off costs could weigh;
-        # a call of over a second is timed as it is (at T = 50 000 a warm-up would
-        # add minutes to `make bench`).
-        times = [] if first < WARM_UP_BELOW_SECONDS else [first]
-        while len(times) < repeats and sum(times) < TIMED_SECONDS:
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(model, state, xs))
-            times.append(time.perf_counter() - start)
-        record["seconds"] = (
-            _common.summarize(times)
-            if len(times) > 1
-            else {
-                "median": times[0],
-                "repeats": 1,
-            }
-        )
-    record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return record
+    record, COMPILED[method, length], _ = _common.measure_compiled(
+        fun,
+        inputs(length),
+        repeats=repeats,
+        max_run_bytes=max_run_bytes,
+        timed_seconds=TIMED_SECONDS,
+        warm_up_below_seconds=WARM_UP_BELOW_SECONDS,
+    )
+    return {"method": method, "length": length, **record}
 
 
 def _cosine(a, b) -> float:
@@ -227,23 +192,8 @@ def quality(length: int) -> dict[str, Any]:
 
 
 def run_point(method: str, length: int, repeats: int, max_run_bytes: int):
-    command = [
-        sys.executable,
-        __file__,
-        "--point",
-        method,
-        str(length),
-        str(repeats),
-        str(max_run_bytes),
-    ]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        return {
-            "method": method,
-            "length": length,
-            "error": out.stderr[-2000:],
-        }
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    record = _common.run_point(__file__, method, length, repeats, max_run_bytes)
+    return {"method": method, "length": length, **record}
 
 
 def _metric(record: dict[str, Any], metric: str) -> float | None:

@@ -145,6 +145,52 @@ def step_cost_section(record: dict[str, Any], results_path: str) -> list[str]:
     return lines
 
 
+def step_cost_large_section(record: dict[str, Any], results_path: str) -> list[str]:
+    """`step_cost.py --large`: the p = 5.8 M MLP, k = 1 and 8."""
+    goals = record["goals"]
+    (r,) = record["results"].values()
+    s, q, memory = r["seconds"], r["ratios"], r["memory_bytes"]
+    scaling = goals["scaling_k8"]
+    names = ("forward", "grad", "grad_remat", "jvp_fixed_direction", "dodge_k1")
+    labels = ("forward", "`filter_grad`", "`filter_grad`, remat", "jvp alone", "k=1")
+    return [
+        "### Cost at p = 5.8 M (`benchmarks/step_cost.py --large`)",
+        "",
+        f"Machine: {_machine(record)}. {r['description']} "
+        f"({r['num_parameters']:,} parameters); milliseconds per estimate as above, "
+        "*jvp alone* along a direction passed in (no sampler).",
+        "",
+        "| " + " | ".join(labels) + " | average k=8 | partition k=8 "
+        f"| k=1 / jvp alone (≤ {goals['dodge_k1_over_jvp_fixed_direction']}) "
+        f"| average k=8 scaling (≤ {scaling}) | partition k=8 scaling |",
+        "|" + "---|" * (len(labels) + 5),
+        "| "
+        + " | ".join(_ms(s[name]) for name in names)
+        + f" | {_ms(s['average_k8'])} | {_ms(s['partition_k8'])} | "
+        + _ratio(
+            q["dodge_k1_over_jvp_fixed_direction"],
+            goals["dodge_k1_over_jvp_fixed_direction"],
+        )
+        + f" | {_ratio(r['scaling']['average']['8'], scaling)} "
+        f"| {_ratio(r['scaling']['partition']['8'], scaling)} |",
+        "",
+        "XLA's compiled peak (MiB): "
+        + ", ".join(
+            f"{label} {_mib(memory[name]['peak_bytes'])}"
+            for label, name in (
+                ("`filter_grad`", "grad"),
+                ("remat", "grad_remat"),
+                ("k=1", "dodge_k1"),
+                ("average k=8", "average_k8"),
+            )
+        )
+        + ".",
+        "",
+        f"![step cost, p = 5.8 M]({results_path}/step_cost_large.png)",
+        "",
+    ]
+
+
 def _central_lines(results: dict[str, Any]) -> list[str]:
     """The zeroth-order peer of `step_cost`: central differences along the same
     direction (absent from files written before it was measured)."""
@@ -604,6 +650,26 @@ def long_sequence_section(record: dict[str, Any], results_path: str) -> list[str
     return lines
 
 
+def online_stream_section(record: dict[str, Any], results_path: str) -> list[str]:
+    name = record["benchmark"]
+    study = "`--full`" if record["config"]["full"] else "`make bench`'s short run"
+    goal = record["goal"]["dodge_k1_rss_growth_mib"]
+    growth = record["summary"]["dodge_k1"]["rss_growth_mib"]
+    return [
+        f"### Training on a stream (`benchmarks/online_stream.py`, {study})",
+        "",
+        f"Machine: {_machine(record)}. Goal: online DODGE's peak RSS grows by at "
+        f"most {goal:g} MiB from the shortest stream to the longest; measured: "
+        + ("not run" if growth is None else f"{growth:+.1f} MiB")
+        + ".",
+        "",
+        *_docs_tables.online_stream_table(record),
+        "",
+        f"![online stream]({results_path}/{name}.png)",
+        "",
+    ]
+
+
 def _copy_label(key: str, config: dict[str, Any]) -> str:
     if key.startswith("dodge_k"):
         k = int(key.removeprefix("dodge_k"))
@@ -1021,12 +1087,15 @@ def reptile_regression_section(record: dict[str, Any], results_path: str) -> lis
 
 SECTIONS = {
     "step_cost": step_cost_section,
+    "step_cost_large": step_cost_large_section,
     "k_formulations": k_formulations_section,
     "vs_pytorch": vs_pytorch_section,
     "digits_directions": digits_section,
     "digits_widths": digits_widths_section,
     "influence_balancing": influence_balancing_section,
     "long_sequence": long_sequence_section,
+    "online_stream": online_stream_section,
+    "online_stream_full": online_stream_section,
     "copy_task": copy_task_section,
     "copy_task_full": copy_task_full_section,
     "guess_quality": guess_quality_section,

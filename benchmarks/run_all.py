@@ -40,6 +40,7 @@ TIMED = (
     "guess_quality",
     "k_formulations",
     "long_sequence",
+    "online_stream",
     "scaling",
     "step_cost",
     "vs_pytorch",

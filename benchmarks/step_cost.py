@@ -50,6 +50,14 @@ GOALS = {
     "dodge_k1_over_forward": 2.0,
     "scaling": 1.0,
 }
+# `--large`: the wide MLP where the sampler and each extra direction's tangent weigh
+# most. The floors by arithmetic on 2 cores: about 0.58 for time(8)/(8·time(1)) (a
+# tangent costs about 1.7 forward passes of FLOPs) and about 1.06 for DODGE over the
+# jvp along a given direction (writing 23 MB of signs).
+LARGE_GOALS = {
+    "dodge_k1_over_jvp_fixed_direction": 1.08,
+    "scaling_k8": 0.6,
+}
 
 
 def step_functions(problem: _models.Problem, ks: Sequence[int]) -> dict[str, Any]:
@@ -182,6 +190,9 @@ def run_problem(
         "jvp_fixed_direction_over_forward": _common.ratio_samples(
             times["jvp_fixed_direction"], times["forward"]
         ),
+        "dodge_k1_over_jvp_fixed_direction": _common.ratio_samples(
+            times["dodge_k1"], times["jvp_fixed_direction"]
+        ),
         "listing1_rademacher_over_listing1": _common.ratio_samples(
             times["listing1_rademacher"], times["listing1"]
         ),
@@ -214,7 +225,7 @@ def run_problem(
     }
 
 
-def plot(results: dict[str, Any], ks: Sequence[int], out_dir: Any) -> None:
+def plot(results: dict[str, Any], ks: Sequence[int], out_dir: Any, figure: str) -> None:
     fig, axes = _common.new_figure(1, 3, figsize=(15, 4.2))
     names = list(results)
     variants = ["forward", "grad", "listing1", "dodge_k1"]
@@ -278,40 +289,50 @@ def plot(results: dict[str, Any], ks: Sequence[int], out_dir: Any) -> None:
     axes[2].set_ylabel("XLA peak memory (MiB); dotted: filter_grad")
     axes[2].set_title("Compiled peak memory")
     axes[2].legend(fontsize=7)
-    _common.save_figure(fig, out_dir, "step_cost")
+    _common.save_figure(fig, out_dir, figure)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = _common.parse_args(__doc__, argv)
-    if args.quick:
-        ks, repeats, min_time = [1, 2], 5, 0.01
+    large_help = (
+        "time the 784-2048-2048-10 MLP (p = 5.8 M) with k = 1, 8 only, into "
+        "step_cost_large.json"
+    )
+    args = _common.parse_args(__doc__, argv, flags=[("--large", large_help)])
+    repeats, min_time = (5, 0.01) if args.quick else (9, 0.1)
+    if args.large:
+        ks = [1, 8]
     else:
         # Every k is two more compilations and timings per model (average and
         # partition): the powers of 4 and the k = 8 users often pick.
-        ks, repeats, min_time = [1, 4, 8, 16, 64], 9, 0.1
-    problems = _models.make_problems(jax.random.key(0), quick=args.quick)
+        ks = [1, 2] if args.quick else [1, 4, 8, 16, 64]
+    if args.large:
+        problems = [_models.large_mlp_problem(jax.random.key(0))]
+    else:
+        problems = _models.make_problems(jax.random.key(0), quick=args.quick)
     if args.quick:
         # The smoke run times every variant on the MLP: each variant is a
         # compilation, and the looped and conv models' losses, rematerialised ones
         # included, have tests of their own (tests/test_benchmark_models.py).
-        problems = [problem for problem in problems if problem.name == "mlp"]
+        problems = [problem for problem in problems if problem.name.startswith("mlp")]
     results = {p.name: run_problem(p, ks, repeats, min_time) for p in problems}
+    output = "step_cost_large" if args.large else "step_cost"
     _common.write_json(
         args.out,
-        "step_cost",
+        output,
         {
             "config": {
                 "quick": args.quick,
+                "large": args.large,
                 "num_directions": ks,
                 "repeats": repeats,
                 "min_seconds_per_repeat": min_time,
                 "dtype": str(jnp.result_type(float)),
             },
-            "goals": GOALS,
+            "goals": LARGE_GOALS if args.large else GOALS,
             "results": results,
         },
     )
-    plot(results, ks, args.out)
+    plot(results, ks, args.out, output)
     for name, result in results.items():
         r = result["ratios"]
         print(

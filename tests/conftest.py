@@ -44,6 +44,7 @@ LONG_FIRST = (
     "test_docs.py",
     "test_guess_quality_benchmark.py",
     "test_long_sequence.py",
+    "test_online_stream.py",
     "test_adam_digits_example.py",
     "test_copy_task.py",
     "test_reptile_regression.py",

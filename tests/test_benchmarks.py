@@ -115,6 +115,36 @@ def test_step_cost_quick(tmp_path):
         assert grad["peak_bytes"] > 0 and dodge["peak_bytes"] > 0
 
 
+def test_step_cost_large_times_the_wide_mlp_at_k_1_and_8(tmp_path, monkeypatch):
+    """`--large` times the p = 5.8 M MLP alone, k = 1 and 8, into its own file (the
+    timing itself is `test_step_cost_quick`'s; five seconds a call would not fit
+    the suite)."""
+    step_cost = importlib.import_module("step_cost")
+    seen = {}
+
+    def run_problem(problem, ks, repeats, min_time):
+        seen.update(problem=problem, ks=ks)
+        printed = ("listing1", "forward", "grad")
+        ratios = {f"dodge_k1_over_{name}": {"median": 1.0} for name in printed}
+        ratios["jvp_fixed_direction_over_forward"] = {"median": 1.0}
+        return {"ratios": ratios, "scaling": {}}
+
+    monkeypatch.setattr(step_cost, "run_problem", run_problem)
+    monkeypatch.setattr(step_cost, "plot", lambda *args: None)
+    step_cost.main(["--large", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "step_cost_large.json").read_text())
+    assert record["goals"] == step_cost.LARGE_GOALS
+    assert record["config"]["large"] and record["config"]["num_directions"] == [1, 8]
+    assert seen["ks"] == [1, 8]
+    problem = seen["problem"]
+    assert problem.name == "mlp_large"
+    arrays = jax.tree.leaves(eqx.filter(problem.model, eqx.is_array))
+    num_parameters = sum(x.size for x in arrays)
+    assert num_parameters == 784 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 10 + 10
+    assert problem.x.shape == (256, 784) and problem.y.shape == (256,)
+    assert not (tmp_path / "step_cost.json").exists()
+
+
 def test_k_formulations_quick(tmp_path):
     """Every formulation is timed, and its ratio to `vmap_jvp` is the one its timings
     give. Catches a ratio against the wrong denominator (the old check, `vmap_jvp`
@@ -338,6 +368,62 @@ def test_docs_tables_from_activity_results(tmp_path):
         _docs_tables.updated_pages(tmp_path / "results", tmp_path)
 
 
+def test_docs_sentence_from_two_result_files(tmp_path, monkeypatch):
+    """A docs entry written from two result files (the Adam study against the SGD
+    one) is rewritten only when both exist, from both: each forward-only method's
+    gap under both optimizers, and the best one against the goal."""
+
+    def method(forward_only, gap):
+        return {"forward_only": forward_only, "points_below_backprop": gap}
+
+    sgd = {"methods": {"backprop": method(False, 0), "k16": method(True, 4.04)}}
+    adam = {
+        "methods": {"backprop": method(False, 0), "k16": method(True, 2.61)},
+        "best_forward_only": "k16",
+        "goal_points": 1.0,
+        "goal_met": False,
+    }
+    page = tmp_path / "docs/concepts/activity.md"
+    page.parent.mkdir(parents=True)
+    name = "activity_adam_against_sgd"
+    monkeypatch.setattr(_docs_tables, "TABLES", {name: _docs_tables.TABLES[name]})
+    page.write_text(f"<!-- results:{name}:start -->\nold\n<!-- results:{name}:end -->")
+    results = tmp_path / "results"
+    _common.write_json(results, "activity_adam", adam)
+    assert _docs_tables.updated_pages(results, tmp_path) == {}  # SGD's missing
+    _common.write_json(results, "activity", sgd)
+    text = _docs_tables.updated_pages(results, tmp_path)[page]
+    assert "SGD → Adam: k16 4.0 → 2.6." in text and "old" not in text
+    assert "k16, ends 2.6 points below backprop (goal: 1 point; not reached)" in text
+
+
+def test_docs_goals_table_of_the_deeper_models():
+    """Per model, the closest forward-only method of each optimizer's study with
+    its gap and costs, `not run` for a model the Adam study lacks, and the goal
+    reached if either optimizer reached it."""
+
+    def model(best, gap, met):
+        timing = {"ratio_to_backprop": {"median": 3.25}}
+        return {
+            "goal_points": 1.0,
+            "best_forward_only": best,
+            "accuracy_goal_met": met,
+            "methods": {best: {"points_below_backprop": gap}},
+            "step_time": {best: timing},
+            "memory": {best: {"ratio_to_backprop": 1.5}},
+        }
+
+    sgd = {"models": {"mlp": model("a", 2.66, False), "conv": model("b", 5.7, False)}}
+    adam = {"models": {"mlp": model("c", 0.5, True)}}
+    rows = _docs_tables.activity_models_goals(sgd, adam)
+    assert rows[2] == (
+        "| mlp (1 point) | a, 2.7 points below, at 3.2× a backprop step and 1.5× its "
+        "peak memory | c, 0.5 points below, at 3.2× a backprop step and 1.5× its peak "
+        "memory | yes |"
+    )
+    assert rows[3].endswith("| not run | no |")
+
+
 def test_docs_long_sequence_table():
     """The long-sequence table orders the lengths as numbers (50 000 after 1000,
     not as strings), takes the peak ratio at the longest, and writes a gradient
@@ -497,7 +583,10 @@ def test_run_all_full_runs_timed_scripts_alone(tmp_path, monkeypatch):
     measuring = {
         name
         for name, text in real.items()
-        if "time_interleaved" in text or "memory_analysis" in text
+        if any(
+            helper in text
+            for helper in ("time_interleaved", "memory_analysis", "measure_compiled")
+        )
     }
     assert measuring == set(run_all.TIMED)
     scripts = tmp_path / "scripts"
@@ -760,6 +849,8 @@ def test_report_committed_results():
     scripts = {
         "digits_widths": "digits_directions.py --full",
         "copy_task_full": "copy_task.py --full",
+        "online_stream_full": "online_stream.py",
+        "step_cost_large": "step_cost.py --large",
     }
     for name in report.SECTIONS:
         if (results / f"{name}.json").exists():
