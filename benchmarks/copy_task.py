@@ -418,12 +418,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         try:
             results[method] = method_result(method, config, log, deadline)
         except StudyPaused as paused:
+            # The methods after it still enter the summary where an earlier
+            # sitting finished all their runs (no new run starts after the
+            # deadline).
             print(
                 f"Paused before {paused}: rerun with --full to go on. The summary "
                 f"has the methods whose runs are all finished.",
                 file=sys.stderr,
             )
-            break
 
     steps = np.arange(config.steps // config.eval_every + 1) * config.eval_every
     payload = {

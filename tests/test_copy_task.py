@@ -83,4 +83,9 @@ def test_full_study_resumes(tmp_path, monkeypatch):
 
         monkeypatch.setattr(copy_task, "train", no_training)
         again = copy_task.main(arguments)
+        # A method left unfinished does not hide a finished one after it.
+        out_of_time = copy_task.main(
+            [*arguments[:-1], "bptt", "dodge_k1", "--stop-after-minutes", "0"]
+        )
     assert again["results"] == first["results"]
+    assert out_of_time["results"] == first["results"]
