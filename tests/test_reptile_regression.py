@@ -104,6 +104,45 @@ def test_dodge_along_reptile_is_the_meta_gradient_projection(problem, getkey):
     assert abs(float(_dot(fomaml, unit) - projection)) > 1e-3 * abs(float(projection))
 
 
+def test_while_loop_inner_loop(problem, getkey):
+    """With a tolerance, the inner loop stops after the first step that brings the
+    loss below it (`lax.while_loop`); DODGE along Reptile differentiates through it
+    (forward mode) and gives the scan's estimate when the loop runs every step;
+    reverse mode refuses it. Catches a loop that ignores the tolerance, stops one
+    step late or early, or loses the tangent in the loop."""
+    params, static, coordinates, images = problem
+    pixels, steps = images[0], SMALL.inner_steps
+
+    def adapted(**options):
+        return reptile_regression.adapt(
+            params, static, coordinates, pixels, inner_learning_rate=0.5, **options
+        )
+
+    def close(a, b):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+    close(adapted(inner_steps=steps, inner_tolerance=1e-12), adapted(inner_steps=steps))
+    loss = reptile_regression.image_loss
+    one, two = (
+        float(loss(adapted(inner_steps=n), static, coordinates, pixels)) for n in (1, 2)
+    )
+    assert one > two
+    tolerance = (one + two) / 2
+    close(adapted(inner_steps=steps, inner_tolerance=tolerance), adapted(inner_steps=2))
+
+    never = SMALL._replace(inner_tolerance=1e-12)
+    through_loop = reptile_regression.meta_gradients(static, coordinates, never)
+    through_scan = reptile_regression.meta_gradients(static, coordinates, SMALL)
+    key = getkey()
+    close(
+        jax.jit(through_loop["DODGE along Reptile"])(params, key, images),
+        jax.jit(through_scan["DODGE along Reptile"])(params, key, images),
+    )
+    with pytest.raises(ValueError, match="Reverse-mode differentiation"):
+        through_loop["MAML"](params, key, images)
+
+
 def test_reptile_regression_quick(tmp_path):
     """The quick run writes every method's held-out PSNR curve; MAML and Reptile
     meta-learn an initialisation better than the untrained one (after the same
@@ -133,6 +172,12 @@ def test_reptile_regression_quick(tmp_path):
     floor = record["initialisation_psnr_mean"]
     for name in ("Reptile", "MAML"):
         assert methods[name]["final_psnr_mean"] > floor + 1.5, name
+    # The data-dependent inner loop: the forward-only methods ran, MAML could not.
+    study = record["while_loop"]
+    assert list(study["methods"]) == list(reptile_regression.WHILE_LOOP_METHODS)
+    assert all(method["finite"] for method in study["methods"].values())
+    assert study["maml"].startswith("ValueError: Reverse-mode differentiation")
+    assert study["inner_tolerance_psnr"] == pytest.approx(22.0)
 
 
 def test_report_section_judges_the_claim_from_the_numbers():
