@@ -280,6 +280,27 @@ def step_cost_time_table(record: dict[str, Any]) -> list[str]:
     return [*lines, "", f"Medians of interleaved repeats on {_caption(record)}."]
 
 
+def step_cost_large_table(record: dict[str, Any]) -> list[str]:
+    """`step_cost.py --large`: the p = 5.8 M MLP's times and the two ratios."""
+    (result,) = record["results"].values()
+    seconds, ratios = result["seconds"], result["ratios"]
+    names = ("forward", "grad", "grad_remat", "jvp_fixed_direction", "dodge_k1")
+    labels = ("forward", "`filter_grad`", "remat", "jvp alone", "$k = 1$")
+    return [
+        "| " + " | ".join(labels) + " | $k = 8$ | $k = 1$ / jvp alone "
+        "| time(8) / (8 · time(1)) |",
+        "|" + "---|" * (len(labels) + 3),
+        "| "
+        + " | ".join(f"{1e3 * seconds[name]['median']:.1f}" for name in names)
+        + f" | {1e3 * seconds['average_k8']['median']:.0f} "
+        f"| {ratios['dodge_k1_over_jvp_fixed_direction']['median']:.2f} "
+        f"| {result['scaling']['average']['8']['median']:.2f} |",
+        "",
+        f"{result['description']} ({result['num_parameters']:,} parameters), "
+        f"milliseconds per estimate; {_caption(record)}.",
+    ]
+
+
 def digits_directions_table(record: dict[str, Any]) -> list[str]:
     """`digits_directions.py`: final training accuracy against the number of
     directions, the exact gradient last."""
@@ -476,6 +497,7 @@ TABLES: dict[str, tuple[str | tuple[str, ...], str, Callable[..., list[str]]]] =
     "online_stream_full": ("online_stream_full", "docs/which.md", online_stream_table),
     "step_cost_memory": ("step_cost", "docs/which.md", step_cost_memory_table),
     "step_cost_time": ("step_cost", "docs/which.md", step_cost_time_table),
+    "step_cost_large": ("step_cost_large", "docs/which.md", step_cost_large_table),
     "digits_directions": (
         "digits_directions",
         "docs/which.md",

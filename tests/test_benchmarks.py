@@ -424,6 +424,42 @@ def test_docs_goals_table_of_the_deeper_models():
     assert rows[3].endswith("| not run | no |")
 
 
+def test_docs_step_cost_large_table():
+    """The wide MLP's row: milliseconds of each computation in order, k = 8, and
+    the two ratios the issue sets goals for, read from their own entries."""
+    seconds = {
+        name: {"median": value}
+        for name, value in (
+            ("forward", 0.02),
+            ("grad", 0.04),
+            ("grad_remat", 0.05),
+            ("jvp_fixed_direction", 0.039),
+            ("dodge_k1", 0.046),
+            ("average_k8", 0.339),
+        )
+    }
+    record = {
+        "machine": {
+            "cpu_count": 2,
+            "cpu": "x",
+            "load_average_1_5_15min": [1.0],
+            "git_commit": "abc",
+        },
+        "results": {
+            "mlp_large": {
+                "description": "MLP",
+                "num_parameters": 5824522,
+                "seconds": seconds,
+                "ratios": {"dodge_k1_over_jvp_fixed_direction": {"median": 1.16}},
+                "scaling": {"average": {"8": {"median": 0.93}}},
+            }
+        },
+    }
+    table = _docs_tables.step_cost_large_table(record)
+    assert table[2] == "| 20.0 | 40.0 | 50.0 | 39.0 | 46.0 | 339 | 1.16 | 0.93 |"
+    assert table[4].startswith("MLP (5,824,522 parameters)")
+
+
 def test_docs_long_sequence_table():
     """The long-sequence table orders the lengths as numbers (50 000 after 1000,
     not as strings), takes the peak ratio at the longest, and writes a gradient
