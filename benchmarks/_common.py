@@ -328,6 +328,15 @@ def new_figure(*args: Any, **kwargs: Any) -> Any:
     return plt.subplots(*args, **kwargs)
 
 
+def log_log_axes(axes: Sequence[Any], xlabel: str, ylabels: Sequence[str]) -> None:
+    """Both scales logarithmic, one x label and each axis's y label."""
+    for ax, ylabel in zip(axes, ylabels, strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+
+
 def save_figure(fig: Any, out_dir: pathlib.Path, name: str) -> pathlib.Path:
     import matplotlib.pyplot as plt
 

@@ -309,11 +309,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ]
         axes[0].plot(lengths, np.asarray(xla, float) / 2**20, "o-", label=method)
         axes[1].plot(lengths, seconds, "o-", label=method)
-    for ax, label in zip(axes, ("XLA peak memory (MiB)", "seconds")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel(label)
+    labels = ("XLA peak memory (MiB)", "seconds")
+    _common.log_log_axes(axes, "sequence length T", labels)
     axes[0].legend()
     axes[0].set_title(f"LSTM-{HIDDEN}, batch {BATCH}")
     _common.save_figure(fig, args.out, "long_sequence")

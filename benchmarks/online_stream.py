@@ -244,11 +244,8 @@ def plot(points: dict[int, dict[str, Any]], out: pathlib.Path, name: str) -> Non
             for t in lengths
         ]
         axes[1].plot(lengths, per_step, "o-", label=method)
-    for ax, label in zip(axes, ("peak memory (MiB)", "µs per stream step")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("stream length (steps)")
-        ax.set_ylabel(label)
+    labels = ("peak memory (MiB)", "µs per stream step")
+    _common.log_log_axes(axes, "stream length (steps)", labels)
     axes[0].legend(fontsize=7)
     axes[0].set_title(f"LSTM-{HIDDEN}, batch {BATCH}, windows of {WINDOW}")
     _common.save_figure(fig, out, name)
