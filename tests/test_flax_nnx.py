@@ -194,8 +194,9 @@ def _mutates_a_foreign_variable(params, x, y):
 def _through_dodge_transform(params, x, y):
     transform = eqx_dodge.dodge(key=0)
     state = transform.init(params)
+    # `dodge(key=...)` reads the loss, not the updates: any of their shape will do.
     return transform.update(
-        None, state, params, value_fn=_mutates_a_foreign_variable, x=x, y=y
+        params, state, params, value_fn=_mutates_a_foreign_variable, x=x, y=y
     )
 
 
