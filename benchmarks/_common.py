@@ -224,11 +224,14 @@ class ResidentPeak:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    def _observe(self) -> None:
+        now = resident_bytes()
+        if now is not None and self.peak is not None:
+            self.peak = max(self.peak, now)
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            now = resident_bytes()
-            if now is not None and self.peak is not None:
-                self.peak = max(self.peak, now)
+            self._observe()
 
     def __enter__(self) -> "ResidentPeak":
         self._thread.start()
@@ -237,9 +240,7 @@ class ResidentPeak:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        now = resident_bytes()
-        if now is not None and self.peak is not None:
-            self.peak = max(self.peak, now)
+        self._observe()
 
 
 def measure_compiled(
@@ -304,6 +305,19 @@ def run_point(script: str, *point: Any) -> dict[str, Any]:
     if out.returncode != 0:
         return {"error": out.stderr[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def point_line(record: dict[str, Any]) -> str:
+    """One line of progress for a `measure_compiled` record of `method` at
+    `length`: XLA's peak, the process's peak RSS, the median time, any error."""
+    peak = (record.get("xla_memory") or {}).get("peak_bytes")
+    seconds = (record.get("seconds") or {}).get("median", float("nan"))
+    return (
+        f"T={record['length']:>8} {record['method']:>10}: xla peak "
+        f"{'?' if peak is None else f'{peak / 2**20:.1f} MiB'}, "
+        f"rss {record.get('peak_rss_bytes', 0) / 2**20:.0f} MiB, {seconds:.2f} s"
+        + (f"  ERROR {record['error'][-300:]}" if "error" in record else "")
+    )
 
 
 def write_json(

@@ -400,9 +400,11 @@ def online_stream_table(record: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
 
-    def joined(rows: list[dict[str, Any]], field: str, fmt: str) -> str:
+    def joined(
+        rows: list[dict[str, Any]], field: str, fmt: str, missing: str = "not run"
+    ) -> str:
         return " / ".join(
-            "not run" if row[field] is None else format(row[field], fmt) for row in rows
+            missing if row[field] is None else format(row[field], fmt) for row in rows
         )
 
     for method, label in ONLINE_STREAM_METHODS.items():
@@ -415,10 +417,7 @@ def online_stream_table(record: dict[str, Any]) -> list[str]:
             joined(rows, "xla_peak_mib", ".1f"),
             joined(rows, "run_peak_rss_mib", ".0f"),
             "—" if growth is None else f"{growth:+.1f}",
-            " / ".join(
-                "—" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
-                for r in rows
-            ),
+            joined(rows, "final_loss", ".3f", missing="—"),
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return [

@@ -263,15 +263,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             measure = measure_point if args.in_process else run_point
             record = measure(method, length, repeats, int(args.max_run_bytes))
             points[length][method] = record
-            peak = (record.get("xla_memory") or {}).get("peak_bytes")
-            print(
-                f"T={length:>6} {method:>9}: xla peak "
-                f"{'?' if peak is None else f'{peak / 2**20:.1f} MiB'}, "
-                f"rss {record.get('peak_rss_bytes', 0) / 2**20:.0f} MiB, "
-                f"{(record.get('seconds') or {}).get('median', float('nan')):.2f} s"
-                + (f"  ERROR {record['error'][-300:]}" if "error" in record else ""),
-                file=sys.stderr,
-            )
+            print(_common.point_line(record), file=sys.stderr)
 
     ratios = summarize_ratios(points)
     gradient_quality = quality(min(lengths))

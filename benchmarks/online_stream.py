@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 continue
             record = measure(method, length, int(args.max_run_bytes))
             points[length][method] = record
-            print(_progress_line(record), file=sys.stderr)
+            print(_common.point_line(record), file=sys.stderr)
             if log is not None and "error" not in record:
                 log.add(key, record)
     payload = {
@@ -321,17 +321,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def run_point(method: str, length: int, max_run_bytes: int) -> dict[str, Any]:
     record = _common.run_point(__file__, method, length, max_run_bytes)
     return {"method": method, "length": length, **record}
-
-
-def _progress_line(record: dict[str, Any]) -> str:
-    peak = (record.get("xla_memory") or {}).get("peak_bytes")
-    seconds = (record.get("seconds") or {}).get("median", float("nan"))
-    return (
-        f"T={record['length']:>8} {record['method']:>10}: xla peak "
-        f"{'?' if peak is None else f'{peak / 2**20:.1f} MiB'}, "
-        f"rss {record.get('peak_rss_bytes', 0) / 2**20:.0f} MiB, {seconds:.2f} s"
-        + (f"  ERROR {record['error'][-300:]}" if "error" in record else "")
-    )
 
 
 if __name__ == "__main__":
