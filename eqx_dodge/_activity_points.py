@@ -40,8 +40,11 @@ def _point_words(
 
 
 def _signs(words: UInt32[Array, "2"], like: Array) -> Array:
-    """Rademacher signs shaped and typed like `like`, from raw Threefry key words."""
-    return rademacher_like(jax.random.wrap_key_data(words, impl="threefry2x32"), like)
+    """Rademacher signs shaped and typed like `like`, from raw Threefry key words.
+    Both passes read them transposed (per example, laid out for the layers'
+    matmuls): their hash is kept apart so that it runs once per word."""
+    key = jax.random.wrap_key_data(words, impl="threefry2x32")
+    return rademacher_like(key, like, kept_apart=True)
 
 
 # --- The two point rules ------------------------------------------------------------

@@ -55,8 +55,27 @@ def is_threefry(key: PRNGKeyArray) -> bool:
     return str(jax.random.key_impl(key)) == "threefry2x32"
 
 
-def _words(key: PRNGKeyArray, sizes: list[int]) -> list[UInt32[Array, "n 2"]]:
-    """The hash words of every leaf: `⌈size/64⌉` pairs each."""
+def _kept_apart(words: UInt32[Array, "n 2"]) -> UInt32[Array, "n 2"]:
+    """`words`, unchanged, in a buffer of their own instead of fused into the code
+    that unpacks their bits.
+
+    Fused, the hash is computed inside the loop over the signs. Where the signs are
+    written in their own order the compiled loop hashes each word once; where the
+    consumer reads them transposed (the activity estimator's per-example tangents,
+    laid out for a matmul) it hashes again for every sign, 32 times the work, which
+    was most of an activity step with 16 directions. XLA does not fuse an integer
+    division by a non-constant into a consumer that reads each element many times,
+    so a division by a one it cannot fold keeps the words in memory: a 32nd of the
+    signs' size."""
+    one = (words[:1, :1] | jnp.uint32(1)) // (words[:1, :1] | jnp.uint32(1))
+    return words // one
+
+
+def _words(
+    key: PRNGKeyArray, sizes: list[int], kept_apart: bool = False
+) -> list[UInt32[Array, "n 2"]]:
+    """The hash words of every leaf: `⌈size/64⌉` pairs each, `_kept_apart` if
+    asked."""
     num_pairs = [-(-size // (2 * _BITS_PER_WORD)) for size in sizes]
     if not is_threefry(key):
         # Keys of other implementations (`impl="rbg"`, ...) use their own generator.
@@ -71,6 +90,7 @@ def _words(key: PRNGKeyArray, sizes: list[int]) -> list[UInt32[Array, "n 2"]]:
     # the same words, and a twentieth of the program XLA compiles per leaf.
     counters = jnp.arange(total, dtype=jnp.uint32)
     words = jnp.stack(threefry_2x32(jax.random.key_data(key), counters), axis=1)
+    words = _kept_apart(words) if kept_apart else words
     offsets = itertools.accumulate(num_pairs, initial=0)
     return [words[o : o + n] for o, n in zip(offsets, num_pairs)]
 
@@ -95,9 +115,14 @@ def _like(
     return jax.tree.unflatten(treedef, draw(key, layout))
 
 
-def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
-    """Independent ±1 entries shaped and typed like every leaf of `tree`."""
-    return _like(_rademacher_leaves, key, tree)
+def rademacher_like(
+    key: PRNGKeyArray, tree: PyTree, *, kept_apart: bool = False
+) -> PyTree:
+    """Independent ±1 entries shaped and typed like every leaf of `tree`; with
+    `kept_apart`, their hash words are computed apart from the code that uses the
+    signs (`_kept_apart`): the same signs."""
+    draw = ft.partial(_rademacher_leaves, kept_apart=kept_apart)
+    return _like(draw, key, tree)
 
 
 def normal_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
@@ -106,12 +131,15 @@ def normal_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
     return _like(_normal_leaves, key, tree)
 
 
-@ft.partial(jax.jit, static_argnums=1)
-def _rademacher_leaves(key: PRNGKeyArray, layout: Layout) -> list[Array]:
+@ft.partial(jax.jit, static_argnums=1, static_argnames="kept_apart")
+def _rademacher_leaves(
+    key: PRNGKeyArray, layout: Layout, kept_apart: bool = False
+) -> list[Array]:
     shifts = jnp.arange(_BITS_PER_WORD, dtype=jnp.uint32).reshape(1, 1, -1)
     sizes = [math.prod(shape) for shape, _ in layout]
     signs = []
-    for (shape, dtype), size, words in zip(layout, sizes, _words(key, sizes)):
+    all_words = _words(key, sizes, kept_apart)
+    for (shape, dtype), size, words in zip(layout, sizes, all_words):
         bits = (words[..., None] >> shifts) & jnp.uint32(1)
         leaf_bits = bits.reshape(-1)[:size].reshape(shape)
         # 1 - 2·bit maps {0, 1} to {+1, -1}, exactly, in every floating dtype.

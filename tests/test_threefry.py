@@ -7,6 +7,7 @@ with a CHANGELOG line saying that directions for a given key changed.
 """
 
 import math
+import re
 
 import equinox as eqx
 import jax
@@ -16,7 +17,7 @@ import pytest
 from jax.extend.random import threefry_2x32 as jax_threefry_2x32
 
 import eqx_dodge
-from eqx_dodge._threefry import threefry_2x32
+from eqx_dodge._threefry import rademacher_like, threefry_2x32
 
 
 COUNTER_RANGES = [(0, 1000), (2**31 - 500, 2**31 + 500), (2**32 - 1000, 2**32)]
@@ -88,3 +89,52 @@ def test_golden_signs(seed):
     )(model)
     flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(estimate)])
     assert jnp.array_equal(flat, jnp.sum(signs) * signs)
+
+
+def test_kept_apart_words_give_the_same_signs():
+    """Catches `kept_apart` changing the signs it only moves into a buffer."""
+    tree = {"a": jnp.zeros((130,)), "b": jnp.zeros((3, 7))}
+    key = jax.random.key(5)
+    fused = rademacher_like(key, tree)
+    apart = rademacher_like(key, tree, kept_apart=True)
+    for x, y in zip(jax.tree.leaves(fused), jax.tree.leaves(apart)):
+        np.testing.assert_array_equal(x, y)
+
+
+def _fusions_that_hash(hlo: str) -> dict[str, str]:
+    """The result type of every fused computation of compiled HLO text that runs
+    Threefry's rounds (an `xor` in its body)."""
+    hashing = {}
+    computation = re.compile(r"\n(%fused\S* \(.*?\) -> .*?) \{\n(.*?)\n\}", re.S)
+    for header, body in computation.findall(hlo):
+        if " xor(" in body:
+            name, result = header.split(" ", 1)[0], header.rsplit("-> ", 1)[1]
+            hashing[name] = result
+    return hashing
+
+
+def test_activity_signs_are_hashed_apart_from_their_use():
+    """Catches the per-example signs' hash fused into the tangent and cotangent code
+    that reads them transposed, where XLA recomputes it for every sign (most of an
+    activity step's time with 16 directions): every fusion that hashes must write
+    the words, unsigned integers, not the signs or what they feed."""
+    model = eqx.nn.MLP(8, 3, 16, 1, key=jax.random.key(0))
+    x, y = jnp.ones((32, 8)), jnp.zeros((32,), jnp.int32)
+
+    def example_loss(model, x, y):
+        return -jax.nn.log_softmax(model(x))[y]
+
+    def estimate(params):
+        model_ = eqx.combine(params, static)
+        grads = eqx_dodge.activity_dodge(
+            example_loss, key=jax.random.key(1), num_directions=4, separate_layers=True
+        )(model_, x, y)
+        return eqx.filter(grads, eqx.is_array)
+
+    params, static = eqx.partition(model, eqx.is_array)
+    hlo = jax.jit(estimate).lower(params).compile().as_text()
+    assert hlo is not None
+    hashing = _fusions_that_hash(hlo)
+    assert hashing, "no fusion runs the hash: the test no longer sees it"
+    for name, result in hashing.items():
+        assert result.lstrip("(").startswith("u32"), (name, result)
