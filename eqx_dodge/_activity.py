@@ -51,6 +51,7 @@ from ._directions import sample_direction, trainable
 from ._filter import _DodgeWrapper, WrapperMethods
 from ._live import live_mask, zero_dead
 from ._tangents import weighted_sum
+from ._threefry import key_words
 from ._value_fn import call_loss
 
 
@@ -115,9 +116,8 @@ def _draw_tangents(
     """The raw words of the points' signs and the other leaves' directions `u`."""
     point_key, other_key = jax.random.split(as_key(key))
     # Raw Threefry words for every (direction, example); each point folds in its
-    # index and call number. One draw of bits consumes the key once, whatever
-    # its implementation.
-    words = jax.random.bits(point_key, (num_directions, batch_size, 2), jnp.uint32)
+    # index and call number.
+    words = key_words(point_key, (num_directions, batch_size))
     if num_directions == 1:
         other_keys = other_key[None]
     else:
@@ -152,32 +152,38 @@ def _example_derivatives(
     direction: PyTree,
 ):
     """Pass A for one example and one direction: its loss, the derivatives `d[g]`
-    (one per group, or a single one) and its `aux`."""
+    (one per group, or a single one) and its `aux`.
 
-    def tangent_pass(epsilon_dot, other_dot):
+    With several groups, each group's pass is a `jvp` of its own in which only its
+    points inject a tangent and only its weight-space leaves carry one: everything
+    before a group's first point has a zero tangent that JAX does not compute, so a
+    pass costs the network downstream of its points, not the whole network (a
+    `vmap` over the groups would carry a dense zero tangent through every layer).
+    XLA computes the passes' shared primal once."""
+    group_of = parts.other_group_tree(direction)
+
+    def group_pass(group: int | None):
+        def selected(g):
+            return group is None or g == group
+
+        mask = jax.tree.map(selected, group_of)
+        others, fixed = eqx.partition(parts.others, mask)
+
         def loss(epsilon, others):
-            context = _TangentContext(words_jb, epsilon)
-            model = parts.with_points(parts.layers, others, context)
+            context = _TangentContext(words_jb, epsilon, group)
+            model = parts.with_points(parts.layers, eqx.combine(others, fixed), context)
             return example_value(model, example)
 
-        epsilon = jnp.zeros((parts.num_groups,), jnp.float32)
-        return jvp(
-            loss, (epsilon, parts.others), (epsilon_dot, other_dot), has_aux=True
-        )
+        epsilon = jnp.zeros((), jnp.float32)
+        tangents = (jnp.ones((), jnp.float32), eqx.filter(direction, mask))
+        return jvp(loss, (epsilon, others), tangents, has_aux=True)
 
     if parts.num_groups == 1:
-        return tangent_pass(jnp.ones((1,), jnp.float32), direction)
-    selections = jnp.eye(parts.num_groups, dtype=jnp.float32)
-
-    def group_pass(selection):
-        other_dot = jax.tree.map(
-            lambda u, g: u * selection[g].astype(u.dtype),
-            direction,
-            parts.other_group_tree(direction),
-        )
-        return tangent_pass(selection, other_dot)
-
-    return jax.vmap(group_pass, out_axes=(None, 0, None))(selections)
+        value, derivative, aux = group_pass(None)
+        return value, derivative[None], aux
+    passes = [group_pass(group) for group in range(parts.num_groups)]
+    value, _, aux = passes[0]
+    return value, jnp.stack([derivative for _, derivative, _ in passes]), aux
 
 
 def _forward_pass(
@@ -336,10 +342,11 @@ def activity_value_and_dodge(
         averaged (default 1); the forward-mode pass carries them in one `vmap`, the
         local pass runs once whatever `k`.
     - `separate_layers`: if `True` (default `False`), each point gets its own
-        forward-mode pass (the points' passes vectorised with `vmap`), and so does
-        each Module holding other leaves directly (a LayerNorm), so that no other
-        layer's noise enters a layer's estimate: lower variance for about `L + M`
-        forward-mode passes instead of one. With [`eqx_dodge.LocalLosses`][] it keeps
+        forward-mode pass, and so does each Module holding other leaves directly (a
+        LayerNorm), so that no other layer's noise enters a layer's estimate: lower
+        variance for `L + M` tangent passes instead of one. A point's pass carries
+        a tangent from that point on only, so it costs the network downstream of
+        the point; the passes share one primal forward pass. With [`eqx_dodge.LocalLosses`][] it keeps
         every block's estimate free of the other blocks' losses.
     - `has_aux`: if `True` (default `False`), `example_loss` returns `(value, aux)`;
         the `aux` of every example is passed back, stacked along a leading batch

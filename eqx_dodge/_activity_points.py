@@ -3,7 +3,6 @@ Conv layers wrapped so that their outputs get a random tangent (pass A) or a fix
 cotangent (pass B), the raw Threefry words their signs are drawn from, and the model
 split around them for the two passes."""
 
-import functools as ft
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -50,20 +49,20 @@ def _signs(words: UInt32[Array, "2"], like: Array) -> Array:
 # --- The two point rules ------------------------------------------------------------
 
 
-@ft.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _inject(z: Array, epsilon: Float[Array, " g"], signs: Array, group: int) -> Array:
-    # The output `z + ε_g v` at `ε = 0`, the only point it is evaluated at: the
+@jax.custom_jvp
+def _inject(z: Array, epsilon: Float[Array, ""], signs: Array) -> Array:
+    # The output `z + ε v` at `ε = 0`, the only point it is evaluated at: the
     # primal is `z` itself, so that under a `vmap` over directions (which batches
     # `v`) the primal computation is not batched and runs once.
-    del epsilon, signs, group
+    del epsilon, signs
     return z
 
 
 @_inject.defjvp
-def _inject_jvp(group, primals, tangents):
+def _inject_jvp(primals, tangents):
     z, _, signs = primals
     z_dot, epsilon_dot, _ = tangents
-    return z, z_dot + epsilon_dot[group].astype(z.dtype) * signs
+    return z, z_dot + epsilon_dot.astype(z.dtype) * signs
 
 
 @jax.custom_vjp
@@ -108,15 +107,19 @@ class _Calls:
 
 
 class _TangentContext(eqx.Module):
-    """Pass A, one example and one direction: the raw words of its signs and the
-    perturbation scales `ε` (zero; their tangents select the groups)."""
+    """Pass A, one example and one direction: the raw words of its signs, the
+    perturbation scale `ε` (zero; its tangent is one) and the group whose points
+    inject a tangent in this pass (`None`: every point)."""
 
     words: UInt32[Array, "2"]
-    epsilon: Float[Array, " g"]
+    epsilon: Float[Array, ""]
+    group: int | None = eqx.field(static=True)
 
     def apply(self, layer: Callable, x: Array, words: Array, group: int, key) -> Array:
         z = layer(x, key=key)
-        return _inject(z, self.epsilon, _signs(words, z), group)
+        if self.group is not None and group != self.group:
+            return z
+        return _inject(z, self.epsilon, _signs(words, z))
 
 
 class _CotangentContext(eqx.Module):

@@ -64,7 +64,7 @@ class LocalLosses(eqx.Module):
     local-loss backprop (LG-BP); with
     `eqx_dodge.activity_dodge(eqx_dodge.local_loss(output_loss), key=key,
     separate_layers=True)`, their LG-FG-A: every layer's tangent reaches its own
-    block's loss only, in one vectorised forward-mode pass for all blocks.
+    block's loss only, in forward-mode passes that share one primal pass.
 
     **Arguments:**
 

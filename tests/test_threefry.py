@@ -17,7 +17,7 @@ import pytest
 from jax.extend.random import threefry_2x32 as jax_threefry_2x32
 
 import eqx_dodge
-from eqx_dodge._threefry import rademacher_like, threefry_2x32
+from eqx_dodge._threefry import key_words, rademacher_like, threefry_2x32
 
 
 COUNTER_RANGES = [(0, 1000), (2**31 - 500, 2**31 + 500), (2**32 - 1000, 2**32)]
@@ -138,3 +138,24 @@ def test_activity_signs_are_hashed_apart_from_their_use():
     assert hashing, "no fusion runs the hash: the test no longer sees it"
     for name, result in hashing.items():
         assert result.lstrip("(").startswith("u32"), (name, result)
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_key_words_are_distinct_pairs_of_every_key_implementation(impl):
+    """Catches the activity estimator's per-example key words repeated across
+    directions or examples (a shared tangent, which would bias nothing but cut the
+    variance reduction silently), or a key implementation they cannot be drawn
+    from; and checks that the estimator accepts such keys."""
+    key = jax.random.key(7, impl=impl)
+    words = key_words(key, (4, 33))
+    assert words.shape == (4, 33, 2) and words.dtype == jnp.uint32
+    pairs = {tuple(pair) for pair in np.asarray(words).reshape(-1, 2).tolist()}
+    assert len(pairs) == 4 * 33
+    np.testing.assert_array_equal(
+        words, jax.jit(key_words, static_argnums=1)(key, (4, 33))
+    )
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    estimate = eqx_dodge.activity_dodge(
+        lambda model, x: jnp.sum(model(x)), key=key, num_directions=2
+    )(model, jnp.ones((5, 3)))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(estimate))
