@@ -7,6 +7,10 @@ from ._activity import (
     activity_dodge as activity_dodge,
     activity_value_and_dodge as activity_value_and_dodge,
 )
+from ._activity_transform import (
+    dodge_activity as dodge_activity,
+    DodgeActivityState as DodgeActivityState,
+)
 from ._adam import (
     adam_dodge as adam_dodge,
     scale_by_adam_dodge as scale_by_adam_dodge,

@@ -346,8 +346,9 @@ def activity_value_and_dodge(
         LayerNorm), so that no other layer's noise enters a layer's estimate: lower
         variance for `L + M` tangent passes instead of one. A point's pass carries
         a tangent from that point on only, so it costs the network downstream of
-        the point; the passes share one primal forward pass. With [`eqx_dodge.LocalLosses`][] it keeps
-        every block's estimate free of the other blocks' losses.
+        the point; the passes share one primal forward pass. With
+        [`eqx_dodge.LocalLosses`][] it keeps every block's estimate free of the
+        other blocks' losses.
     - `has_aux`: if `True` (default `False`), `example_loss` returns `(value, aux)`;
         the `aux` of every example is passed back, stacked along a leading batch
         axis.

@@ -53,7 +53,7 @@ def call_loss(
 _UPDATE_ARGUMENTS = ("updates", "state", "params")
 
 
-def _value_fn_kwargs(value_fn: Callable, extra_args: dict[str, Any]) -> dict[str, Any]:
+def value_fn_kwargs(value_fn: Callable, extra_args: dict[str, Any]) -> dict[str, Any]:
     # The convention of optax's line searches: the extra arguments of `update` whose
     # names are parameters of `value_fn` (other than the first) are passed on to it.
     # Other extra arguments are meant for other transforms of the chain.
@@ -98,7 +98,7 @@ def _unmasked(tree: PyTree) -> PyTree:
     )
 
 
-def _rebuild_hint(params: PyTree) -> str | None:
+def rebuild_hint(params: PyTree) -> str | None:
     """What to tell a user whose `value_fn` failed on a partial `params`."""
     nodes = jax.tree.leaves(params, is_leaf=lambda x: x is None or _is_masked(x))
     rebuild = (
@@ -121,12 +121,18 @@ def _rebuild_hint(params: PyTree) -> str | None:
     return None
 
 
-def loss_of_trainable(
-    name: str, params: Any, value_fn: Any, extra_args: dict[str, Any], has_aux: bool
-) -> tuple[Callable[[PyTree], tuple[Array, Any]], PyTree]:
-    """Checks `params` and `value_fn` and returns `(fun, primal)`, where `primal` is
-    the trainable part of `params` and `fun(primal)` is `(loss, aux)` (`aux` is
-    `None` unless `has_aux`)."""
+_USAGE = (
+    "a function of the parameters returning the scalar loss to differentiate, e.g. "
+    "`value_fn=lambda model: loss(model, x, y)`, or `value_fn=loss` with `x=x, y=y` "
+    "passed as further keyword arguments of `update`."
+)
+
+
+def check_update_call(
+    name: str, params: Any, value_fn: Any, usage: str = _USAGE
+) -> None:
+    """The errors of an `update` called without `params` or a callable `value_fn`
+    (`usage` says what `value_fn` should be)."""
     if params is None:
         raise ValueError(
             f"`{name}.update` needs the current parameters: call "
@@ -134,14 +140,18 @@ def loss_of_trainable(
             "that `value_fn` takes (e.g. the Equinox model)."
         )
     if value_fn is None:
-        raise ValueError(
-            f"`{name}.update` needs `value_fn=...`: a function of the parameters "
-            "returning the scalar loss to differentiate, e.g. "
-            "`value_fn=lambda model: loss(model, x, y)`, or `value_fn=loss` with "
-            "`x=x, y=y` passed as further keyword arguments of `update`."
-        )
+        raise ValueError(f"`{name}.update` needs `value_fn=...`: {usage}")
     check_callable("value_fn", value_fn)
-    kwargs = _value_fn_kwargs(value_fn, extra_args)
+
+
+def loss_of_trainable(
+    name: str, params: Any, value_fn: Any, extra_args: dict[str, Any], has_aux: bool
+) -> tuple[Callable[[PyTree], tuple[Array, Any]], PyTree]:
+    """Checks `params` and `value_fn` and returns `(fun, primal)`, where `primal` is
+    the trainable part of `params` and `fun(primal)` is `(loss, aux)` (`aux` is
+    `None` unless `has_aux`)."""
+    check_update_call(name, params, value_fn)
+    kwargs = value_fn_kwargs(value_fn, extra_args)
     primal = trainable(params)
     rest = eqx.filter(params, eqx.is_inexact_array, inverse=True)
 
@@ -149,7 +159,7 @@ def loss_of_trainable(
         try:
             out = call_loss(value_fn, _unmasked(eqx.combine(_primal, rest)), (), kwargs)
         except Exception as error:
-            hint = _rebuild_hint(params)
+            hint = rebuild_hint(params)
             if hint is not None:
                 error.add_note(hint)
             raise

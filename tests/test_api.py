@@ -36,10 +36,13 @@ def _estimators(model, x):
     """Every public way to turn a key into an estimate or a direction."""
     mesh = jax.make_mesh((1,), ("data",))
 
-    def optax_estimate(transform):
+    def optax_estimate(transform, value_fn=squared_loss):
         params = eqx.filter(model, eqx.is_inexact_array)
         state = transform.init(params)
-        return transform.update(None, state, model, value_fn=squared_loss, x=x)[0]
+        return transform.update(None, state, model, value_fn=value_fn, x=x)[0]
+
+    def example_loss(model, x):  # one example: `update` splits the batch `x`
+        return jnp.mean(jnp.square(model(x) - 0.5))
 
     def online(key):
         def step(model, state, inputs):
@@ -63,6 +66,9 @@ def _estimators(model, x):
         )(model, x),
         "dodge": lambda key: optax_estimate(eqx_dodge.dodge(key=key)),
         "adam_dodge": lambda key: optax_estimate(eqx_dodge.adam_dodge(1e-2, key=key)),
+        "dodge_activity": lambda key: optax_estimate(
+            eqx_dodge.dodge_activity(key=key, num_directions=2), example_loss
+        ),
         "OnlineDodge": online,
         "activation_guess": lambda key: eqx_dodge.activation_guess(key, model, x),
     }
@@ -77,6 +83,7 @@ def _estimators(model, x):
         "sharded_dodge",
         "dodge",
         "adam_dodge",
+        "dodge_activity",
         "OnlineDodge",
         "activation_guess",
     ],
