@@ -33,6 +33,7 @@ METHODS = (
     "weight DODGE k=16",
     "activity, global",
     "activity, separate layers",
+    "activity, separate layers k=16",
     "local losses, activity (LG-FG-A)",
     "8 group-wise local losses, activity",
 )

@@ -1108,7 +1108,29 @@ def reptile_regression_section(record: dict[str, Any], results_path: str) -> lis
     return lines
 
 
+def activity_section(record: dict[str, Any], results_path: str) -> list[str]:
+    """`activity.py`: every method against backprop, and the curve of activity
+    perturbation's accuracy against the cost of a step."""
+    return [
+        "### Activity perturbation and local losses against backprop "
+        "(`benchmarks/activity.py`)",
+        "",
+        f"Digits, MLP 64-{record['hidden']}-10; the methods are described on the "
+        "docs' activity and local-loss pages.",
+        "",
+        *_docs_tables.activity_methods_table(record),
+        "",
+        "Activity perturbation with separate layers and k tangents per example:",
+        "",
+        *_docs_tables.activity_curve(record),
+        "",
+        f"![activity]({results_path}/activity.png)",
+        "",
+    ]
+
+
 SECTIONS = {
+    "activity": activity_section,
     "step_cost": step_cost_section,
     "step_cost_large": step_cost_large_section,
     "k_formulations": k_formulations_section,

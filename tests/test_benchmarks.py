@@ -267,9 +267,12 @@ def test_activity_adam_quick(tmp_path):
 
 
 def test_activity_methods_table():
-    """The full run's eleven methods; --quick trains one of each kind. A method
-    that uses backprop anywhere is not forward-only."""
-    assert len(activity.METHODS) == 11
+    """The full run's fifteen methods (four of them the points k > 1 of the
+    accuracy-against-cost curve); --quick trains one of each kind. A method that
+    uses backprop anywhere is not forward-only."""
+    assert len(activity.METHODS) == 15
+    curve = [activity.curve_name(k) for k in activity.CURVE_DIRECTIONS]
+    assert set(curve) < set(activity.METHODS)
     assert set(activity.QUICK_METHODS) < set(activity.METHODS)
     uses_backprop = {
         "backprop",
@@ -300,7 +303,8 @@ def test_sequential_runs_match_vmapped_runs():
 def test_docs_tables_from_activity_results(tmp_path):
     """The docs pages' activity tables come from the result file: every method's
     row in the activity page, the local-loss page's subset with the estimators'
-    errors, the grid's edges marked, and a page without its markers refused."""
+    errors, the accuracy-against-cost curve with the methods meeting both goals,
+    the grid's edges marked, and a page without its markers refused."""
 
     def method(forward_only, accuracy, rate, gap):
         return {
@@ -312,19 +316,37 @@ def test_docs_tables_from_activity_results(tmp_path):
             "gap_standard_error": 0.5,
         }
 
-    timing = {"seconds": {"median": 5e-4}, "ratio_to_backprop": {"median": 1.0}}
+    def timing(ratio):
+        return {"seconds": {"median": 5e-4}, "ratio_to_backprop": {"median": ratio}}
+
+    k16 = "activity, separate layers k=16"
     record = {
         "methods": {
             "backprop": method(False, 0.98, 1.0, 0.0),
             "weight DODGE k=1": method(True, 0.76, 0.01, 22.0),
+            "activity, separate layers": method(True, 0.94, 0.1, 3.5),
+            k16: method(True, 0.975, 1.0, 0.3),
             "local losses, activity (LG-FG-A)": method(True, 0.93, 3.0, 5.0),
         },
         "relative_squared_error_at_init": {
             "backprop": 1e-14,
             "weight DODGE k=1": 4859.3,
+            "activity, separate layers": 17.8,
+            k16: 1.1,
             "local losses, activity (LG-FG-A)": 15.33,
         },
-        "step_time": {"backprop": timing},
+        "step_time": {
+            "backprop": timing(1.0),
+            "activity, separate layers": timing(1.2),
+            k16: timing(2.04),
+        },
+        "curve": [
+            {"num_directions": 1, "method": "activity, separate layers"},
+            {"num_directions": 16, "method": k16},
+        ],
+        "goal_points": 1.0,
+        "cost_goal": 3.0,
+        "methods_meeting_both_goals": [k16],
         "learning_rates": [0.01, 1.0, 3.0],
         "num_updates": 10,
         "batch_size": 8,
@@ -363,6 +385,13 @@ def test_docs_tables_from_activity_results(tmp_path):
     assert f"{row} | 5.00 ± 0.50 | 15.3 | – |" in local_page
     assert "| backprop | no | 1 | 98.00 ± 1.00 | — | 0 | 1.0 |" in local_page
     assert "weight DODGE" not in local_page
+    # The curve: one row per k, and the methods meeting both goals named.
+    curve = activity_page.split("results:activity_curve:start")[1]
+    assert "| 16 | 1 | 97.50 ± 1.00 | 0.30 ± 0.50 | 2.0 |" in curve
+    assert "| 1 | 0.1 | 94.00 ± 1.00 | 3.50 ± 0.50 | 1.2 |" in curve
+    assert f"within 1 point of backprop at a step of at most 3× backprop's: {k16}." in (
+        curve
+    )
     (tmp_path / "docs/concepts/local_losses.md").write_text("# no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         _docs_tables.updated_pages(tmp_path / "results", tmp_path)
@@ -399,29 +428,42 @@ def test_docs_sentence_from_two_result_files(tmp_path, monkeypatch):
 
 def test_docs_goals_table_of_the_deeper_models():
     """Per model, the closest forward-only method of each optimizer's study with
-    its gap and costs, `not run` for a model the Adam study lacks, and the goal
-    reached if either optimizer reached it."""
+    its gap and costs, `not run` for a model the Adam study lacks, the accuracy goal
+    reached if either optimizer reached it, and both goals only if one method is
+    within the accuracy goal at a step of at most 3 backprop steps."""
 
-    def model(best, gap, met):
-        timing = {"ratio_to_backprop": {"median": 3.25}}
+    def model(best, gap, met, ratio=3.25, cheap=None):
+        methods = {best: {"forward_only": True, "points_below_backprop": gap}}
+        step_time = {best: {"ratio_to_backprop": {"median": ratio}}}
+        if cheap is not None:  # another forward-only method: its gap and ratio
+            methods["d"] = {"forward_only": True, "points_below_backprop": cheap[0]}
+            step_time["d"] = {"ratio_to_backprop": {"median": cheap[1]}}
         return {
             "goal_points": 1.0,
             "best_forward_only": best,
             "accuracy_goal_met": met,
-            "methods": {best: {"points_below_backprop": gap}},
-            "step_time": {best: timing},
+            "methods": methods,
+            "step_time": step_time,
             "memory": {best: {"ratio_to_backprop": 1.5}},
         }
 
-    sgd = {"models": {"mlp": model("a", 2.66, False), "conv": model("b", 5.7, False)}}
-    adam = {"models": {"mlp": model("c", 0.5, True)}}
+    sgd = {
+        "models": {
+            "mlp": model("a", 2.66, False),
+            "conv": model("b", 5.7, False),
+            "cnn": model("e", 0.2, True, 4.0, cheap=(0.9, 2.5)),
+        }
+    }
+    adam = {"models": {"mlp": model("c", 0.5, True), "cnn": model("f", 1.5, False)}}
     rows = _docs_tables.activity_models_goals(sgd, adam)
     assert rows[2] == (
         "| mlp (1 point) | a, 2.7 points below, at 3.2× a backprop step and 1.5× its "
         "peak memory | c, 0.5 points below, at 3.2× a backprop step and 1.5× its peak "
-        "memory | yes |"
+        "memory | yes | no |"
     )
-    assert rows[3].endswith("| not run | no |")
+    assert rows[3].endswith("| not run | no | no |")
+    # The closest method costs 4 steps, another within the goal 2.5: both met.
+    assert rows[4].endswith("| yes | yes |")
 
 
 def test_docs_step_cost_large_table():
