@@ -56,12 +56,12 @@ def is_threefry(key: PRNGKeyArray) -> bool:
 
 
 def key_words(key: PRNGKeyArray, shape: tuple[int, ...]) -> UInt32[Array, "... 2"]:
-    """Raw key words, one pair per entry of `shape`, for keys made with
-    `jax.random.wrap_key_data`: Threefry of the counters `0, 1, …` under `key`
-    (what `jax.random.split` does), in line with the signs' hash. JAX's own
-    `jax.random.bits` runs Threefry's rounds in a loop on CPU, which cost a third of
-    an activity step with 16 directions on a small MLP. Keys of other
-    implementations use their own generator."""
+    """Raw key words, one pair per entry of `shape`, for `jax.random.wrap_key_data`:
+    Threefry of the counters `0, 1, …` under `key`, distinct counters hashed as a
+    split hashes them, with the signs' own hash. JAX's `jax.random.bits` runs
+    Threefry's rounds in a loop on CPU, which cost a third of an activity step with
+    16 directions on a small MLP. Keys of other implementations use their own
+    generator."""
     if not is_threefry(key):
         return jax.random.bits(key, (*shape, 2), jnp.uint32)
     counters = jnp.arange(math.prod(shape), dtype=jnp.uint32)
