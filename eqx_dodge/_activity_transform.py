@@ -1,6 +1,7 @@
 """`dodge_activity`: the activity-perturbed estimator of `activity_value_and_dodge`
 as an optax transformation, its `value_fn` the loss of one example."""
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from jaxtyping import Array, PyTree
 from ._activity import activity_value_and_dodge, ActivityOptions
 from ._checks import KeyLike, split_stored_key, stored_key
 from ._directions import check_direction, trainable
-from ._record import initial_record, record_options, record_step, refuse_multi_steps
+from ._record import record_options, recording_transform
 from ._value_fn import check_update_call, rebuild_hint, value_fn_kwargs
 
 
@@ -94,47 +95,55 @@ def dodge_activity(
     record = record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = stored_key(key, True, "for the activity tangents")
 
-    def init_fn(params):
-        refuse_multi_steps("dodge_activity")
-        zero = jnp.zeros((), jnp.int32)
-        first_record = initial_record(params, record.has_aux, record.aux_init)
-        return DodgeActivityState(zero, data, *first_record)
+    def init(params, initial_record):
+        return DodgeActivityState(jnp.zeros((), jnp.int32), data, *initial_record)
 
-    def update_fn(updates, state, params=None, *, value_fn: Any = None, **extra_args):
-        check_update_call("dodge_activity", params, value_fn, _USAGE)
+    def step(updates, state, example_batch, params):
         if updates is not None:
             check_direction(updates, trainable(params), name="updates")
-        batch = value_fn_kwargs(value_fn, extra_args)
-        if not batch:
-            raise TypeError(
-                "`dodge_activity.update` got no batch: pass the batch arrays as "
-                "keyword arguments of `update` named as the arguments of "
-                f"`value_fn` after the model, {_USAGE}"
-            )
+        example_loss, batch = example_batch
         next_key, step_key = split_stored_key(state.key, impl)
         estimator = activity_value_and_dodge(
-            _per_example(value_fn, tuple(batch)),
+            example_loss,
             key=step_key,
             num_directions=options.num_directions,
             separate_layers=options.separate_layers,
             has_aux=record.has_aux,
         )
         try:
-            out, estimate = estimator(params, *batch.values())
+            out, estimate = estimator(params, *batch)
         except Exception as error:
             hint = rebuild_hint(params)
             if hint is not None:
                 error.add_note(hint)
             raise
         value, aux = out if record.has_aux else (out, None)
-        new_state = state._replace(
-            count=optax.safe_increment(state.count), key=next_key
-        )
-        return record_step(
-            state, new_state, estimate, value, aux, skip_nonfinite=record.skip_nonfinite
-        )
+        return estimate, state._replace(key=next_key), value, aux, None
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return recording_transform("dodge_activity", record, init, step, _example_batch)
+
+
+def _example_batch(
+    name: str, params: Any, value_fn: Any, extra_args: dict[str, Any], has_aux: bool
+) -> tuple[tuple[Callable, tuple], Any]:
+    """`((example_loss, batch), params)` for `recording_transform`: `value_fn` with
+    its batch keyword arguments taken positionally, as `activity_value_and_dodge`
+    splits positional arguments per example, and those arguments."""
+    del has_aux  # the estimator checks the loss's output itself
+    check_update_call(name, params, value_fn, _USAGE)
+    batch = value_fn_kwargs(value_fn, extra_args)
+    if not batch:
+        raise TypeError(
+            f"`{name}.update` got no batch: pass the batch arrays as keyword "
+            "arguments of `update` named as the arguments of `value_fn` after the "
+            f"model, {_USAGE}"
+        )
+    names = tuple(batch)
+
+    def example_loss(model, *example):
+        return value_fn(model, **dict(zip(names, example)))
+
+    return (example_loss, tuple(batch.values())), params
 
 
 _USAGE = (
@@ -142,13 +151,3 @@ _USAGE = (
     "value_fn=example_loss, x=x_batch, y=y_batch)` gives it the batch, split along "
     "the leading axis of each array."
 )
-
-
-def _per_example(value_fn: Any, names: tuple[str, ...]) -> Any:
-    """`value_fn` with its batch keyword arguments taken positionally, as
-    `activity_value_and_dodge` splits positional arguments per example."""
-
-    def example_loss(model, *example):
-        return value_fn(model, **dict(zip(names, example)))
-
-    return example_loss

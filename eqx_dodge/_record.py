@@ -134,23 +134,24 @@ def recording_transform(
     name: str,
     record: RecordOptions,
     init: Callable[[PyTree, tuple], Any],
-    step: Callable[[Any, Any, Callable, PyTree], tuple],
+    step: Callable[[Any, Any, Any, PyTree], tuple],
+    loss: Callable[..., tuple[Any, PyTree]] = loss_of_trainable,
 ) -> optax.GradientTransformationExtraArgs:
     """The transform `name` from its own parts. `init(params, initial_record)`
     returns its state, ending with `initial_record`. `step(updates, state, fun,
-    primal)` returns `(output, new_state, value, aux, checked)`, where `fun(primal)`
-    is `(value, aux)` of `value_fn` on the trainable leaves `primal` of `params`,
-    `new_state` is the state after the step but for its `count` (counted here), and
-    `checked` is what must be finite besides the value and output (or `None`)."""
+    primal)` returns `(output, new_state, value, aux, checked)`, where `new_state`
+    is the state after the step but for its `count` (counted here), and `checked`
+    is what must be finite besides the value and output (or `None`). `fun` and
+    `primal` come from `loss(name, params, value_fn, extra_args, has_aux)`: by
+    default `loss_of_trainable`'s, `fun(primal)` being `(value, aux)` of `value_fn`
+    on the trainable leaves `primal` of `params`."""
 
     def init_fn(params):
         refuse_multi_steps(name)
         return init(params, initial_record(params, record.has_aux, record.aux_init))
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        fun, primal = loss_of_trainable(
-            name, params, value_fn, extra_args, record.has_aux
-        )
+        fun, primal = loss(name, params, value_fn, extra_args, record.has_aux)
         output, new_state, value, aux, checked = step(updates, state, fun, primal)
         new_state = new_state._replace(count=optax.safe_increment(state.count))
         return record_step(
