@@ -7,6 +7,7 @@ from ._activity import (
     activity_dodge as activity_dodge,
     activity_value_and_dodge as activity_value_and_dodge,
 )
+from ._activity_points import ActivityPoint as ActivityPoint
 from ._activity_transform import (
     dodge_activity as dodge_activity,
     DodgeActivityState as DodgeActivityState,

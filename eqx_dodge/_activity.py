@@ -1,9 +1,10 @@
 r"""Activity-perturbed forward gradients (Ren, Kornblith, Liao & Hinton, *Scaling
 Forward Gradient With Local Losses*, ICLR 2023).
 
-Every `eqx.nn.Linear` and `eqx.nn.Conv` of the model is a *perturbation point*: its
-output `z` gets a random tangent `v`, drawn independently for every example, every
-point, every call of the point within an example and every direction. The other
+Every `eqx.nn.Linear`, `eqx.nn.Conv` and `ActivityPoint` of the model is a
+*perturbation point*: its output `z` gets a random tangent `v`, drawn independently
+for every example, every point, every call of the point within an example, every
+application under the model's own `vmap` and every direction. The other
 trainable leaves (norm scales, embeddings, free parameters) get a weight-space
 Rademacher tangent `u` shared by the batch. Two passes form the estimate:
 
@@ -302,7 +303,8 @@ def activity_value_and_dodge(
     Activity perturbation (Ren, Kornblith, Liao & Hinton, *Scaling Forward Gradient
     With Local Losses*, ICLR 2023) perturbs the *outputs* of the layers instead of
     their weights. Every `eqx.nn.Linear` and `eqx.nn.Conv` (`Conv1d`, `Conv2d`,
-    `Conv3d`) found anywhere in the model is a perturbation point: its output
+    `Conv3d`) found anywhere in the model, and every Module marked with
+    [`eqx_dodge.ActivityPoint`][], is a perturbation point: its output
     $z_{b,l}$ for example $b$ gets a Rademacher tangent $v_{b,l}$ of its own, and one
     forward-mode pass gives each example's directional derivative
     $d_b = \sum_l \delta_{b,l}\cdot v_{b,l} + \nabla_\theta L_b \cdot u$, where
@@ -325,12 +327,13 @@ def activity_value_and_dodge(
 
     !!! warning
 
-        A layer applied under a `jax.vmap`, `lax.scan` or `lax.while_loop` *inside*
-        `example_loss` (a per-token `jax.vmap(self.linear)(tokens)`, as in
-        `eqx.nn.MultiheadAttention`, or a recurrent cell in a scan) gets one tangent
-        for all those applications, which biases its estimate. A layer called several
-        times in a Python loop gets a fresh tangent per call and stays unbiased.
-        BatchNorm in training mode mixes examples and cannot be used per example.
+        A layer applied under a `lax.scan`, `lax.map` or `lax.while_loop` *inside*
+        `example_loss` (a recurrent cell in a scan) gets one tangent for all its
+        applications, which biases its estimate. A layer called several times in a
+        Python loop or under the model's own `jax.vmap` (the per-token projections
+        of `eqx.nn.MultiheadAttention`) gets a fresh tangent per application and
+        stays unbiased. BatchNorm in training mode mixes examples and cannot be used
+        per example.
 
     **Arguments:**
 

@@ -3,19 +3,58 @@ Conv layers wrapped so that their outputs get a random tangent (pass A) or a fix
 cotangent (pass B), the raw Threefry words their signs are drawn from, and the model
 split around them for the two passes."""
 
+import functools as ft
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, PyTree, UInt32
 
 from ._directions import trainable
-from ._threefry import rademacher_like
+from ._threefry import key_words, rademacher_like
 
 
-PointLayer = eqx.nn.Linear | eqx.nn.Conv
+class ActivityPoint(eqx.Module):
+    """Marks a Module of your own as a perturbation point of the activity
+    estimators ([`eqx_dodge.activity_dodge`][], [`eqx_dodge.dodge_activity`][]),
+    as every `eqx.nn.Linear` and `eqx.nn.Conv` already is.
+
+    ```python
+    class Gated(eqx.Module):  # parameters used in a hand-written product
+        weight: jax.Array
+        gate: jax.Array
+
+        def __call__(self, x):
+            return (self.weight @ x) * jax.nn.sigmoid(self.gate)
+
+    self.gated = eqx_dodge.ActivityPoint(Gated(weight, gate))  # in the model
+    ```
+
+    Called, it calls the Module it wraps, with the same arguments, and returns
+    its output; outside the activity estimators it changes nothing. Inside them, the
+    output (one array) gets a random tangent per example, and every floating-point
+    leaf of the wrapped Module gets its estimate from that output's estimated
+    derivative, chained back through the Module alone: unbiased whatever the Module
+    computes, with a variance set by the size of its output instead of the number
+    of its parameters. A Linear or Conv layer inside it is part of the point, not a
+    point of its own. Its parameters must not be read outside its call.
+
+    **Arguments:**
+
+    - `layer`: the Module (any callable PyTree) to perturb at its output.
+    """
+
+    layer: Callable
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.layer(*args, **kwargs)
+
+
+PointLayer = eqx.nn.Linear | eqx.nn.Conv | ActivityPoint
 # Points are numbered in 16 bits, calls of one point within an example in the other 16.
 _INDEX_BITS = 16
 
@@ -38,12 +77,64 @@ def _point_words(
     return words ^ jnp.array([0, tag % 2**32], jnp.uint32)
 
 
+def _draw(
+    words: UInt32[Array, "*w 2"], like: Array, num_folded: int
+) -> Float[Array, "..."]:
+    """Signs shaped `words.shape[:-1] + like.shape`: entry `[w, f, ...]` comes from
+    `words[w]` with the index `f` of `like`'s `num_folded` leading axes (the
+    applications of a layer under the model's own `vmap`s) hashed into it."""
+    folded = like.shape[:num_folded]
+    one_application = like[(0,) * num_folded]
+
+    def draw(words: UInt32[Array, "2"]) -> Array:
+        key = jax.random.wrap_key_data(words, impl="threefry2x32")
+        return rademacher_like(key, one_application, kept_apart=True)
+
+    def applications(words: UInt32[Array, "2"]) -> Array:
+        if not num_folded:
+            return draw(words)
+        key = jax.random.wrap_key_data(words, impl="threefry2x32")
+        per_application = key_words(key, (math.prod(folded),))
+        return jax.vmap(draw)(per_application).reshape(like.shape)
+
+    for _ in range(words.ndim - 1):
+        applications = jax.vmap(applications)
+    return applications(words)
+
+
+@ft.cache
+def _signs_folding(num_folded: int) -> Callable[[Array, Array], Array]:
+    """`_draw` with `num_folded` axes folded, and a batching rule that tells the
+    axes of a `vmap` apart. Where the words are batched, the `vmap` is this
+    library's (over examples or directions), whose words already differ. Where only
+    the layer's output is, the `vmap` is the model's own inside one example (a
+    per-token `jax.vmap(self.linear)(tokens)`): each application needs a tangent of
+    its own, or the cross terms of different applications bias the estimate, so the
+    axis is folded into the hash. Both passes fold the same axes in the same order
+    whatever the nesting of their own `vmap`s, so they draw the same signs."""
+
+    @custom_vmap
+    def signs(words: Array, like: Array) -> Array:
+        return _draw(words, like, num_folded)
+
+    @signs.def_vmap
+    def _(axis_size, in_batched, words, like):
+        del axis_size
+        words_batched, like_batched = in_batched
+        if words_batched:
+            return signs(words, like[0] if like_batched else like), True
+        folded = _signs_folding(num_folded + 1)(words, like)
+        return jnp.moveaxis(folded, words.ndim - 1, 0), True
+
+    return signs
+
+
 def _signs(words: UInt32[Array, "2"], like: Array) -> Array:
-    """Rademacher signs shaped and typed like `like`, from raw Threefry key words.
-    Both passes read them transposed (per example, laid out for the layers'
-    matmuls): their hash is kept apart so that it runs once per word."""
-    key = jax.random.wrap_key_data(words, impl="threefry2x32")
-    return rademacher_like(key, like, kept_apart=True)
+    """Rademacher signs shaped and typed like `like`, from raw Threefry key words,
+    fresh for every application of the layer under the model's own `vmap`s. Both
+    passes read them transposed (per example, laid out for the layers' matmuls):
+    their hash is kept apart so that it runs once per word."""
+    return _signs_folding(0)(words, jax.lax.stop_gradient(like))
 
 
 # --- The two point rules ------------------------------------------------------------
@@ -115,8 +206,7 @@ class _TangentContext(eqx.Module):
     epsilon: Float[Array, ""]
     group: int | None = eqx.field(static=True)
 
-    def apply(self, layer: Callable, x: Array, words: Array, group: int, key) -> Array:
-        z = layer(x, key=key)
+    def apply(self, z: Array, words: Array, group: int) -> Array:
         if self.group is not None and group != self.group:
             return z
         return _inject(z, self.epsilon, _signs(words, z))
@@ -129,8 +219,7 @@ class _CotangentContext(eqx.Module):
     words: UInt32[Array, "k 2"]
     derivatives: Float[Array, "k g"]
 
-    def apply(self, layer: Callable, x: Array, words: Array, group: int, key) -> Array:
-        z = layer(x, key=key)
+    def apply(self, z: Array, words: Array, group: int) -> Array:
         signs = jax.vmap(lambda w: _signs(w, z))(words)
         scale = self.derivatives[:, group] / self.derivatives.shape[0]
         cotangent = jnp.tensordot(scale, signs.astype(jnp.float32), axes=1)
@@ -138,8 +227,8 @@ class _CotangentContext(eqx.Module):
 
 
 class _Point(eqx.Module):
-    """A Linear or Conv layer whose output is perturbed (pass A) or receives a fixed
-    cotangent (pass B)."""
+    """A Linear or Conv layer (or an `ActivityPoint`) whose output is perturbed
+    (pass A) or receives a fixed cotangent (pass B)."""
 
     layer: PointLayer
     context: _TangentContext | _CotangentContext
@@ -163,7 +252,15 @@ class _Point(eqx.Module):
             )
         return value
 
-    def __call__(self, x: Array, *, key=None) -> Array:
+    def __call__(self, *args: Any, **kwargs: Any) -> Array:
+        z = self.layer(*args, **kwargs)
+        if not isinstance(z, jax.Array) or not jnp.issubdtype(z.dtype, jnp.inexact):
+            raise TypeError(
+                f"A perturbation point ({type(self.layer).__name__}) returned "
+                f"{type(z).__name__}; the activity estimators perturb an output "
+                "that is one floating-point array. Wrap the part of the Module "
+                "that computes such an array in `eqx_dodge.ActivityPoint` instead."
+            )
         call = self.calls.next()
 
         def point_words(words):
@@ -171,7 +268,7 @@ class _Point(eqx.Module):
 
         words = self.context.words
         words = point_words(words) if words.ndim == 1 else jax.vmap(point_words)(words)
-        return self.context.apply(self.layer, x, words, self.group, key)
+        return self.context.apply(z, words, self.group)
 
 
 _POINT_FIELDS = frozenset(("layer", "context", "index", "group", "calls"))

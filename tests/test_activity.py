@@ -142,6 +142,101 @@ def test_unbiased_weight_space_leaves_and_repeated_calls():
     assert_unbiased(estimates_over_keys(model, (tokens, y)), gradient)
 
 
+class AttentionModel(eqx.Module):
+    """Layers applied under the model's own `vmap`s inside one example: the
+    per-token projections of `eqx.nn.MultiheadAttention` and a Linear layer under
+    two nested `vmap`s (tokens × features)."""
+
+    attention: eqx.nn.MultiheadAttention
+    mixer: eqx.nn.Linear
+    readout: eqx.nn.Linear
+
+    def __init__(self, key: PRNGKeyArray):
+        keys = jax.random.split(key, 3)
+        self.attention = eqx.nn.MultiheadAttention(2, 4, key=keys[0])
+        self.mixer = eqx.nn.Linear(1, 2, key=keys[1])
+        self.readout = eqx.nn.Linear(8, 2, key=keys[2])
+
+    def __call__(self, tokens: Array) -> Array:
+        hidden = jnp.tanh(self.attention(tokens, tokens, tokens))
+        mixed = jax.vmap(jax.vmap(self.mixer))(hidden[..., None])
+        return self.readout(jnp.mean(jnp.tanh(mixed), axis=0).reshape(-1))
+
+
+def test_unbiased_with_layers_under_the_models_own_vmaps():
+    """Catches one tangent shared by every application of a layer under a `vmap`
+    inside the example (a per-token projection): the cross terms of different
+    tokens then bias the estimate (a z-score of 30 before each application got
+    its own signs)."""
+    model = AttentionModel(jax.random.key(18))
+    tokens = jax.random.normal(jax.random.key(19), (3, 3, 4))
+    y = jnp.array([0, 1, 1])
+    gradient = eqx.filter_jit(eqx.filter_grad(mean_loss(cross_entropy)))(
+        model, tokens, y
+    )
+    for separate_layers in (False, True):
+        estimates = estimates_over_keys(
+            model, (tokens, y), separate_layers=separate_layers
+        )
+        assert_unbiased(estimates, gradient)
+
+
+class Gated(eqx.Module):
+    """A layer of one's own: parameters in a hand-written product."""
+
+    weight: Array
+    gate: Array
+
+    def __call__(self, x: Array) -> Array:
+        return (self.weight @ x) * jax.nn.sigmoid(self.gate)
+
+
+class WithGated(eqx.Module):
+    gated: eqx_dodge.ActivityPoint | Gated
+    readout: eqx.nn.Linear
+
+    def __call__(self, x: Array) -> Array:
+        return self.readout(jnp.tanh(self.gated(x)))
+
+
+def gated_model(mark: bool) -> WithGated:
+    keys = jax.random.split(jax.random.key(20), 3)
+    gated = Gated(jax.random.normal(keys[0], (4, 3)), jax.random.normal(keys[1], (4,)))
+    readout = eqx.nn.Linear(4, 2, key=keys[2])
+    return WithGated(eqx_dodge.ActivityPoint(gated) if mark else gated, readout)
+
+
+def test_activity_point_marks_a_module_of_ones_own():
+    """`ActivityPoint` makes a Module a perturbation point: unbiased, and its weight
+    estimate for one example is the outer product of the output's estimated
+    derivative with the input (rank one), which a weight-space direction (the
+    Module left unmarked) is not."""
+    x = jax.random.normal(jax.random.key(21), (4, 3))
+    y = jnp.array([0, 1, 1, 0])
+    model = gated_model(mark=True)
+    gradient = eqx.filter_jit(eqx.filter_grad(mean_loss(cross_entropy)))(model, x, y)
+    assert_unbiased(estimates_over_keys(model, (x, y)), gradient)
+    assert jnp.allclose(model(x[0]), gated_model(mark=False)(x[0]))
+
+    def one_example_weight(model):
+        estimate = eqx_dodge.activity_dodge(cross_entropy, key=1)(model, x[:1], y[:1])
+        gated = estimate.gated
+        return gated.layer if isinstance(gated, eqx_dodge.ActivityPoint) else gated
+
+    marked = one_example_weight(model)
+    assert jnp.linalg.matrix_rank(marked.weight) == 1
+    assert jnp.allclose(marked.weight, jnp.outer(marked.weight[:, 0] / x[0, 0], x[0]))
+    assert jnp.linalg.matrix_rank(one_example_weight(gated_model(False)).weight) > 1
+
+
+def test_activity_point_needs_one_floating_array():
+    model = eqx_dodge.ActivityPoint(eqx.nn.Lambda(lambda x: (x, x)))
+    with pytest.raises(TypeError, match="ActivityPoint"):
+        eqx_dodge.activity_dodge(lambda m, x: jnp.sum(m(x)[0]), key=0)(
+            model, jnp.ones((2, 3))
+        )
+
+
 def test_variance_of_one_layer():
     # One example through one Linear layer: the estimate of W_ij is
     # (δ·v) v_i x_j, of variance (‖δ‖² − δ_i²) x_j²; weight perturbation's is
