@@ -48,8 +48,8 @@ it too.
 - otherwise: estimate the directional derivatives by central finite differences, \
 two extra forward passes per direction, with `derivative="central"` (step \
 `finite_difference_step`) in `filter_dodge`, `filter_value_and_dodge`, \
-`sharded_dodge` or `sharded_value_and_dodge`, and in the optax transforms \
-`dodge` (every source), `adam_dodge` and `scale_by_adam_dodge`, e.g. \
+`sharded_dodge`, `sharded_value_and_dodge` or `OnlineDodge`, and in the optax \
+transforms `dodge` (every source), `adam_dodge` and `scale_by_adam_dodge`, e.g. \
 `eqx_dodge.adam_dodge(1e-3, key=0, derivative="central")`.
 
 See "Troubleshooting" in the eqx_dodge docs."""
@@ -116,14 +116,16 @@ def _jvp_derivatives(
     return jax.vmap(along, out_axes=(None, 0, None))(tangents)
 
 
-def _central_differences(
-    value_and_aux: Callable[[PyTree], tuple[Array, Any]],
+def central_differences(
+    value_and_aux: Callable[[PyTree], tuple[Any, Any]],
     primal: PyTree,
     tangents: PyTree,
     step: ScalarLike,
-) -> Array:
-    """`(L(θ + h t_j) − L(θ − h t_j)) / 2h` for each tangent, in the loss's dtype
-    (the difference is taken in at least float32)."""
+) -> Any:
+    """`(F(θ + h t_j) − F(θ − h t_j)) / 2h` for each tangent, with `F` the first
+    output of `value_and_aux` (the loss; for `OnlineDodge`, the window loss and the
+    final state), leaf by leaf in each leaf's dtype (the difference is taken in at
+    least float32)."""
 
     def value_at(tangent, sign):
         moved = jax.tree.map(
@@ -133,14 +135,17 @@ def _central_differences(
         )
         return value_and_aux(moved)[0]
 
-    def along(tangent):
-        plus, minus = value_at(tangent, 1), value_at(tangent, -1)
+    def difference(plus: Array, minus: Array) -> Array:
         dtype = jnp.promote_types(plus.dtype, jnp.float32)
-        difference = plus.astype(dtype) - minus.astype(dtype)
-        return (difference / (2 * jnp.asarray(step, dtype))).astype(plus.dtype)
+        delta = plus.astype(dtype) - minus.astype(dtype)
+        return (delta / (2 * jnp.asarray(step, dtype))).astype(plus.dtype)
+
+    def along(tangent):
+        return jax.tree.map(difference, value_at(tangent, 1), value_at(tangent, -1))
 
     if jax.tree.leaves(tangents)[0].shape[0] == 1:
-        return along(jax.tree.map(lambda t: t[0], tangents))[None]
+        one = along(jax.tree.map(lambda t: t[0], tangents))
+        return jax.tree.map(lambda leaf: leaf[None], one)
     return jax.vmap(along)(tangents)
 
 
@@ -155,7 +160,7 @@ def directional_derivatives(
     the derivative along `t_j`. Central differences do not evaluate the loss at
     `primal`: their value and aux are `None` (the caller evaluates them once)."""
     if derivative == "central":
-        derivatives = _central_differences(
+        derivatives = central_differences(
             value_and_aux, primal, tangents, finite_difference_step
         )
         return None, derivatives, None

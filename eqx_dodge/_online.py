@@ -21,13 +21,16 @@ from ._checks import (
     as_key,
     check_callable,
     check_candidate_options,
+    check_derivative_options,
     check_one_source,
     check_option,
     check_random_options,
+    FINITE_DIFFERENCE_STEP,
     KeyLike,
     REDUCTIONS,
+    ScalarLike,
 )
-from ._derivatives import jvp
+from ._derivatives import central_differences, jvp
 from ._directions import check_direction, partition_direction, trainable
 from ._live import LiveSplit, split_live
 from ._tangents import draw_tangents
@@ -222,6 +225,17 @@ class OnlineDodge(eqx.Module):
         (`k = p` gives RTRL).
     - `reduction`: the window loss is the `"mean"` or `"sum"` of the per-step losses.
     - `has_aux`: whether `step` returns auxiliary per-step outputs.
+    - `derivative`: `"jvp"` (the default) carries the exact state tangent in forward
+        mode. `"central"`, for steps that forward mode cannot differentiate (a
+        `jax.custom_vjp` inside), takes central finite differences instead: each
+        window runs from the states $s \pm h\,T_j$ at the parameters
+        $\theta \pm h\,u_j$, with $T_j$ the carried tangent, and
+        $d_j = (L^+ - L^-)/2h$ and the next tangent $(s^+ - s^-)/2h$ come from the
+        two runs. The carried tangent keeps its meaning (the even terms of the
+        perturbed states cancel in the differences: the error is $O(h^2)$), at
+        $2k + 1$ forward passes of the window instead of one.
+    - `finite_difference_step`: the step $h$ of `derivative="central"` (see
+        [`eqx_dodge.filter_value_and_dodge`][]).
     """
 
     step: Callable
@@ -230,11 +244,16 @@ class OnlineDodge(eqx.Module):
     mode: str = eqx.field(default="average", static=True, kw_only=True)
     reduction: str = eqx.field(default="mean", static=True, kw_only=True)
     has_aux: bool = eqx.field(default=False, static=True, kw_only=True)
+    derivative: str = eqx.field(default="jvp", static=True, kw_only=True)
+    finite_difference_step: ScalarLike = eqx.field(
+        default=FINITE_DIFFERENCE_STEP, kw_only=True
+    )
 
     def __check_init__(self):
         check_callable("step", self.step)
         check_random_options(self.num_directions, self.sampler, self.mode)
         check_option("reduction", self.reduction, REDUCTIONS)
+        check_derivative_options(self.derivative, self.finite_difference_step)
 
     def _directions(
         self, model: PyTree, key: KeyLike | None, direction: PyTree | None
@@ -299,6 +318,30 @@ class OnlineDodge(eqx.Module):
         """
         return self.init(model, carry.state, key=key, direction=direction)
 
+    def _derivatives(
+        self, window: Callable, primals: tuple, tangents: tuple
+    ) -> tuple[tuple[Any, PyTree], Array, PyTree, Any]:
+        """`((value, final_state), d, final_tangent, aux)` of one window: the
+        derivatives `d_j` and the carried tangents, stacked over the directions,
+        by forward mode (the primal computed once) or by central differences."""
+        if self.derivative == "central":
+            (value, final_state), aux = window(*primals)
+            derivatives, final_tangent = central_differences(
+                lambda moved: window(*moved),
+                primals,
+                tangents,
+                self.finite_difference_step,
+            )
+            return (value, final_state), derivatives, final_tangent, aux
+
+        def along(direction, tangent):
+            return jvp(window, primals, (direction, tangent), has_aux=True)
+
+        out, (derivatives, final_tangent), aux = jax.vmap(
+            along, out_axes=(None, 0, None)
+        )(*tangents)
+        return out, derivatives, final_tangent, aux
+
     def __call__(
         self, model: PyTree, carry: OnlineDodgeState, inputs: PyTree
     ) -> tuple[Any, PyTree, OnlineDodgeState]:
@@ -341,17 +384,9 @@ class OnlineDodge(eqx.Module):
         split = split_live(lambda d: window(d, carry.state)[0], diff_model)
         directions = _live_directions(split, carry.directions, self.mode)
 
-        def along(direction, tangent):
-            return jvp(
-                split.of(window),
-                (split.live, carry.state),
-                (direction, tangent),
-                has_aux=True,
-            )
-
-        (value, final_state), (derivatives, final_tangent), aux = jax.vmap(
-            along, out_axes=(None, 0, None)
-        )(directions, carry.tangent)
+        (value, final_state), derivatives, final_tangent, aux = self._derivatives(
+            split.of(window), (split.live, carry.state), (directions, carry.tangent)
+        )
         # Average mode divides by k; partition parts and a candidate sum.
         weights = derivatives
         if self.mode == "average" and derivatives.shape[0] > 1:
