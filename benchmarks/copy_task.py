@@ -385,6 +385,23 @@ def progress(methods: Sequence[str], config: Config, log: Any) -> dict[str, Any]
     }
 
 
+def finished_study(results: dict[str, Any], config: Config, log: Any) -> dict[str, Any]:
+    """`results` of this sitting's methods with every other method of `METHODS` whose
+    runs an earlier sitting finished, in `METHODS`' order: a sitting on some methods
+    (`--methods`) still writes the summary of the whole study. Nothing is trained
+    here (a deadline already past stops at the first missing run)."""
+    for method in METHODS:
+        if method not in results:
+            try:
+                results[method] = method_result(method, config, log, deadline=0.0)
+            except StudyPaused:
+                pass
+    order = [*METHODS, *results]
+    return {
+        method: results[method] for method in dict.fromkeys(order) if method in results
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Copy task.")
     scale = parser.add_mutually_exclusive_group()
@@ -427,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 file=sys.stderr,
             )
 
+    if log is not None:
+        results = finished_study(results, config, log)
     steps = np.arange(config.steps // config.eval_every + 1) * config.eval_every
     payload = {
         "config": dataclasses.asdict(config)
@@ -438,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "results": results,
     }
     if log is not None:
-        payload["progress"] = progress(args.methods, config, log)
+        payload["progress"] = progress(list(METHODS), config, log)
     output = "copy_task_full" if args.full else "copy_task"
     _common.write_json(args.out, output, payload)
 

@@ -67,14 +67,18 @@ def test_full_study_resumes(tmp_path, monkeypatch):
         log = json.loads((tmp_path / "copy_task_full_runs.json").read_text())
         assert set(log["runs"]) == {"dodge_k1 / 0.001 / 0"}
         final = log["runs"]["dodge_k1 / 0.001 / 0"]["bit_errors"][-1]
+        # The progress covers the whole study, not only this sitting's methods.
         assert first["progress"] == {
             "runs_finished": 1,
-            "runs_planned": 1,
-            "methods_planned": ["dodge_k1"],
+            "runs_planned": len(copy_task.METHODS),
+            "methods_planned": list(copy_task.METHODS),
             "per_learning_rate": {
-                "dodge_k1": {
+                method: {
                     "0.001": {"seeds_finished": 1, "median_final_bit_errors": final}
                 }
+                if method == "dodge_k1"
+                else {}
+                for method in copy_task.METHODS
             },
         }
 
@@ -87,5 +91,8 @@ def test_full_study_resumes(tmp_path, monkeypatch):
         out_of_time = copy_task.main(
             [*arguments[:-1], "bptt", "dodge_k1", "--stop-after-minutes", "0"]
         )
+        # A sitting on another method keeps the finished one in the summary.
+        other = copy_task.main([*arguments[:-1], "bptt", "--stop-after-minutes", "0"])
     assert again["results"] == first["results"]
     assert out_of_time["results"] == first["results"]
+    assert other["results"] == first["results"]
