@@ -66,7 +66,16 @@ def activity_models_table(record: dict[str, Any]) -> list[str]:
             f"{machine['load_average_1_5_15min'][0]:.1f}, commit "
             f"{machine['git_commit']}"
         )
-    protocol = _protocol(record, record.get("optimizer", "SGD"))
+    grids = "; ".join(
+        f"{name}: seeds {model.get('seeds', record['seeds'])}, step sizes "
+        f"{model.get('learning_rates', record['learning_rates'])}"
+        for name, model in record["models"].items()
+    )
+    protocol = (
+        f"{record['num_updates']} {record.get('optimizer', 'SGD')} updates, batch "
+        f"{record['batch_size']} ({grids}); mean ± standard deviation over seeds, "
+        "the gap with the standard error of a difference of means"
+    )
     return [*lines, "", f"{protocol}. " + "; ".join(captions) + "."]
 
 
@@ -85,18 +94,6 @@ def _best_forward_only(model: dict[str, Any]) -> str:
     return f"{method}, {entry['points_below_backprop']:.1f} points below, at {cost}"
 
 
-def _within_both_goals(model: dict[str, Any], cost_goal: float) -> list[str]:
-    """The forward-only methods of a model's record within its accuracy goal at a
-    step of at most `cost_goal` backprop steps."""
-    return [
-        method
-        for method, entry in model["methods"].items()
-        if entry["forward_only"]
-        and entry["points_below_backprop"] <= model["goal_points"]
-        and model["step_time"][method]["ratio_to_backprop"]["median"] <= cost_goal
-    ]
-
-
 def activity_models_goals(sgd: dict[str, Any], adam: dict[str, Any]) -> list[str]:
     """`activity_models.py --full` with SGD and with `--adam`: per model, the
     closest forward-only method under each optimizer against the model's goal, and
@@ -111,7 +108,7 @@ def activity_models_goals(sgd: dict[str, Any], adam: dict[str, Any]) -> list[str
         other = adam["models"].get(name)
         studies = [model] if other is None else [model, other]
         reached = any(study["accuracy_goal_met"] for study in studies)
-        both = any(_within_both_goals(study, 3.0) for study in studies)
+        both = any(study["methods_meeting_both_goals"] for study in studies)
         rows.append(
             f"| {name} ({_points(model['goal_points'])}) | {_best_forward_only(model)} "
             f"| {'not run' if other is None else _best_forward_only(other)} "

@@ -503,8 +503,9 @@ def compare_with_backprop(
 def both_goals(
     methods: dict[str, dict[str, Any]], step_time: dict[str, dict[str, Any]]
 ) -> list[str]:
-    """The forward-only methods within `GOAL_POINTS` of backprop whose timed step
-    costs at most `COST_GOAL` backprop steps."""
+    """The forward-only methods within their accuracy goal of backprop
+    (`compare_with_backprop`'s `within_goal`) whose timed step costs at most
+    `COST_GOAL` backprop steps."""
     return [
         name
         for name, record in methods.items()
