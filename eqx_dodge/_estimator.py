@@ -62,6 +62,12 @@ def _chunks(seeds: PyTree, num: int, chunk: int) -> tuple[PyTree, PyTree]:
     return head, tail
 
 
+def _nan_flag(previous: PyTree) -> Array:
+    """1 if anything in `previous` is NaN, else 0: a value XLA cannot fold away."""
+    sums = [jnp.sum(x).astype(jnp.float32) for x in jax.tree.leaves(previous)]
+    return jnp.isnan(sum(sums)).astype(jnp.uint32)
+
+
 def _after(seeds: PyTree, previous: PyTree) -> PyTree:
     """`seeds`, made to depend on what the chunks before computed (`previous`: their
     derivatives and sum), so that XLA runs the chunks one after the other and never
@@ -69,8 +75,7 @@ def _after(seeds: PyTree, previous: PyTree) -> PyTree:
     overlap unrolled chunks; `optimization_barrier` does not keep them apart.)"""
     # A dependency XLA cannot fold away: the seeds change only if something before
     # is NaN, and then the estimate is NaN anyway.
-    sums = [jnp.sum(x).astype(jnp.float32) for x in jax.tree.leaves(previous)]
-    nan = jnp.isnan(sum(sums)).astype(jnp.uint32)
+    nan = _nan_flag(previous)
 
     def depend(seed):
         if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
@@ -79,6 +84,52 @@ def _after(seeds: PyTree, previous: PyTree) -> PyTree:
         return seed + nan.astype(seed.dtype)
 
     return jax.tree.map(depend, seeds)
+
+
+def _loop_over_chunks(
+    body: Callable, total: PyTree, tail: PyTree, previous: PyTree
+) -> tuple[PyTree, Array]:
+    """`jax.lax.scan(body, total, tail)` as a `while_loop` whose trip count XLA
+    cannot know: the number of chunks, plus one if something in `previous` is NaN
+    (the estimate is NaN then anyway). XLA inlines a loop it knows runs once, and
+    the inlined chunk then shares the first chunk's forward pass and overlaps it in
+    memory (5 to 8 directions in chunks of 4 needed one more chunk's memory than 12).
+    """
+    rest = jax.tree.leaves(tail)[0].shape[0]
+    count = rest + _nan_flag(previous).astype(jnp.int32)
+    leaves, treedef = jax.tree.flatten(tail)
+    is_key = [jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) for leaf in leaves]
+    # Raw key data is indexed in the loop: one slice of it per chunk, no key reused.
+    data = [jax.random.key_data(x) if k else x for x, k in zip(leaves, is_key)]
+
+    def seeds_at(i):
+        # The seeds depend on the loop counter itself, not only through the clamped
+        # index, so that XLA cannot hoist one chunk's tangents out of the loop (it
+        # does when there is one chunk to index).
+        beyond = i >= rest
+        index = jnp.minimum(i, rest - 1)
+        sliced = [x[index] + beyond.astype(x.dtype) for x in data]
+        return jax.tree.unflatten(
+            treedef,
+            [
+                jax.random.wrap_key_data(x, impl=jax.random.key_impl(leaf)) if k else x
+                for x, k, leaf in zip(sliced, is_key, leaves)
+            ],
+        )
+
+    out_shape = jax.eval_shape(body, total, seeds_at(jnp.int32(0)))[1]
+    derivatives = jnp.zeros((rest, *out_shape.shape), out_shape.dtype)
+
+    def step(state):
+        i, total, derivatives = state
+        total, chunk_derivatives = body(total, seeds_at(i))
+        index = jnp.minimum(i, rest - 1)
+        return i + 1, total, derivatives.at[index].set(chunk_derivatives)
+
+    _, total, derivatives = jax.lax.while_loop(
+        lambda state: state[0] < count, step, (jnp.int32(0), total, derivatives)
+    )
+    return total, derivatives
 
 
 def run_tangents(
@@ -134,8 +185,7 @@ def run_tangents(
                 more.append(chunk_derivatives)
             rest = jnp.stack(more[1:])
         else:
-            tail = _after(tail, (derivatives, total))
-            total, rest = jax.lax.scan(body, total, tail)
+            total, rest = _loop_over_chunks(body, total, tail, (derivatives, total))
         derivatives = jnp.concatenate([derivatives, rest.reshape(-1)])
     if value is None:
         # Central differences: the value and aux of one unperturbed forward pass.
