@@ -129,6 +129,26 @@ def _draw_tangents(
     return words, directions
 
 
+def _depending_on(words: UInt32[Array, "k b 2"], inputs: Any) -> UInt32[Array, "k b 2"]:
+    """`words`, made to depend on every array the estimator receives, so that a
+    `vmap` around the estimator that batches any of them (an ensemble of models,
+    step sizes, data sets with one key) batches the words too. The signs' batching
+    rule (`_activity_points._signs_folding`) then takes it for a `vmap` of the
+    library's, and each member draws the signs it would draw alone; only a `vmap`
+    inside the example (the model's own) batches a layer's output but not the words.
+    The dependency is on one entry of each array, through a test XLA cannot fold:
+    the words change only when such an entry is NaN, the same in both cases."""
+    arrays = [
+        x
+        for x in jax.tree.leaves(inputs)
+        if eqx.is_array(x) and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    ]
+    if not arrays:
+        return words
+    firsts = jnp.concatenate([jnp.ravel(x)[:1].astype(jnp.float32) for x in arrays])
+    return words + jnp.any(jnp.isnan(firsts)).astype(words.dtype)
+
+
 def _without_dead_leaves(
     directions: PyTree, parts: ModelParts, example_value: Callable, batch: tuple
 ) -> PyTree:
@@ -272,6 +292,7 @@ class _ActivityValueAndDodgeWrapper(WrapperMethods):
         words, directions = _draw_tangents(
             options.key, parts.others, options.num_directions, batch_size
         )
+        words = _depending_on(words, (model, batch, kwargs))
         directions = _without_dead_leaves(directions, parts, example_value, batch)
         values, derivatives, aux = _forward_pass(
             example_value, parts, batch, words, directions

@@ -181,6 +181,38 @@ def test_unbiased_with_layers_under_the_models_own_vmaps():
         assert_unbiased(estimates, gradient)
 
 
+def test_a_vmap_around_the_estimator_gives_each_member_its_own_call():
+    """A `vmap` around the estimator with one key (an ensemble of models, several
+    data sets) gives each member the estimate it gets alone, as `vmap` must. Catches
+    the signs' batching rule taking such a `vmap` for the model's own and drawing new
+    signs per member (it did, before the words depended on the inputs)."""
+    keys = jax.random.split(jax.random.key(22), 3)
+    models = eqx.filter_vmap(lambda k: eqx.nn.MLP(3, 2, 4, 1, key=k))(keys)
+    xs = jax.random.normal(jax.random.key(23), (3, 5, 3))
+    y = jnp.array([0, 1, 1, 0, 1])
+
+    def estimate(model, x):
+        grads = eqx_dodge.activity_dodge(cross_entropy, key=7, num_directions=2)(
+            model, x, y
+        )
+        return eqx.filter(grads, eqx.is_array)
+
+    over_models = eqx.filter_jit(
+        eqx.filter_vmap(estimate, in_axes=(eqx.if_array(0), None))
+    )
+    over_data = eqx.filter_jit(eqx.filter_vmap(estimate, in_axes=(None, 0)))
+    alone = eqx.filter_jit(estimate)
+    first_model = jax.tree.map(lambda a: a[0] if eqx.is_array(a) else a, models)
+    for index in range(3):
+        member = jax.tree.map(lambda a: a[index] if eqx.is_array(a) else a, models)
+        for batched, single in (
+            (over_models(models, xs[0]), alone(member, xs[0])),
+            (over_data(first_model, xs), alone(first_model, xs[index])),
+        ):
+            for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
+                assert jnp.allclose(a[index], b, rtol=1e-5, atol=1e-6)
+
+
 class Gated(eqx.Module):
     """A layer of one's own: parameters in a hand-written product."""
 
