@@ -47,8 +47,10 @@ METHODS = ("forward", "bptt", "bptt_remat", "dodge_k1", "dodge_k8")
 DODGE_METHODS = tuple(m for m in METHODS if m.startswith("dodge_k"))
 WARM_UP_BELOW_SECONDS = 1.0
 # Timed calls stop at `repeats` or once they add up to this many seconds: a 10 s
-# call's median of three would cost `make bench` 20 s more for little precision.
-TIMED_SECONDS = 10.0
+# call's median of three would cost `make bench` 20 s more for little precision, and
+# `make bench` is at its 30-minute budget (5 s rather than 10: the T = 10 000 points
+# time two or three calls instead of three to five).
+TIMED_SECONDS = 5.0
 
 
 class Model(eqx.Module):
