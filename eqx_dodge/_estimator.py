@@ -68,22 +68,26 @@ def _nan_flag(previous: PyTree) -> Array:
     return jnp.isnan(sum(sums)).astype(jnp.uint32)
 
 
+def _shifted(seeds: PyTree, flag: Array) -> PyTree:
+    """`seeds` with the integer `flag` mixed in (a key through its raw data): the
+    same seeds where `flag` is 0, and seeds that depend on `flag` for XLA."""
+
+    def shift(seed):
+        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            data = jax.random.key_data(seed) ^ flag.astype(jnp.uint32)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(seed))
+        return seed + flag.astype(seed.dtype)
+
+    return jax.tree.map(shift, seeds)
+
+
 def _after(seeds: PyTree, previous: PyTree) -> PyTree:
     """`seeds`, made to depend on what the chunks before computed (`previous`: their
-    derivatives and sum), so that XLA runs the chunks one after the other and never
-    holds two chunks' tangents at once. (It inlines a loop of one step and would
-    overlap unrolled chunks; `optimization_barrier` does not keep them apart.)"""
-    # A dependency XLA cannot fold away: the seeds change only if something before
-    # is NaN, and then the estimate is NaN anyway.
-    nan = _nan_flag(previous)
-
-    def depend(seed):
-        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-            data = jax.random.key_data(seed) ^ nan
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(seed))
-        return seed + nan.astype(seed.dtype)
-
-    return jax.tree.map(depend, seeds)
+    derivatives and sum), so that XLA runs unrolled chunks one after the other and
+    never holds two chunks' tangents at once (`optimization_barrier` does not keep
+    them apart). The seeds change only if something before is NaN, and then the
+    estimate is NaN anyway."""
+    return _shifted(seeds, _nan_flag(previous))
 
 
 def _loop_over_chunks(
@@ -97,25 +101,13 @@ def _loop_over_chunks(
     """
     rest = jax.tree.leaves(tail)[0].shape[0]
     count = rest + _nan_flag(previous).astype(jnp.int32)
-    leaves, treedef = jax.tree.flatten(tail)
-    is_key = [jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) for leaf in leaves]
-    # Raw key data is indexed in the loop: one slice of it per chunk, no key reused.
-    data = [jax.random.key_data(x) if k else x for x, k in zip(leaves, is_key)]
 
     def seeds_at(i):
         # The seeds depend on the loop counter itself, not only through the clamped
         # index, so that XLA cannot hoist one chunk's tangents out of the loop (it
         # does when there is one chunk to index).
-        beyond = i >= rest
         index = jnp.minimum(i, rest - 1)
-        sliced = [x[index] + beyond.astype(x.dtype) for x in data]
-        return jax.tree.unflatten(
-            treedef,
-            [
-                jax.random.wrap_key_data(x, impl=jax.random.key_impl(leaf)) if k else x
-                for x, k, leaf in zip(sliced, is_key, leaves)
-            ],
-        )
+        return _shifted(jax.tree.map(lambda s: s[index], tail), i >= rest)
 
     out_shape = jax.eval_shape(body, total, seeds_at(jnp.int32(0)))[1]
     derivatives = jnp.zeros((rest, *out_shape.shape), out_shape.dtype)
