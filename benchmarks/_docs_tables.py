@@ -189,17 +189,19 @@ def activity_curve(record: dict[str, Any]) -> list[str]:
             f"| {_accuracy_and_gap(point['method'], entry)} "
             f"| {_time_ratio(record, point['method'])} |"
         )
+    return [*lines, "", _protocol(record) + ". " + _goals_verdict(record)]
+
+
+def _goals_verdict(record: dict[str, Any]) -> str:
+    """`activity.py`'s `methods_meeting_both_goals` as a sentence."""
     both = record["methods_meeting_both_goals"]
     goals = (
         f"within {_points(record['goal_points'])} of backprop at a step of at most "
         f"{record['cost_goal']:g}× backprop's"
     )
-    verdict = (
-        f"Forward-only methods {goals}: " + ", ".join(both) + "."
-        if both
-        else f"No forward-only method is {goals}."
-    )
-    return [*lines, "", _protocol(record) + ". " + verdict]
+    if both:
+        return f"Forward-only methods {goals}: " + ", ".join(both) + "."
+    return f"No forward-only method is {goals}."
 
 
 def adam_against_sgd(sgd: dict[str, Any], adam: dict[str, Any]) -> list[str]:
@@ -495,17 +497,9 @@ def which_activity_table(record: dict[str, Any]) -> list[str]:
     table = activity_methods_table(
         record, [name for name in methods if name in record["methods"]]
     )
-    both = record.get("methods_meeting_both_goals")
-    if both is None:  # a result file written before the goals were recorded
+    if "methods_meeting_both_goals" not in record:  # written before the goals were
         return table
-    verdict = (
-        "Within a point of backprop at a step of at most "
-        f"{record['cost_goal']:g} backprop steps: " + ", ".join(both) + "."
-        if both
-        else "No forward-only method came within a point of backprop at a step of "
-        f"at most {record['cost_goal']:g} backprop steps."
-    )
-    return [*table, "", verdict]
+    return [*table, "", _goals_verdict(record)]
 
 
 # Table name: (result file or files, docs page, function of their records).
