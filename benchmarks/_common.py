@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import pathlib
+import pickle
 import platform
 import resource
 import statistics
@@ -32,6 +33,9 @@ import numpy as np
 
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# The two halves of a benchmark whose results include both timings and numbers the
+# load cannot change (`parse_args`'s `--stage`).
+STAGES = ("untimed", "timed")
 
 
 def parse_args(
@@ -53,9 +57,37 @@ def parse_args(
         default=RESULTS,
         help="directory for the JSON and PNG results (default: benchmarks/results)",
     )
+    parser.add_argument(
+        "--stage",
+        choices=STAGES,
+        default=None,
+        help="only the part of the run that does not time or measure (`untimed`, kept "
+        "under OUT/.staged/), or only the timing, after it (`timed`); `run_all.py` "
+        "runs the first side by side with other scripts and the second alone",
+    )
     for name, help in flags:
         parser.add_argument(name, action="store_true", help=help)
     return parser.parse_args(argv)
+
+
+def untimed_part(
+    out_dir: pathlib.Path, name: str, stage: str | None, compute: Callable[[], Any]
+) -> Any:
+    """The results of `compute()`, the part of benchmark `name` whose numbers the
+    machine's load cannot change, by `stage`: `None` computes them; `"untimed"`
+    computes and keeps them under `out_dir/.staged/` and returns `None` (the script
+    then stops); `"timed"` reads back what an `"untimed"` run kept."""
+    path = out_dir / ".staged" / f"{name}.pickle"
+    if stage == "timed":
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: run with `--stage untimed` first.")
+        return pickle.loads(path.read_bytes())
+    value = compute()
+    if stage == "untimed":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(value))
+        return None
+    return value
 
 
 def _cpu_model() -> str:

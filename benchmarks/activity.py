@@ -516,20 +516,17 @@ def both_goals(
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = _common.parse_args(__doc__, argv)
-    if args.quick:
-        seeds, rates, num_updates = (0, 1), (0.01, 0.1, 0.3, 3.0), 100
-        repeats, min_time = 5, 0.01
-        # Every timed method compiles its step once more: --quick times two.
-        timed = ("backprop", "activity, separate layers")
-    else:
-        seeds, rates, num_updates = (0, 1, 2, 3, 4), LEARNING_RATES, 1000
-        repeats, min_time = 7, 0.1
-        timed = tuple(METHODS)
-    data = load_data()
+def train_methods(
+    data: tuple[jax.Array, ...],
+    names: Sequence[str],
+    seeds: Sequence[int],
+    rates: Sequence[float],
+    num_updates: int,
+) -> dict[str, Any]:
+    """The record (`method_record`) of every method in `names`, trained on `data`
+    with every step size of `rates` and seed of `seeds`."""
     methods = {}
-    for name in QUICK_METHODS if args.quick else METHODS:
+    for name in names:
         method = METHODS[name]
         start = time.perf_counter()
         runs = run_method(method, seeds, rates, data, num_updates)
@@ -542,6 +539,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{100 * test.mean():.2f} ± {100 * test.std(ddof=1):.2f} %",
             file=sys.stderr,
         )
+    return methods
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = _common.parse_args(__doc__, argv)
+    if args.quick:
+        seeds, rates, num_updates = (0, 1), (0.01, 0.1, 0.3, 3.0), 100
+        repeats, min_time = 5, 0.01
+        # Every timed method compiles its step once more: --quick times two.
+        timed = ("backprop", "activity, separate layers")
+    else:
+        seeds, rates, num_updates = (0, 1, 2, 3, 4), LEARNING_RATES, 1000
+        repeats, min_time = 7, 0.1
+        timed = tuple(METHODS)
+    data = load_data()
+
+    def untimed():
+        names = QUICK_METHODS if args.quick else tuple(METHODS)
+        return {
+            "methods": train_methods(data, names, seeds, rates, num_updates),
+            # Skipped in --quick, whose budget is compile time.
+            "relative_errors": None if args.quick else relative_errors(data, 256),
+        }
+
+    trained = _common.untimed_part(args.out, "activity", args.stage, untimed)
+    if trained is None:
+        return {}
+    methods = trained["methods"]
     compare_with_backprop(methods, len(seeds), GOAL_POINTS)
     forward_only = [n for n, r in methods.items() if r["forward_only"]]
     best_forward_only = max(
@@ -569,10 +594,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ],
         "methods": methods,
         "step_time": step_time,
-        # Skipped in --quick, whose budget is compile time.
-        "relative_squared_error_at_init": (
-            None if args.quick else relative_errors(data, 256)
-        ),
+        "relative_squared_error_at_init": trained["relative_errors"],
     }
     for name, record in results["step_time"].items():
         print(

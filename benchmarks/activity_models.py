@@ -352,14 +352,15 @@ def timed_costs(
 def run_model(
     name: str,
     table: dict[str, base.Method],
+    data: tuple[jax.Array, ...],
     config: dict[str, Any],
+    records: dict[str, dict[str, Any]],
     timing: tuple[int, float],
     log: _common.RunLog | None = None,
-    optimizer: Callable[[jax.Array], optax.GradientTransformation] = optax.sgd,
 ) -> dict[str, Any]:
+    """Model `name`'s results: the trained methods' `records` (`train_records`)
+    compared with backprop, and the cost of each method's step."""
     model = MODELS[name]
-    data = model.load()  # mnist1d's is generated: once per model
-    records = train_records(name, table, data, config, log, optimizer)
     base.compare_with_backprop(records, len(config["seeds"]), model.goal_points)
     costs = timed_costs(name, table, data, timing, log)
     step_time = costs["step_time"]
@@ -490,10 +491,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs_in_this_scale": models,
         "models": {},
     }
-    for name, method_names in models.items():
-        table = {method: full_table(name)[method] for method in method_names}
+    tables = {
+        name: {method: full_table(name)[method] for method in method_names}
+        for name, method_names in models.items()
+    }
+    data = {name: MODELS[name].load() for name in models}  # mnist1d's is generated
+    records = _common.untimed_part(
+        args.out,
+        output,
+        args.stage,
+        lambda: {
+            name: train_records(
+                name, tables[name], data[name], configs[name], log, optimizer
+            )
+            for name in models
+        },
+    )
+    if records is None:
+        return {}
+    for name in models:
         results["models"][name] = run_model(
-            name, table, configs[name], timing, log, optimizer
+            name, tables[name], data[name], configs[name], records[name], timing, log
         )
     _common.write_json(args.out, output, results)
     plot(results, args.out, output)

@@ -392,25 +392,22 @@ def best_summary(losses: np.ndarray, accuracies: np.ndarray, best: int) -> dict:
     }
 
 
-def main(
-    quick: bool = False,
-    out_dir: pathlib.Path = _common.RESULTS,
-    methods: tuple[str, ...] = tuple(METHODS) + tuple(CURVATURE_METHODS),
+def untimed_results(
+    config: dict[str, Any],
+    methods: tuple[str, ...],
+    models: dict[str, eqx.nn.MLP],
+    data: tuple[Array, Array],
+    batch: tuple[Array, Array],
 ) -> dict:
-    config = QUICK if quick else FULL
+    """Every result but the cost of the curvature-aware update: the cosines and
+    training runs of `methods` on each of `models`, and the width sweep."""
     plain_methods = tuple(name for name in methods if name in METHODS)
     curvature_methods = tuple(name for name in methods if name in CURVATURE_METHODS)
-    x, y = load_data()
-    key = jax.random.key(0)
-    batch_key, key = jax.random.split(key)
-    index = jax.random.choice(batch_key, x.shape[0], (config["batch_size"],), False)
-    xb, yb = x[index], y[index]
+    x, y = data
+    xb, yb = batch
     results: dict = {"models": {}, "width_sweep": {}}
     started = time.perf_counter()
-
-    for model_name, (width, depth) in config["models"].items():
-        model_key, key = jax.random.split(key)
-        model = eqx.nn.MLP(64, 10, width, depth, key=model_key)
+    for model_name, model in models.items():
         p = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
         cosine_keys = jax.random.split(jax.random.key(1), config["cosine_keys"])
         learning_rates = jnp.asarray(config["base_learning_rates"], jnp.float32)
@@ -508,8 +505,6 @@ def main(
                 "median_unit_curvature_per_seed": finite_or_none(curvatures[best]),
             }
         entry["methods"] = method_results
-        if curvature_methods:
-            entry["curvature_cost"] = curvature_cost(model, xb, yb)
         results["models"][model_name] = entry
 
     for width in config["widths"]:
@@ -526,6 +521,41 @@ def main(
         )
         print(f"[width {width}] p={p} {summary}", flush=True)
         results["width_sweep"][str(width)] = row
+
+    return results | {"seconds": time.perf_counter() - started}
+
+
+def main(
+    quick: bool = False,
+    out_dir: pathlib.Path = _common.RESULTS,
+    methods: tuple[str, ...] = tuple(METHODS) + tuple(CURVATURE_METHODS),
+    stage: str | None = None,
+) -> dict:
+    """The whole benchmark, or one of its `_common.STAGES`."""
+    config = QUICK if quick else FULL
+    x, y = load_data()
+    key = jax.random.key(0)
+    batch_key, key = jax.random.split(key)
+    index = jax.random.choice(batch_key, x.shape[0], (config["batch_size"],), False)
+    xb, yb = x[index], y[index]
+    models = {}
+    for model_name, (width, depth) in config["models"].items():
+        model_key, key = jax.random.split(key)
+        models[model_name] = eqx.nn.MLP(64, 10, width, depth, key=model_key)
+    results = _common.untimed_part(
+        out_dir,
+        "guess_quality",
+        stage,
+        lambda: untimed_results(config, methods, models, (x, y), (xb, yb)),
+    )
+    if results is None:
+        return {}
+    started = time.perf_counter()
+    if any(name in CURVATURE_METHODS for name in methods):
+        for model_name, model in models.items():
+            entry = results["models"][model_name]
+            entry["curvature_cost"] = curvature_cost(model, xb, yb)
+    wall_seconds = results.pop("seconds") + time.perf_counter() - started
 
     output = {
         "config": {
@@ -544,7 +574,7 @@ def main(
             "cosine": "against the true gradient of one fixed batch; statistics "
             "over PRNG keys",
         },
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": wall_seconds,
         "results": results,
     }
     _common.write_json(out_dir, "guess_quality", output)
@@ -623,4 +653,4 @@ def print_table(output: dict) -> None:
 
 if __name__ == "__main__":
     arguments = _common.parse_args(__doc__)
-    main(arguments.quick, arguments.out)
+    main(arguments.quick, arguments.out, stage=arguments.stage)

@@ -56,11 +56,19 @@ def run_all_lines(record: dict[str, Any]) -> list[str]:
     )
     config = record.get("config", {})
     timed = config.get("timed")
+    staged = config.get("staged", [])
     how = (
         "one at a time"
         if timed is None
         else f"(the {len(timed)} that time or measure one at a time, the others "
-        f"{config.get('untimed_jobs', 2)} at a time first)"
+        f"{config.get('untimed_jobs', 2)} at a time first"
+        + (
+            f", with the training runs of {len(staged)} of the timed ones "
+            f"({', '.join(staged)})"
+            if staged
+            else ""
+        )
+        + ")"
     )
     return [
         f"The last `make bench` ran {len(record['seconds'])} benchmarks {how} in "

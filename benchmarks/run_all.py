@@ -3,7 +3,9 @@
 - A full run goes one script at a time for the benchmarks that time or measure
     (`TIMED`), so that no benchmark's timings share the CPU with another's; the
     others, whose results are accuracies, losses and bit errors from fixed seeds that
-    the machine's load cannot change, run first, one per core. Results go to
+    the machine's load cannot change, run first, one per core, and with them the
+    training runs of the timed benchmarks that have them (`STAGED`, run in two
+    stages: `_common.parse_args`'s `--stage`). Results go to
     `benchmarks/results/`, the wall time of each script and of the whole run to
     `results/run_all.json` (the README quotes it), and `report.py` rewrites the
     README's Performance section and the docs' result tables.
@@ -45,6 +47,9 @@ TIMED = (
     "step_cost",
     "vs_pytorch",
 )
+# Timed benchmarks most of whose time goes to training runs: their runs go with the
+# untimed scripts (`--stage untimed`), only their timing alone (`--stage timed`).
+STAGED = ("activity", "activity_models", "guess_quality")
 
 
 def benchmark_scripts() -> list[pathlib.Path]:
@@ -83,31 +88,52 @@ def longest_first(
 
 
 def run_batch(
-    scripts: Sequence[pathlib.Path],
-    flags: Sequence[str],
+    scripts: Sequence[tuple[pathlib.Path, Sequence[str]]],
     jobs: int,
     seconds: dict[str, float],
     failed: list[str],
 ) -> None:
-    """Runs `scripts`, `jobs` at a time; adds each one's wall time to `seconds` and
-    the names of those that fail to `failed`."""
+    """Runs `scripts`, each with its flags, `jobs` at a time; adds each one's wall
+    time to `seconds` (a script's stages to one sum) and the names of those that
+    fail to `failed`."""
     # One script at a time streams its output live; parallel ones print it whole.
     capture = jobs > 1
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {
-            pool.submit(run_script, script, flags, capture): script
-            for script in scripts
+            pool.submit(run_script, script, flags, capture): (script, flags)
+            for script, flags in scripts
         }
         for future in concurrent.futures.as_completed(futures):
-            script = futures[future]
+            script, flags = futures[future]
             elapsed, process = future.result()
-            seconds[script.stem] = elapsed
+            seconds[script.stem] = seconds.get(script.stem, 0.0) + elapsed
             if capture:
                 print(process.stdout + process.stderr, end="")
             status = "ok" if process.returncode == 0 else "FAILED"
-            print(f"== {script.name}: {status} in {elapsed:.0f} s", flush=True)
+            stage = f" ({flags[-1]} stage)" if "--stage" in flags else ""
+            print(f"== {script.name}{stage}: {status} in {elapsed:.0f} s", flush=True)
             if process.returncode != 0:
                 failed.append(script.name)
+
+
+def full_run_batches(
+    scripts: Sequence[pathlib.Path], flags: Sequence[str], jobs: int, out: pathlib.Path
+) -> list[tuple[list[tuple[pathlib.Path, list[str]]], int]]:
+    """A full run's two batches of (script, flags), each with its number of scripts
+    at once: the untimed scripts and the training stages of the `STAGED` ones, one
+    per core; then the `TIMED` ones (the timing stages of the `STAGED`), `jobs` at a
+    time."""
+    untimed = [script for script in scripts if script.stem not in TIMED]
+    staged = [script for script in scripts if script.stem in STAGED]
+    first = [(script, list(flags)) for script in longest_first(untimed, out)] + [
+        (script, [*flags, "--stage", "untimed"]) for script in staged
+    ]
+    second = [
+        (script, [*flags, *(["--stage", "timed"] if script.stem in STAGED else [])])
+        for script in scripts
+        if script.stem in TIMED
+    ]
+    return [(first, os.cpu_count() or 1), (second, jobs)]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -141,15 +167,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     failed: list[str] = []
     if args.quick:
-        batches = [(scripts, jobs)]
+        batches = [([(script, flags) for script in scripts], jobs)]
     else:
-        untimed = longest_first(
-            [script for script in scripts if script.stem not in TIMED], out
-        )
-        timed = [script for script in scripts if script.stem in TIMED]
-        batches = [(untimed, os.cpu_count() or 1), (timed, jobs)]
+        batches = full_run_batches(scripts, flags, jobs, out)
     for batch, batch_jobs in batches:
-        run_batch(batch, flags, batch_jobs, seconds, failed)
+        # A script whose untimed stage failed does not time: it would read an older
+        # run's results.
+        batch = [(script, f) for script, f in batch if script.name not in failed]
+        run_batch(batch, batch_jobs, seconds, failed)
     total = time.perf_counter() - start
     print(f"== {len(scripts)} benchmarks in {total / 60:.1f} min", flush=True)
     if failed:
@@ -164,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if args.quick
                 else {
                     "timed": [name for name in TIMED if name in seconds],
+                    "staged": [name for name in STAGED if name in seconds],
                     "untimed_jobs": os.cpu_count() or 1,
                 }
             ),

@@ -607,7 +607,8 @@ out.mkdir(parents=True, exist_ok=True)
 name = pathlib.Path(__file__).stem
 record = {"benchmark": name, "quick": "--quick" in sys.argv}
 (out / f"{name}.json").write_text(json.dumps(record))
-(out / f"{name}.times").write_text(json.dumps([started, time.time()]))
+stage = sys.argv[sys.argv.index("--stage") + 1] if "--stage" in sys.argv else ""
+(out / f"{name}{stage}.times").write_text(json.dumps([started, time.time()]))
 sys.exit(1 if name == "fails" else 0)
 """
 
@@ -658,6 +659,23 @@ def test_run_all_quick(tmp_path, monkeypatch):
         run_all.main(["--quick", "--only", "no_such_benchmark"])
 
 
+def test_untimed_part_is_computed_once_and_read_back(tmp_path):
+    """The untimed stage computes and keeps; the timed stage reads what it kept
+    without computing again; a timed stage with nothing kept stops the script."""
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"accuracy": len(calls)}
+
+    assert _common.untimed_part(tmp_path, "x", None, compute) == {"accuracy": 1}
+    assert _common.untimed_part(tmp_path, "x", "untimed", compute) is None
+    assert _common.untimed_part(tmp_path, "x", "timed", compute) == {"accuracy": 2}
+    assert len(calls) == 2
+    with pytest.raises(SystemExit, match="--stage untimed"):
+        _common.untimed_part(tmp_path, "y", "timed", compute)
+
+
 def test_run_all_full_runs_timed_scripts_alone(tmp_path, monkeypatch):
     """A full run gives the benchmarks that time or measure the machine to
     themselves, one at a time, after the others have run side by side; each
@@ -676,23 +694,35 @@ def test_run_all_full_runs_timed_scripts_alone(tmp_path, monkeypatch):
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     names = ("alpha", "beta", "gamma", "delta")
-    for name in names:
+    for name in (*names, "fails"):
         (scripts / f"{name}.py").write_text(_FAKE_BENCHMARK)
     monkeypatch.setattr(run_all, "HERE", scripts)
-    monkeypatch.setattr(run_all, "TIMED", ("beta", "delta"))
+    monkeypatch.setattr(run_all, "TIMED", ("beta", "delta", "fails"))
+    # delta's training runs go with the untimed scripts, its timing alone.
+    monkeypatch.setattr(run_all, "STAGED", ("delta", "fails"))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     out = tmp_path / "out"
     record = run_all.main(["--only", *names, "--out", str(out)])
     assert set(record["seconds"]) == set(names)
     assert record["config"]["timed"] == ["beta", "delta"]
-    times = {name: json.loads((out / f"{name}.times").read_text()) for name in names}
-    untimed_end = max(times["alpha"][1], times["gamma"][1])
+    assert record["config"]["staged"] == ["delta"]
+    runs = ("alpha", "gamma", "deltauntimed", "beta", "deltatimed")
+    times = {name: json.loads((out / f"{name}.times").read_text()) for name in runs}
+    assert not (out / "delta.times").exists()
+    # Each stage sleeps 0.5 s: the script's time is their sum.
+    assert record["seconds"]["delta"] >= 1.0
+    untimed_end = max(times[name][1] for name in ("alpha", "gamma", "deltauntimed"))
     # The untimed pair overlapped; the timed scripts came after, one at a time.
     assert (
         times["gamma"][0] < times["alpha"][1] and times["alpha"][0] < times["gamma"][1]
     )
-    beta, delta = sorted((times["beta"], times["delta"]))
+    beta, delta = sorted((times["beta"], times["deltatimed"]))
     assert untimed_end <= beta[0] and beta[1] <= delta[0]
+    # A script whose untimed stage fails is not timed on an older run's results.
+    with pytest.raises(SystemExit, match="Failed: fails.py"):
+        run_all.main(["--only", "fails", "--out", str(out)])
+    assert (out / "failsuntimed.times").exists()
+    assert not (out / "failstimed.times").exists()
 
 
 def test_run_all_starts_the_longest_untimed_scripts_first(tmp_path):
@@ -992,8 +1022,12 @@ def test_activity_models_quick(tmp_path):
     zeros or of the wrong sign would not, nor plain SGD at Adam's step sizes (an
     optimizer not passed on). `activity.py`'s smoke run trains with SGD through the
     same `run_method`. Measured (100 updates, 2 seeds, step sizes 0.001 and 0.01):
-    backprop 0.96, LG-FG-A 0.40 (± 0.016)."""
-    run_main("activity_models", "--quick", "--adam", "--out", str(tmp_path))
+    backprop 0.96, LG-FG-A 0.40 (± 0.016). Run as `make bench` runs it, in two
+    stages: the training runs, then the timing, which reads them back."""
+    flags = ("--quick", "--adam", "--out", str(tmp_path))
+    run_main("activity_models", *flags, "--stage", "untimed")
+    assert not (tmp_path / "activity_models_adam.json").exists()
+    run_main("activity_models", *flags, "--stage", "timed")
     record = json.loads((tmp_path / "activity_models_adam.json").read_text())
     assert (tmp_path / "activity_models_adam.png").stat().st_size > 0
     assert set(record["models"]) == {"digits MLP 64-256-256-10"}
