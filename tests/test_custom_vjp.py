@@ -1,5 +1,6 @@
 """Forward mode's hard limit, a `jax.custom_vjp` in the loss: every estimator explains
-JAX's bare error the same way, diffrax's forward-mode adjoints train, and
+JAX's bare error the same way, diffrax's forward-mode adjoints train, optimistix's
+implicit solutions differentiate exactly, and
 `derivative="central"` matches the jvp to its error formula and trains what forward
 mode cannot differentiate."""
 
@@ -10,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 import pytest
 from jax.experimental.jet import jet
 
@@ -217,6 +219,52 @@ def test_diffrax_trains(adjoint, derivative):
         _solve(adjoint), X0, steps=30, learning_rate=0.3, derivative=derivative
     )
     assert losses[-1] < 0.2 * losses[0], losses
+
+
+def _equilibrium_loss(solve):
+    """A deep-equilibrium layer, `y = tanh(W y + x)`, found by an optimistix solver
+    inside the loss: optimistix differentiates its solutions implicitly through a
+    `custom_jvp`, which forward mode goes through."""
+
+    def loss(layer, x):
+        def residual(y, args):
+            return y - jnp.tanh(args[0](y) + args[1])
+
+        y = solve(residual, x, (layer, x))
+        return jnp.sum(jnp.square(y - 0.3))
+
+    return loss
+
+
+OPTIMISTIX_SOLVES = {
+    "root_find Newton": lambda fn, x, args: optx.root_find(
+        fn, optx.Newton(rtol=1e-6, atol=1e-6), jnp.zeros_like(x), args=args
+    ).value,
+    "least_squares LevenbergMarquardt": lambda fn, x, args: optx.least_squares(
+        fn, optx.LevenbergMarquardt(rtol=1e-6, atol=1e-6), jnp.zeros_like(x), args
+    ).value,
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMISTIX_SOLVES))
+def test_optimistix_implicit_solutions_are_differentiated_exactly(name):
+    """With `mode="partition"` and `k = p`, every parameter gets its own direction
+    and the estimate is the gradient: equal to `eqx.filter_grad`'s through the
+    solver's implicit adjoint (an estimator that lost the solver's dependence on the
+    parameters, or mistook a `custom_jvp` for a `custom_vjp`, would fail)."""
+    loss = _equilibrium_loss(OPTIMISTIX_SOLVES[name])
+    layer = eqx.nn.Linear(3, 3, key=jax.random.key(0))
+    layer = eqx.tree_at(lambda l: l.weight, layer, 0.3 * layer.weight)
+    x = jnp.array([0.5, -1.0, 2.0])
+    p = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(layer, eqx.is_array)))
+    estimate = eqx.filter_jit(
+        eqx_dodge.filter_dodge(
+            loss, num_directions=p, mode="partition", key=jax.random.key(1)
+        )
+    )(layer, x)
+    gradient = eqx.filter_grad(loss)(layer, x)
+    np.testing.assert_allclose(flat(estimate), flat(gradient), rtol=1e-4, atol=1e-6)
+    assert float(jnp.linalg.norm(flat(gradient))) > 1e-2
 
 
 # --- Central differences ------------------------------------------------------------
