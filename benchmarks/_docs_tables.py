@@ -324,6 +324,45 @@ def step_cost_time_table(record: dict[str, Any]) -> list[str]:
     return [*lines, "", f"Medians of interleaved repeats on {_caption(record)}."]
 
 
+CPU_FLAGS_LABELS = {
+    "forward": "forward",
+    "grad": "`filter_grad`",
+    "dodge_k1": "`filter_dodge` $k = 1$",
+    "dodge_k": "`filter_dodge` $k = {k}$",
+    "listing_k": "hand-written vmap of jvp, $k = {k}$",
+}
+
+
+def cpu_flags_table(record: dict[str, Any]) -> list[str]:
+    """`cpu_flags.py`: per model, each computation's milliseconds with XLA:CPU's
+    YNNPACK fusions (the default) and without, and the ratio."""
+    config = record["config"]
+    k = config["k"]
+    labels = [label.format(k=k) for label in CPU_FLAGS_LABELS.values()]
+    lines = [
+        "| model | " + " | ".join(labels) + f" | time({k}) / ({k} · time(1)) |",
+        "|---|" + "---|" * (len(labels) + 1),
+    ]
+    for model, result in record["results"].items():
+        ms, ratio = result["milliseconds"], result["ynn_off_over_default"]
+        cells = [
+            f"{ms['default'][c]:.3g} → {ms['ynn_off'][c]:.3g} ({ratio[c]:.2f}×)"
+            for c in CPU_FLAGS_LABELS
+        ]
+        # The scaling in k of `filter_dodge` under each setting.
+        scaling = [ms[s]["dodge_k"] / (k * ms[s]["dodge_k1"]) for s in ms]
+        cells.append(" → ".join(f"{value:.2f}" for value in scaling))
+        lines.append(f"| {record['descriptions'][model]} | " + " | ".join(cells) + " |")
+    rounds = config["rounds"]
+    return lines + [
+        "",
+        "Milliseconds per call with XLA's default flags → with "
+        f"`XLA_FLAGS={config['settings']['ynn_off']}` (the ratio: below 1, faster "
+        f"without YNNPACK); medians of interleaved repeats, {rounds} fresh "
+        f"process{'es' * (rounds > 1)} per setting; {_caption(record)}.",
+    ]
+
+
 def step_cost_large_table(record: dict[str, Any]) -> list[str]:
     """`step_cost.py --large`: the p = 5.8 M MLP's times and the two ratios."""
     (result,) = record["results"].values()
@@ -546,6 +585,7 @@ TABLES: dict[str, tuple[str | tuple[str, ...], str, Callable[..., list[str]]]] =
     "step_cost_memory": ("step_cost", "docs/which.md", step_cost_memory_table),
     "step_cost_time": ("step_cost", "docs/which.md", step_cost_time_table),
     "step_cost_large": ("step_cost_large", "docs/which.md", step_cost_large_table),
+    "cpu_flags": ("cpu_flags", "docs/troubleshooting.md", cpu_flags_table),
     "digits_directions": (
         "digits_directions",
         "docs/which.md",

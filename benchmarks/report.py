@@ -249,6 +249,22 @@ def k_formulations_section(record: dict[str, Any], results_path: str) -> list[st
     return lines
 
 
+def cpu_flags_section(record: dict[str, Any], results_path: str) -> list[str]:
+    """`cpu_flags.py`: XLA:CPU's YNNPACK fusions on and off."""
+    full = record["config"]["scale"] == "full"
+    script = "cpu_flags.py" + " --full" * full
+    return [
+        f"### XLA:CPU's YNNPACK fusions (`benchmarks/{script}`)",
+        "",
+        f"Machine: {_machine(record)}.",
+        "",
+        *_docs_tables.cpu_flags_table(record),
+        "",
+        f"![cpu flags]({results_path}/{record['benchmark']}.png)",
+        "",
+    ]
+
+
 def vs_pytorch_section(record: dict[str, Any], results_path: str) -> list[str]:
     config, seconds = record["config"], record["seconds"]
     goal = record["goal_eqx_dodge_over_pytorch_forward_gradient"]
@@ -1141,6 +1157,8 @@ SECTIONS = {
     "activity": activity_section,
     "step_cost": step_cost_section,
     "step_cost_large": step_cost_large_section,
+    "cpu_flags": cpu_flags_section,
+    "cpu_flags_full": cpu_flags_section,
     "k_formulations": k_formulations_section,
     "vs_pytorch": vs_pytorch_section,
     "digits_directions": digits_section,

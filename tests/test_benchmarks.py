@@ -115,6 +115,38 @@ def test_step_cost_quick(tmp_path):
         assert grad["peak_bytes"] > 0 and dodge["peak_bytes"] > 0
 
 
+def test_cpu_flags_quick(tmp_path):
+    """Each setting runs in its own process with its own XLA_FLAGS (a point that
+    finds other flags refuses to run), every computation is timed under both, and
+    the ratio is the two medians'. Catches a setting that never reaches XLA (both
+    processes would run with the default, and the recorded flags would differ)."""
+    cpu_flags = importlib.import_module("cpu_flags")
+    results = cpu_flags.main(["--quick", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "cpu_flags.json").read_text())
+    assert (tmp_path / "cpu_flags.png").stat().st_size > 0
+    assert record["config"]["settings"] == cpu_flags.SETTINGS
+    assert set(results) == {"mlp"}
+    ms = results["mlp"]["milliseconds"]
+    for computation in cpu_flags.COMPUTATIONS:
+        default, off = ms["default"][computation], ms["ynn_off"][computation]
+        assert 0 < default < 1e4 and 0 < off < 1e4
+        ratio = results["mlp"]["ynn_off_over_default"][computation]
+        assert ratio == pytest.approx(off / default)
+    wrong = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "cpu_flags.py"),
+            "--point",
+            "quick",
+            "ynn_off",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"XLA_FLAGS": ""},
+    )
+    assert wrong.returncode != 0 and "XLA_FLAGS" in wrong.stderr
+
+
 def test_step_cost_large_times_the_wide_mlp_at_k_1_and_8(tmp_path, monkeypatch):
     """`--large` times the p = 5.8 M MLP alone, k = 1 and 8, into its own file (the
     timing itself is `test_step_cost_quick`'s; five seconds a call would not fit
@@ -506,6 +538,48 @@ def test_docs_step_cost_large_table():
     table = _docs_tables.step_cost_large_table(record)
     assert table[2] == "| 20.0 | 40.0 | 50.0 | 39.0 | 46.0 | 339 | 1.16 | 0.93 |"
     assert table[4].startswith("MLP (5,824,522 parameters)")
+
+
+def test_docs_cpu_flags_table():
+    """Each cell is default → without YNNPACK (their ratio), in the columns' order,
+    and the last column is `filter_dodge`'s time(k) / (k · time(1)) under each."""
+    ms = {
+        "default": {
+            "forward": 1.0,
+            "grad": 2.0,
+            "dodge_k1": 2.5,
+            "dodge_k": 10.0,
+            "listing_k": 40.0,
+        },
+        "ynn_off": {
+            "forward": 1.5,
+            "grad": 2.0,
+            "dodge_k1": 2.5,
+            "dodge_k": 8.0,
+            "listing_k": 10.0,
+        },
+    }
+    ratios = {c: ms["ynn_off"][c] / ms["default"][c] for c in ms["default"]}
+    record = {
+        "machine": {
+            "cpu_count": 2,
+            "cpu": "x",
+            "load_average_1_5_15min": [1.0],
+            "git_commit": "abc",
+        },
+        "config": {"k": 8, "rounds": 3, "settings": {"ynn_off": "--flag="}},
+        "descriptions": {"mlp": "MLP"},
+        "results": {"mlp": {"milliseconds": ms, "ynn_off_over_default": ratios}},
+    }
+    table = _docs_tables.cpu_flags_table(record)
+    assert table[0].endswith(
+        "| hand-written vmap of jvp, $k = 8$ | time(8) / (8 · time(1)) |"
+    )
+    assert table[2] == (
+        "| MLP | 1 → 1.5 (1.50×) | 2 → 2 (1.00×) | 2.5 → 2.5 (1.00×) "
+        "| 10 → 8 (0.80×) | 40 → 10 (0.25×) | 0.50 → 0.40 |"
+    )
+    assert "`XLA_FLAGS=--flag=`" in table[4] and "3 fresh processes" in table[4]
 
 
 def test_docs_long_sequence_table():
@@ -965,6 +1039,7 @@ def test_report_committed_results():
         "copy_task_full": "copy_task.py --full",
         "online_stream_full": "online_stream.py",
         "step_cost_large": "step_cost.py --large",
+        "cpu_flags_full": "cpu_flags.py --full",
     }
     for name in report.SECTIONS:
         if (results / f"{name}.json").exists():
