@@ -20,6 +20,13 @@ import eqx_dodge
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
+# What `_common.machine_info` records, as far as the docs' captions read it.
+FAKE_MACHINE = {
+    "cpu_count": 2,
+    "cpu": "x",
+    "load_average_1_5_15min": [1.0],
+    "git_commit": "abc",
+}
 # The benchmark scripts are not a package; pytest puts their folder on the path.
 _common = importlib.import_module("_common")
 _docs_tables = importlib.import_module("_docs_tables")
@@ -383,12 +390,7 @@ def test_docs_tables_from_activity_results(tmp_path):
         "num_updates": 10,
         "batch_size": 8,
         "seeds": [0],
-        "machine": {
-            "cpu_count": 2,
-            "cpu": "x",
-            "load_average_1_5_15min": [1.0],
-            "git_commit": "abc",
-        },
+        "machine": FAKE_MACHINE,
     }
     _common.write_json(tmp_path / "results", "activity", record)
     pages = {}
@@ -519,12 +521,7 @@ def test_docs_step_cost_large_table():
         )
     }
     record = {
-        "machine": {
-            "cpu_count": 2,
-            "cpu": "x",
-            "load_average_1_5_15min": [1.0],
-            "git_commit": "abc",
-        },
+        "machine": FAKE_MACHINE,
         "results": {
             "mlp_large": {
                 "description": "MLP",
@@ -561,12 +558,7 @@ def test_docs_cpu_flags_table():
     }
     ratios = {c: ms["ynn_off"][c] / ms["default"][c] for c in ms["default"]}
     record = {
-        "machine": {
-            "cpu_count": 2,
-            "cpu": "x",
-            "load_average_1_5_15min": [1.0],
-            "git_commit": "abc",
-        },
+        "machine": FAKE_MACHINE,
         "config": {"k": 8, "rounds": 3, "settings": {"ynn_off": "--flag="}},
         "descriptions": {"mlp": "MLP"},
         "results": {"mlp": {"milliseconds": ms, "ynn_off_over_default": ratios}},
@@ -602,12 +594,7 @@ def test_docs_long_sequence_table():
             "bptt_remat_max_relative_difference": 1e-6,
         },
         "config": {"max_run_bytes": 2**32},
-        "machine": {
-            "cpu_count": 2,
-            "cpu": "x",
-            "load_average_1_5_15min": [1.0],
-            "git_commit": "abc",
-        },
+        "machine": FAKE_MACHINE,
     }
     lines = _docs_tables.long_sequence_table(record)
     assert r"$T = 1\,000$ | time / forward, $T = 50\,000$ |" in lines[0]
