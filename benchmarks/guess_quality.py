@@ -392,6 +392,140 @@ def best_summary(losses: np.ndarray, accuracies: np.ndarray, best: int) -> dict:
     }
 
 
+def trained_by_backprop(config: dict[str, Any], model, data: tuple[Array, Array]):
+    """`model` after `config["backprop_steps"]` SGD steps of backprop (to measure
+    the cosines mid-training), or `None` where the config has none."""
+    if not config["backprop_steps"]:
+        return None
+    _, _, trained_params = train_sgd(
+        lambda k, m, a, b: value_and_estimate("oracle", k, m, a, b),
+        model,
+        *data,
+        jnp.asarray([0.3], jnp.float32),
+        jnp.arange(1),
+        config["backprop_steps"],
+        config["batch_size"],
+    )
+    trained_params = jax.tree.map(lambda leaf: leaf[0, 0], trained_params)
+    return eqx.combine(trained_params, eqx.partition(model, eqx.is_inexact_array)[1])
+
+
+def plain_rows(
+    config: dict[str, Any],
+    names: tuple[str, ...],
+    model_name: str,
+    model,
+    data: tuple[Array, Array],
+    batch: tuple[Array, Array],
+) -> dict[str, dict]:
+    """Each plain method's cosines (at initialisation and after backprop training)
+    and its SGD runs over the grid of learning rates and seeds."""
+    cosine_keys = jax.random.split(jax.random.key(1), config["cosine_keys"])
+    learning_rates = jnp.asarray(config["base_learning_rates"], jnp.float32)
+    at_init = cosines(names, model, *batch, cosine_keys, with_curvature=True)
+    trained = trained_by_backprop(config, model, data)
+    after = (
+        None
+        if trained is None
+        else cosines(names, trained, *batch, cosine_keys, with_curvature=True)
+    )
+    rows = {}
+    for name in names:
+        print(f"[{model_name}] {name}", flush=True)
+        scale = learning_rate_scale(name, model)
+        losses, accuracies, _ = train_sgd(
+            lambda k, m, a, b, name=name: value_and_estimate(name, k, m, a, b),
+            model,
+            *data,
+            learning_rates * scale,
+            jnp.arange(config["num_seeds"]),
+            config["num_steps"],
+            config["batch_size"],
+        )
+        losses, accuracies, best = best_of_grid(losses, accuracies)
+        rows[name] = {
+            "cosine_at_init": summarise(at_init[name]),
+            "cosine_after_backprop_training": (
+                None if after is None else summarise(after[name])
+            ),
+            "learning_rate_scale": scale,
+            "best_learning_rate": float(learning_rates[best]) * scale,
+            "final_loss_per_learning_rate_and_seed": finite_or_none(losses),
+            "train_accuracy_per_learning_rate_and_seed": accuracies.tolist(),
+            **best_summary(losses, accuracies, best),
+        }
+    return rows
+
+
+def curvature_rows(
+    config: dict[str, Any],
+    names: tuple[str, ...],
+    model_name: str,
+    model,
+    data: tuple[Array, Array],
+    plain: dict[str, dict],
+) -> dict[str, dict]:
+    """Each curvature-aware method's runs over the grid of dampings and seeds, its
+    fallback step the `plain` row of its base method's best learning rate."""
+    rows = {}
+    for name in names:
+        print(f"[{model_name}] {name}", flush=True)
+        base = CURVATURE_METHODS[name]
+        scale = learning_rate_scale(base, model)
+        # The fallback step is the plain method's at its best learning rate (the
+        # smallest of the grid when the plain method was not run).
+        smallest = float(jnp.float32(config["base_learning_rates"][0]))
+        fallback = plain.get(base, {}).get("best_learning_rate", smallest * scale)
+        dampings = jnp.asarray(config["newton_dampings"], jnp.float32)
+        losses, accuracies, accepted, curvatures = train_curvature(
+            base,
+            model,
+            *data,
+            fallback,
+            dampings,
+            jnp.arange(config["num_seeds"]),
+            config["num_steps"],
+            config["batch_size"],
+        )
+        losses, accuracies, best = best_of_grid(losses, accuracies)
+        rows[name] = {
+            "cosine_at_init": None,
+            "cosine_after_backprop_training": None,
+            "base_method": base,
+            "learning_rate_scale": scale,
+            "best_learning_rate": fallback,
+            "best_newton_damping": float(dampings[best]),
+            "final_loss_per_damping_and_seed": finite_or_none(losses),
+            "train_accuracy_per_damping_and_seed": accuracies.tolist(),
+            **best_summary(losses, accuracies, best),
+            "accepted_fraction_per_seed": (
+                np.asarray(accepted[best]) / config["num_steps"]
+            ).tolist(),
+            "median_unit_curvature_per_seed": finite_or_none(curvatures[best]),
+        }
+    return rows
+
+
+def width_sweep(config: dict[str, Any], batch: tuple[Array, Array]) -> dict:
+    """The cosines of `WIDTH_METHODS` at initialisation, per hidden width."""
+    sweep = {}
+    for width in config["widths"]:
+        model = eqx.nn.MLP(
+            64, 10, width, config["width_depth"], key=jax.random.key(width)
+        )
+        p = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+        keys = jax.random.split(jax.random.key(2), config["width_keys"])
+        row: dict = {"num_parameters": p}
+        for name, values in cosines(WIDTH_METHODS, model, *batch, keys).items():
+            row[name] = summarise(values)
+        summary = ", ".join(
+            f"{n}={row[n]['median_abs_cosine']:.4f}" for n in WIDTH_METHODS
+        )
+        print(f"[width {width}] p={p} {summary}", flush=True)
+        sweep[str(width)] = row
+    return sweep
+
+
 def untimed_results(
     config: dict[str, Any],
     methods: tuple[str, ...],
@@ -403,125 +537,20 @@ def untimed_results(
     training runs of `methods` on each of `models`, and the width sweep."""
     plain_methods = tuple(name for name in methods if name in METHODS)
     curvature_methods = tuple(name for name in methods if name in CURVATURE_METHODS)
-    x, y = data
-    xb, yb = batch
-    results: dict = {"models": {}, "width_sweep": {}}
     started = time.perf_counter()
+    results: dict = {"models": {}}
     for model_name, model in models.items():
         p = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-        cosine_keys = jax.random.split(jax.random.key(1), config["cosine_keys"])
-        learning_rates = jnp.asarray(config["base_learning_rates"], jnp.float32)
-        seeds = jnp.arange(config["num_seeds"])
-
-        # A model trained by backpropagation, to measure the cosines mid-training.
-        trained = None
-        if config["backprop_steps"]:
-            _, _, trained_params = train_sgd(
-                lambda k, m, a, b: value_and_estimate("oracle", k, m, a, b),
-                model,
-                x,
-                y,
-                jnp.asarray([0.3], jnp.float32),
-                jnp.arange(1),
-                config["backprop_steps"],
-                config["batch_size"],
-            )
-            trained_params = jax.tree.map(lambda leaf: leaf[0, 0], trained_params)
-            static = eqx.partition(model, eqx.is_inexact_array)[1]
-            trained = eqx.combine(trained_params, static)
-        at_init = cosines(
-            plain_methods, model, xb, yb, cosine_keys, with_curvature=True
+        plain = plain_rows(config, plain_methods, model_name, model, data, batch)
+        curvature = curvature_rows(
+            config, curvature_methods, model_name, model, data, plain
         )
-        after = (
-            None
-            if trained is None
-            else cosines(
-                plain_methods, trained, xb, yb, cosine_keys, with_curvature=True
-            )
-        )
-
-        entry = {"num_parameters": p, "one_over_sqrt_p": 1 / math.sqrt(p)}
-        method_results = {}
-        for name in plain_methods:
-            print(f"[{model_name}] {name}", flush=True)
-            scale = learning_rate_scale(name, model)
-            losses, accuracies, _ = train_sgd(
-                lambda k, m, a, b, name=name: value_and_estimate(name, k, m, a, b),
-                model,
-                x,
-                y,
-                learning_rates * scale,
-                seeds,
-                config["num_steps"],
-                config["batch_size"],
-            )
-            losses, accuracies, best = best_of_grid(losses, accuracies)
-            method_results[name] = {
-                "cosine_at_init": summarise(at_init[name]),
-                "cosine_after_backprop_training": (
-                    None if after is None else summarise(after[name])
-                ),
-                "learning_rate_scale": scale,
-                "best_learning_rate": float(learning_rates[best]) * scale,
-                "final_loss_per_learning_rate_and_seed": finite_or_none(losses),
-                "train_accuracy_per_learning_rate_and_seed": accuracies.tolist(),
-                **best_summary(losses, accuracies, best),
-            }
-        for name in curvature_methods:
-            print(f"[{model_name}] {name}", flush=True)
-            base = CURVATURE_METHODS[name]
-            scale = learning_rate_scale(base, model)
-            # The fallback step is the plain method's at its best learning rate
-            # (the smallest of the grid when the plain method was not run).
-            fallback = method_results.get(base, {}).get(
-                "best_learning_rate", float(learning_rates[0]) * scale
-            )
-            dampings = jnp.asarray(config["newton_dampings"], jnp.float32)
-            losses, accuracies, accepted, curvatures = train_curvature(
-                base,
-                model,
-                x,
-                y,
-                fallback,
-                dampings,
-                seeds,
-                config["num_steps"],
-                config["batch_size"],
-            )
-            losses, accuracies, best = best_of_grid(losses, accuracies)
-            method_results[name] = {
-                "cosine_at_init": None,
-                "cosine_after_backprop_training": None,
-                "base_method": base,
-                "learning_rate_scale": scale,
-                "best_learning_rate": fallback,
-                "best_newton_damping": float(dampings[best]),
-                "final_loss_per_damping_and_seed": finite_or_none(losses),
-                "train_accuracy_per_damping_and_seed": accuracies.tolist(),
-                **best_summary(losses, accuracies, best),
-                "accepted_fraction_per_seed": (
-                    np.asarray(accepted[best]) / config["num_steps"]
-                ).tolist(),
-                "median_unit_curvature_per_seed": finite_or_none(curvatures[best]),
-            }
-        entry["methods"] = method_results
-        results["models"][model_name] = entry
-
-    for width in config["widths"]:
-        model = eqx.nn.MLP(
-            64, 10, width, config["width_depth"], key=jax.random.key(width)
-        )
-        p = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-        keys = jax.random.split(jax.random.key(2), config["width_keys"])
-        row: dict = {"num_parameters": p}
-        for name, values in cosines(WIDTH_METHODS, model, xb, yb, keys).items():
-            row[name] = summarise(values)
-        summary = ", ".join(
-            f"{n}={row[n]['median_abs_cosine']:.4f}" for n in WIDTH_METHODS
-        )
-        print(f"[width {width}] p={p} {summary}", flush=True)
-        results["width_sweep"][str(width)] = row
-
+        results["models"][model_name] = {
+            "num_parameters": p,
+            "one_over_sqrt_p": 1 / math.sqrt(p),
+            "methods": plain | curvature,
+        }
+    results["width_sweep"] = width_sweep(config, batch)
     return results | {"seconds": time.perf_counter() - started}
 
 
