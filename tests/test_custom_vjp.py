@@ -237,12 +237,16 @@ def _equilibrium_loss(solve):
 
 
 OPTIMISTIX_SOLVES = {
-    "root_find Newton": lambda fn, x, args: optx.root_find(
-        fn, optx.Newton(rtol=1e-6, atol=1e-6), jnp.zeros_like(x), args=args
-    ).value,
-    "least_squares LevenbergMarquardt": lambda fn, x, args: optx.least_squares(
-        fn, optx.LevenbergMarquardt(rtol=1e-6, atol=1e-6), jnp.zeros_like(x), args
-    ).value,
+    "root_find Newton": lambda fn, x, args: (
+        optx.root_find(
+            fn, optx.Newton(rtol=1e-6, atol=1e-6), jnp.zeros_like(x), args=args
+        ).value
+    ),
+    "least_squares LevenbergMarquardt": lambda fn, x, args: (
+        optx.least_squares(
+            fn, optx.LevenbergMarquardt(rtol=1e-6, atol=1e-6), jnp.zeros_like(x), args
+        ).value
+    ),
 }
 
 
@@ -254,7 +258,7 @@ def test_optimistix_implicit_solutions_are_differentiated_exactly(name):
     parameters, or mistook a `custom_jvp` for a `custom_vjp`, would fail)."""
     loss = _equilibrium_loss(OPTIMISTIX_SOLVES[name])
     layer = eqx.nn.Linear(3, 3, key=jax.random.key(0))
-    layer = eqx.tree_at(lambda l: l.weight, layer, 0.3 * layer.weight)
+    layer = eqx.tree_at(lambda lin: lin.weight, layer, 0.3 * layer.weight)
     x = jnp.array([0.5, -1.0, 2.0])
     p = sum(leaf.size for leaf in jax.tree.leaves(eqx.filter(layer, eqx.is_array)))
     estimate = eqx.filter_jit(
