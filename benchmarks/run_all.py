@@ -78,25 +78,30 @@ def run_script(
     return time.perf_counter() - start, process
 
 
-def longest_first(
-    scripts: Sequence[pathlib.Path], out: pathlib.Path
-) -> list[pathlib.Path]:
-    """`scripts` by decreasing wall time in the last run recorded in `out` (those it
-    lacks first): started longest first, parallel scripts end close together."""
+Run = tuple[pathlib.Path, list[str]]  # a script and its flags
+
+
+def label(script: pathlib.Path, flags: Sequence[str]) -> str:
+    """The script's name, with its stage where it runs one (`--stage` comes last)."""
+    return script.stem + (f" ({flags[-1]} stage)" if "--stage" in flags else "")
+
+
+def longest_first(runs: Sequence[Run], out: pathlib.Path) -> list[Run]:
+    """`runs` by decreasing wall time in the last run recorded in `out` (those it
+    lacks first; a stage by its own time): started longest first, parallel scripts
+    end close together."""
     path = out / "run_all.json"
-    last = json.loads(path.read_text()).get("seconds", {}) if path.exists() else {}
-    return sorted(scripts, key=lambda script: -last.get(script.stem, math.inf))
+    record = json.loads(path.read_text()) if path.exists() else {}
+    last = record.get("seconds", {}) | record.get("stage_seconds", {})
+    return sorted(runs, key=lambda run: -last.get(label(*run), math.inf))
 
 
 def run_batch(
-    scripts: Sequence[tuple[pathlib.Path, Sequence[str]]],
-    jobs: int,
-    seconds: dict[str, float],
-    failed: list[str],
+    scripts: Sequence[Run], jobs: int, seconds: dict[str, float], failed: list[str]
 ) -> None:
-    """Runs `scripts`, each with its flags, `jobs` at a time; adds each one's wall
-    time to `seconds` (a script's stages to one sum) and the names of those that
-    fail to `failed`."""
+    """Runs `scripts`, each with its flags, `jobs` at a time; records each one's
+    wall time in `seconds` under its `label`, and the names of those that fail in
+    `failed`."""
     # One script at a time streams its output live; parallel ones print it whole.
     capture = jobs > 1
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -107,34 +112,35 @@ def run_batch(
         for future in concurrent.futures.as_completed(futures):
             script, flags = futures[future]
             elapsed, process = future.result()
-            seconds[script.stem] = seconds.get(script.stem, 0.0) + elapsed
+            seconds[label(script, flags)] = elapsed
             if capture:
                 print(process.stdout + process.stderr, end="")
             status = "ok" if process.returncode == 0 else "FAILED"
-            stage = f" ({flags[-1]} stage)" if "--stage" in flags else ""
-            print(f"== {script.name}{stage}: {status} in {elapsed:.0f} s", flush=True)
+            print(f"== {label(script, flags)}: {status} in {elapsed:.0f} s", flush=True)
             if process.returncode != 0:
                 failed.append(script.name)
 
 
 def full_run_batches(
     scripts: Sequence[pathlib.Path], flags: Sequence[str], jobs: int, out: pathlib.Path
-) -> list[tuple[list[tuple[pathlib.Path, list[str]]], int]]:
-    """A full run's two batches of (script, flags), each with its number of scripts
-    at once: the untimed scripts and the training stages of the `STAGED` ones, one
-    per core; then the `TIMED` ones (the timing stages of the `STAGED`), `jobs` at a
-    time."""
-    untimed = [script for script in scripts if script.stem not in TIMED]
-    staged = [script for script in scripts if script.stem in STAGED]
-    first = [(script, list(flags)) for script in longest_first(untimed, out)] + [
-        (script, [*flags, "--stage", "untimed"]) for script in staged
+) -> list[tuple[list[Run], int]]:
+    """A full run's two batches of runs, each with its number of scripts at once:
+    the untimed scripts and the training stages of the `STAGED` ones, one per core,
+    longest first; then the `TIMED` ones (the timing stages of the `STAGED`), `jobs`
+    at a time."""
+    first = [
+        (script, list(flags)) for script in scripts if script.stem not in TIMED
+    ] + [
+        (script, [*flags, "--stage", "untimed"])
+        for script in scripts
+        if script.stem in STAGED
     ]
     second = [
         (script, [*flags, *(["--stage", "timed"] if script.stem in STAGED else [])])
         for script in scripts
         if script.stem in TIMED
     ]
-    return [(first, os.cpu_count() or 1), (second, jobs)]
+    return [(longest_first(first, out), os.cpu_count() or 1), (second, jobs)]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -165,10 +171,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     flags = ["--out", str(out)] + (["--quick"] if args.quick else [])
 
     start = time.perf_counter()
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {}  # by `label`: a staged script's stages apart
     failed: list[str] = []
     if args.quick:
-        batches = [([(script, flags) for script in scripts], jobs)]
+        batches = [([(script, list(flags)) for script in scripts], jobs)]
     else:
         batches = full_run_batches(scripts, flags, jobs, out)
     for batch, batch_jobs in batches:
@@ -181,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if failed:
         raise SystemExit(f"Failed: {', '.join(failed)}")
 
+    per_script = {script.stem: 0.0 for script in scripts}
+    for name, elapsed in seconds.items():
+        per_script[name.split(" ")[0]] += elapsed
+    stages = {name: elapsed for name, elapsed in seconds.items() if " " in name}
     record = {
         "config": {
             "quick": args.quick,
@@ -189,13 +199,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 {}
                 if args.quick
                 else {
-                    "timed": [name for name in TIMED if name in seconds],
-                    "staged": [name for name in STAGED if name in seconds],
+                    "timed": [name for name in TIMED if name in per_script],
+                    "staged": [name for name in STAGED if name in per_script],
                     "untimed_jobs": os.cpu_count() or 1,
                 }
             ),
         },
-        "seconds": dict(sorted(seconds.items())),
+        "seconds": dict(sorted(per_script.items())),
+        "stage_seconds": dict(sorted(stages.items())),
         "total_seconds": total,
     }
     _common.write_json(out, "run_all", record)

@@ -767,6 +767,9 @@ def test_run_all_full_runs_timed_scripts_alone(tmp_path, monkeypatch):
     assert set(record["seconds"]) == set(names)
     assert record["config"]["timed"] == ["beta", "delta"]
     assert record["config"]["staged"] == ["delta"]
+    stages = record["stage_seconds"]
+    assert set(stages) == {"delta (untimed stage)", "delta (timed stage)"}
+    assert record["seconds"]["delta"] == pytest.approx(sum(stages.values()))
     runs = ("alpha", "gamma", "deltauntimed", "beta", "deltatimed")
     times = {name: json.loads((out / f"{name}.times").read_text()) for name in runs}
     assert not (out / "delta.times").exists()
@@ -787,13 +790,22 @@ def test_run_all_full_runs_timed_scripts_alone(tmp_path, monkeypatch):
 
 
 def test_run_all_starts_the_longest_untimed_scripts_first(tmp_path):
-    """Ordered by the last run's times, those without one first; without a last
+    """Ordered by the last run's times, those without one first, a staged script's
+    untimed stage by that stage's time (not the script's total); without a last
     run, as given."""
-    scripts = [tmp_path / f"{name}.py" for name in ("a", "b", "c", "new")]
-    assert run_all.longest_first(scripts, tmp_path) == scripts
-    _common.write_json(tmp_path, "run_all", {"seconds": {"a": 1.0, "b": 9.0, "c": 5.0}})
-    ordered = run_all.longest_first(scripts, tmp_path)
-    assert [path.stem for path in ordered] == ["new", "b", "c", "a"]
+    runs = [(tmp_path / f"{name}.py", []) for name in ("a", "b", "c", "new")]
+    runs.append((tmp_path / "d.py", ["--stage", "untimed"]))
+    assert run_all.longest_first(runs, tmp_path) == runs
+    _common.write_json(
+        tmp_path,
+        "run_all",
+        {
+            "seconds": {"a": 1.0, "b": 9.0, "c": 5.0, "d": 10.0},
+            "stage_seconds": {"d (untimed stage)": 3.0, "d (timed stage)": 7.0},
+        },
+    )
+    ordered = run_all.longest_first(runs, tmp_path)
+    assert [path.stem for path, _ in ordered] == ["new", "b", "c", "d", "a"]
 
 
 def test_digits_widths_resumes(tmp_path, monkeypatch):
