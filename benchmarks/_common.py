@@ -329,11 +329,20 @@ def measure_compiled(
     return record, compiled, output
 
 
-def run_point(script: str, *point: Any) -> dict[str, Any]:
-    """Runs `script --point *point` in a fresh interpreter and returns the JSON
-    record it prints last, or an `error` record with the end of its stderr."""
+def run_point(
+    script: str, *point: Any, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Runs `script --point *point` in a fresh interpreter (with the environment
+    variables `env` added to this process's) and returns the JSON record it prints
+    last, or an `error` record with the end of its stderr."""
     command = [sys.executable, script, "--point", *map(str, point)]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=None if env is None else os.environ | env,
+    )
     if out.returncode != 0:
         return {"error": out.stderr[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])

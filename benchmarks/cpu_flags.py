@@ -27,7 +27,6 @@ import functools as ft
 import json
 import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -51,11 +50,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def problem(name: str, quick: bool) -> _models.Problem:
-    if name == "mlp_large":
-        return _models.large_mlp_problem(jax.random.key(0))
-    problems = _models.make_problems(jax.random.key(0), quick=quick)
-    return next(p for p in problems if p.name == name)
+def problems(names: Sequence[str], quick: bool) -> dict[str, _models.Problem]:
+    """The problems of `_models.py` named in `names`, built once each."""
+    found = {p.name: p for p in _models.make_problems(jax.random.key(0), quick=quick)}
+    if "mlp_large" in names:
+        found["mlp_large"] = _models.large_mlp_problem(jax.random.key(0))
+    return {name: found[name] for name in names}
 
 
 def step_functions(problem: _models.Problem, k: int) -> dict[str, Any]:
@@ -102,8 +102,8 @@ def point(scale: str, setting: str) -> dict[str, dict[str, float]]:
         raise SystemExit(f"--point {setting} runs with XLA_FLAGS={SETTINGS[setting]!r}")
     config = CONFIGS[scale]
     medians = {}
-    for name in config["models"]:
-        calls = step_functions(problem(name, scale == "quick"), config["k"])
+    for name, problem in problems(config["models"], scale == "quick").items():
+        calls = step_functions(problem, config["k"])
         times = _common.time_interleaved(
             calls,
             repeats=config["repeats"],
@@ -114,12 +114,12 @@ def point(scale: str, setting: str) -> dict[str, dict[str, float]]:
 
 
 def run_point(scale: str, setting: str) -> dict[str, dict[str, float]]:
-    env = os.environ | {"XLA_FLAGS": SETTINGS[setting]}
-    command = [sys.executable, __file__, "--point", scale, setting]
-    out = subprocess.run(command, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{setting} point failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """`point` in a fresh interpreter with the setting's `XLA_FLAGS`."""
+    env = {"XLA_FLAGS": SETTINGS[setting]}
+    record = _common.run_point(__file__, scale, setting, env=env)
+    if "error" in record:
+        raise SystemExit(f"{setting} point failed:\n{record['error']}")
+    return record
 
 
 def summarise(rounds: list[dict[str, dict]], models: Sequence[str]) -> dict:
@@ -178,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         {
             "config": {"scale": scale, **config, "settings": SETTINGS},
             "descriptions": {
-                m: problem(m, args.quick).description for m in config["models"]
+                name: problem.description
+                for name, problem in problems(config["models"], args.quick).items()
             },
             "results": results,
         },
