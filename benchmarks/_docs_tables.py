@@ -333,33 +333,88 @@ CPU_FLAGS_LABELS = {
 }
 
 
-def cpu_flags_table(record: dict[str, Any]) -> list[str]:
-    """`cpu_flags.py`: per model, each computation's milliseconds with XLA:CPU's
-    YNNPACK fusions (the default) and without, and the ratio."""
-    config = record["config"]
-    k = config["k"]
+CPU_FLAGS_SETTINGS = {
+    "default": "XLA's defaults",
+    "ynn_off": "no YNNPACK fusion",
+    "scheduler_off": "no concurrency-optimised scheduler",
+}
+
+
+def _cpu_flags_rows(
+    record: dict[str, Any], models: list[str], cell: Callable[[str, str, str], str]
+) -> list[str]:
+    """One row per (model, setting) of `cpu_flags.py`, `cell(model, setting, c)`
+    for each computation; the model named on its first row only."""
+    rows = []
+    for model in models:
+        for i, setting in enumerate(CPU_FLAGS_SETTINGS):
+            name = record["descriptions"][model] if i == 0 else ""
+            cells = [cell(model, setting, c) for c in CPU_FLAGS_LABELS]
+            label = CPU_FLAGS_SETTINGS[setting]
+            rows.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _cpu_flags_header(record: dict[str, Any], extra: str = "") -> list[str]:
+    k = record["config"]["k"]
     labels = [label.format(k=k) for label in CPU_FLAGS_LABELS.values()]
-    lines = [
-        "| model | " + " | ".join(labels) + f" | time({k}) / ({k} · time(1)) |",
-        "|---|" + "---|" * (len(labels) + 1),
-    ]
-    for model, result in record["results"].items():
-        ms, ratio = result["milliseconds"], result["ynn_off_over_default"]
-        cells = [
-            f"{ms['default'][c]:.3g} → {ms['ynn_off'][c]:.3g} ({ratio[c]:.2f}×)"
-            for c in CPU_FLAGS_LABELS
-        ]
-        # The scaling in k of `filter_dodge` under each setting.
-        scaling = [ms[s]["dodge_k"] / (k * ms[s]["dodge_k1"]) for s in ms]
-        cells.append(" → ".join(f"{value:.2f}" for value in scaling))
-        lines.append(f"| {record['descriptions'][model]} | " + " | ".join(cells) + " |")
+    columns = ["model", "`XLA_FLAGS`", *labels] + ([extra] if extra else [])
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def _cpu_flags_caption(record: dict[str, Any]) -> str:
+    settings = record["config"]["settings"]
+    return (
+        f"no YNNPACK fusion: `XLA_FLAGS={settings['ynn_off']}`; no "
+        f"concurrency-optimised scheduler: `XLA_FLAGS={settings['scheduler_off']}`"
+    )
+
+
+def cpu_flags_table(record: dict[str, Any]) -> list[str]:
+    """`cpu_flags.py`: per model and setting of `XLA_FLAGS`, each computation's
+    milliseconds (with the ratio to the defaults') and `filter_dodge`'s scaling in
+    k."""
+    config, results = record["config"], record["results"]
+    k = config["k"]
+    timed = [m for m in results if "milliseconds" in results[m]]
+
+    def cell(model: str, setting: str, computation: str) -> str:
+        ms = results[model]["milliseconds"][setting][computation]
+        if setting == "default":
+            return f"{ms:.3g}"
+        return f"{ms:.3g} ({results[model]['over_default'][setting][computation]:.2f}×)"
+
+    lines = _cpu_flags_header(record, f"time({k}) / ({k} · time(1))")
+    for row, (model, setting) in zip(
+        _cpu_flags_rows(record, timed, cell),
+        [(m, s) for m in timed for s in CPU_FLAGS_SETTINGS],
+    ):
+        ms = results[model]["milliseconds"][setting]
+        lines.append(f"{row} {ms['dodge_k'] / (k * ms['dodge_k1']):.2f} |")
     rounds = config["rounds"]
     return lines + [
         "",
-        "Milliseconds per call with XLA's default flags → with "
-        f"`XLA_FLAGS={config['settings']['ynn_off']}` (the ratio: below 1, faster "
-        f"without YNNPACK); medians of interleaved repeats, {rounds} fresh "
-        f"process{'es' * (rounds > 1)} per setting; {_caption(record)}.",
+        "Milliseconds per call (in brackets, over the time with XLA's defaults: "
+        f"below 1, faster); {_cpu_flags_caption(record)}. Medians of interleaved "
+        f"repeats, {rounds} fresh process{'es' * (rounds > 1)} per setting; "
+        f"{_caption(record)}.",
+    ]
+
+
+def cpu_flags_memory_table(record: dict[str, Any]) -> list[str]:
+    """`cpu_flags.py`: per model and setting of `XLA_FLAGS`, each computation's
+    compiled temporary memory."""
+    results = record["results"]
+
+    def cell(model: str, setting: str, computation: str) -> str:
+        return f"{results[model]['temp_mib'][setting][computation]:.3g}"
+
+    return [
+        *_cpu_flags_header(record),
+        *_cpu_flags_rows(record, list(results), cell),
+        "",
+        f"XLA's temporary memory (MiB) of each compiled call; "
+        f"{_cpu_flags_caption(record)}; {_caption(record)}.",
     ]
 
 
@@ -586,6 +641,11 @@ TABLES: dict[str, tuple[str | tuple[str, ...], str, Callable[..., list[str]]]] =
     "step_cost_time": ("step_cost", "docs/which.md", step_cost_time_table),
     "step_cost_large": ("step_cost_large", "docs/which.md", step_cost_large_table),
     "cpu_flags": ("cpu_flags", "docs/troubleshooting.md", cpu_flags_table),
+    "cpu_flags_memory": (
+        "cpu_flags",
+        "docs/troubleshooting.md",
+        cpu_flags_memory_table,
+    ),
     "digits_directions": (
         "digits_directions",
         "docs/which.md",

@@ -5,7 +5,10 @@
 - `lstm`: an LSTM with 128 units unrolled over T = 100 steps (`lax.scan`), batch 32,
     with a read-out and a cross-entropy loss at every step;
 - `mlp_large` (`large_mlp_problem`, timed by `step_cost.py --large` only):
-    784-2048-2048-10 ReLU MLP (p = 5.8 M) on a batch of 256.
+    784-2048-2048-10 ReLU MLP (p = 5.8 M) on a batch of 256;
+- `conv_deep` (`deep_conv_problem`, whose memory `cpu_flags.py` compiles): eight
+    3×3 convolutions of 16 channels at 28×28, batch 64, where activations, not
+    parameters, fill the memory.
 
 Data is random: the benchmarks measure cost, not accuracy.
 """
@@ -206,3 +209,52 @@ def large_mlp_problem(key: PRNGKeyArray) -> Problem:
     model, x, y = _large_mlp_and_data(key)
     description = "MLP 784-2048-2048-10, batch 256"
     return Problem("mlp_large", description, model, mlp_loss, x, y, mlp_remat_loss)
+
+
+class DeepConvNet(eqx.Module):
+    convs: tuple[eqx.nn.Conv2d, ...]
+    linear: eqx.nn.Linear
+
+    def __init__(self, depth: int, key: PRNGKeyArray):
+        keys = jax.random.split(key, depth + 1)
+        self.convs = tuple(
+            eqx.nn.Conv2d(1 if i == 0 else 16, 16, 3, padding=1, key=keys[i])
+            for i in range(depth)
+        )
+        self.linear = eqx.nn.Linear(16 * 28 * 28, 10, key=keys[-1])
+
+    def __call__(self, image: Float[Array, "1 28 28"]) -> Array:
+        for conv in self.convs:
+            image = jax.nn.relu(conv(image))
+        return self.linear(image.reshape(-1))
+
+
+def deep_conv_remat_loss(model: DeepConvNet, x: Array, y: Array) -> Array:
+    """`conv_loss` on the deep net with each layer under `eqx.filter_checkpoint`."""
+
+    def block(conv: eqx.nn.Conv2d, h: Array) -> Array:
+        return jax.nn.relu(conv(h))
+
+    def forward(image: Array) -> Array:
+        for conv in model.convs:
+            image = eqx.filter_checkpoint(block)(conv, image)
+        return eqx.filter_checkpoint(_apply)(model.linear, image.reshape(-1))
+
+    return cross_entropy(jax.vmap(forward)(x), y)
+
+
+@eqx.filter_jit
+def _deep_conv_and_data(key: PRNGKeyArray, depth: int) -> tuple:
+    keys = jax.random.split(key, 2)
+    x = jax.random.normal(keys[1], (64, 1, 28, 28))
+    return DeepConvNet(depth, keys[0]), x, jax.random.randint(keys[1], (64,), 0, 10)
+
+
+def deep_conv_problem(key: PRNGKeyArray, depth: int = 8) -> Problem:
+    """A conv net deep enough that keeping every layer's activations (what
+    backprop does) costs several times one layer's."""
+    model, x, y = _deep_conv_and_data(key, depth)
+    description = f"ConvNet {depth}×conv3×3 (16 ch, 28×28) + linear, batch 64"
+    return Problem(
+        "conv_deep", description, model, conv_loss, x, y, deep_conv_remat_loss
+    )

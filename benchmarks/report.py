@@ -250,15 +250,18 @@ def k_formulations_section(record: dict[str, Any], results_path: str) -> list[st
 
 
 def cpu_flags_section(record: dict[str, Any], results_path: str) -> list[str]:
-    """`cpu_flags.py`: XLA:CPU's YNNPACK fusions on and off."""
+    """`cpu_flags.py`: XLA:CPU's YNNPACK fusions and concurrency-optimised
+    scheduler, on and off: time and memory."""
     full = record["config"]["scale"] == "full"
     script = "cpu_flags.py" + " --full" * full
     return [
-        f"### XLA:CPU's YNNPACK fusions (`benchmarks/{script}`)",
+        f"### XLA:CPU's flags (`benchmarks/{script}`)",
         "",
         f"Machine: {_machine(record)}.",
         "",
         *_docs_tables.cpu_flags_table(record),
+        "",
+        *_docs_tables.cpu_flags_memory_table(record),
         "",
         f"![cpu flags]({results_path}/{record['benchmark']}.png)",
         "",

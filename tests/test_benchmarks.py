@@ -124,21 +124,26 @@ def test_step_cost_quick(tmp_path):
 
 def test_cpu_flags_quick(tmp_path):
     """Each setting runs in its own process with its own XLA_FLAGS (a point that
-    finds other flags refuses to run), every computation is timed under both, and
-    the ratio is the two medians'. Catches a setting that never reaches XLA (both
-    processes would run with the default, and the recorded flags would differ)."""
+    finds other flags refuses to run), every computation is timed and compiled
+    under each, and the ratio is the two medians'. Catches a setting that never
+    reaches XLA: the concurrency-optimised scheduler's is seen in the memory
+    (forward mode holds every layer's activations under it), so equal memory under
+    the two settings means the flag was lost."""
     cpu_flags = importlib.import_module("cpu_flags")
     results = cpu_flags.main(["--quick", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "cpu_flags.json").read_text())
     assert (tmp_path / "cpu_flags.png").stat().st_size > 0
     assert record["config"]["settings"] == cpu_flags.SETTINGS
     assert set(results) == {"mlp"}
-    ms = results["mlp"]["milliseconds"]
+    ms, mib = results["mlp"]["milliseconds"], results["mlp"]["temp_mib"]
     for computation in cpu_flags.COMPUTATIONS:
-        default, off = ms["default"][computation], ms["ynn_off"][computation]
-        assert 0 < default < 1e4 and 0 < off < 1e4
-        ratio = results["mlp"]["ynn_off_over_default"][computation]
-        assert ratio == pytest.approx(off / default)
+        for setting in cpu_flags.CHANGED:
+            default, changed = ms["default"][computation], ms[setting][computation]
+            assert 0 < default < 1e4 and 0 < changed < 1e4
+            ratio = results["mlp"]["over_default"][setting][computation]
+            assert ratio == pytest.approx(changed / default)
+        assert all(0 < mib[s][computation] < 1e3 for s in cpu_flags.SETTINGS)
+    assert mib["scheduler_off"]["dodge_k"] < 0.9 * mib["default"]["dodge_k"]
     wrong = subprocess.run(
         [
             sys.executable,
@@ -537,9 +542,8 @@ def test_docs_step_cost_large_table():
     assert table[4].startswith("MLP (5,824,522 parameters)")
 
 
-def test_docs_cpu_flags_table():
-    """Each cell is default → without YNNPACK (their ratio), in the columns' order,
-    and the last column is `filter_dodge`'s time(k) / (k · time(1)) under each."""
+def _cpu_flags_record() -> dict:
+    """A `cpu_flags.py` record: one timed model, one compiled only."""
     ms = {
         "default": {
             "forward": 1.0,
@@ -555,23 +559,62 @@ def test_docs_cpu_flags_table():
             "dodge_k": 8.0,
             "listing_k": 10.0,
         },
+        "scheduler_off": {
+            "forward": 1.0,
+            "grad": 3.0,
+            "dodge_k1": 2.0,
+            "dodge_k": 12.0,
+            "listing_k": 40.0,
+        },
     }
-    ratios = {c: ms["ynn_off"][c] / ms["default"][c] for c in ms["default"]}
-    record = {
+    over = {
+        s: {c: ms[s][c] / ms["default"][c] for c in ms["default"]}
+        for s in ("ynn_off", "scheduler_off")
+    }
+    mib = {s: {c: 2.0 * (i + 1) for c in ms["default"]} for i, s in enumerate(ms)}
+    return {
         "machine": FAKE_MACHINE,
-        "config": {"k": 8, "rounds": 3, "settings": {"ynn_off": "--flag="}},
-        "descriptions": {"mlp": "MLP"},
-        "results": {"mlp": {"milliseconds": ms, "ynn_off_over_default": ratios}},
+        "config": {
+            "k": 8,
+            "rounds": 3,
+            "settings": {"ynn_off": "--flag=", "scheduler_off": "--other=false"},
+        },
+        "descriptions": {"mlp": "MLP", "deep": "Deep"},
+        "results": {
+            "mlp": {"milliseconds": ms, "over_default": over, "temp_mib": mib},
+            "deep": {"temp_mib": mib},
+        },
     }
-    table = _docs_tables.cpu_flags_table(record)
+
+
+def test_docs_cpu_flags_table():
+    """One row per setting, the model named on the first; the defaults' times bare,
+    the others' with their ratio to the defaults', in the columns' order; the last
+    column is `filter_dodge`'s time(k) / (k · time(1)) under each setting; a model
+    compiled but not timed gets no row."""
+    table = _docs_tables.cpu_flags_table(_cpu_flags_record())
     assert table[0].endswith(
         "| hand-written vmap of jvp, $k = 8$ | time(8) / (8 · time(1)) |"
     )
-    assert table[2] == (
-        "| MLP | 1 → 1.5 (1.50×) | 2 → 2 (1.00×) | 2.5 → 2.5 (1.00×) "
-        "| 10 → 8 (0.80×) | 40 → 10 (0.25×) | 0.50 → 0.40 |"
-    )
-    assert "`XLA_FLAGS=--flag=`" in table[4] and "3 fresh processes" in table[4]
+    assert table[2:5] == [
+        "| MLP | XLA's defaults | 1 | 2 | 2.5 | 10 | 40 | 0.50 |",
+        "|  | no YNNPACK fusion | 1.5 (1.50×) | 2 (1.00×) | 2.5 (1.00×) "
+        "| 8 (0.80×) | 10 (0.25×) | 0.40 |",
+        "|  | no concurrency-optimised scheduler | 1 (1.00×) | 3 (1.50×) "
+        "| 2 (0.80×) | 12 (1.20×) | 40 (1.00×) | 0.75 |",
+    ]
+    assert table[5] == ""
+    assert "`XLA_FLAGS=--flag=`" in table[6] and "`XLA_FLAGS=--other=false`" in table[6]
+    assert "3 fresh processes" in table[6]
+
+
+def test_docs_cpu_flags_memory_table():
+    """Every model compiled, the timed and the memory-only, one row per setting."""
+    table = _docs_tables.cpu_flags_memory_table(_cpu_flags_record())
+    assert table[2] == "| MLP | XLA's defaults | 2 | 2 | 2 | 2 | 2 |"
+    assert table[4] == "|  | no concurrency-optimised scheduler | 6 | 6 | 6 | 6 | 6 |"
+    assert table[5] == "| Deep | XLA's defaults | 2 | 2 | 2 | 2 | 2 |"
+    assert len(table) == 2 + 6 + 2
 
 
 def test_docs_long_sequence_table():
