@@ -7,9 +7,9 @@ Two XLA:CPU defaults of jaxlib 0.10 move the numbers of forward mode:
   get faster, the batched work of k directions may not.
 - the concurrency-optimised scheduler
   (`--xla_cpu_enable_concurrency_optimized_scheduler`): XLA orders the operations to
-  run independent ones side by side. For a jvp that means the whole forward pass
-  first and the tangents after, so every layer's activations stay alive at once;
-  the plain memory-minimising scheduler interleaves them.
+  run independent ones side by side. For a jvp that can mean the forward pass run
+  ahead of the tangents, with several layers' activations alive at once where the
+  plain memory-minimising scheduler would interleave them.
 
 For each model of `_models.py` this times `forward`, `eqx.filter_grad`,
 `eqx_dodge.filter_dodge` with one and with k directions, and the k-direction listing
@@ -152,7 +152,7 @@ def point(scale: str, setting: str) -> dict[str, dict[str, dict[str, float]]]:
     return {"seconds": medians, "temp_bytes": temp_bytes}
 
 
-def run_point(scale: str, setting: str) -> dict[str, dict[str, float]]:
+def run_point(scale: str, setting: str) -> dict[str, Any]:
     """`point` in a fresh interpreter with the setting's `XLA_FLAGS`."""
     env = {"XLA_FLAGS": SETTINGS[setting]}
     record = _common.run_point(__file__, scale, setting, env=env)
