@@ -216,6 +216,17 @@ class _Recurrent(eqx.Module):
         return jax.lax.scan(step, jnp.zeros(self.cell.hidden_size), xs)[0]
 
 
+def _temporary_bytes(loss, model, x, num_directions, key):
+    """XLA's compiled temporary memory of `filter_dodge(loss)(model, x)`."""
+    estimate = eqx_dodge.filter_dodge(loss, key=key, num_directions=num_directions)
+    compiled = eqx.filter_jit(estimate).lower(model, x).compile()
+    return compiled.compiled.memory_analysis().temp_size_in_bytes
+
+
+def _parameter_bytes(model):
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
 @pytest.mark.parametrize("name", ["mlp", "conv", "scan"])
 def test_peak_memory_is_flat_in_k(name):
     """XLA's compiled temporary memory for k = 5, 8, 12 and 32 directions is at
@@ -248,16 +259,11 @@ def test_peak_memory_is_flat_in_k(name):
         return jnp.mean(jax.vmap(model)(x) ** 2)
 
     def temporary_bytes(k):
-        estimate = eqx_dodge.filter_dodge(loss, key=key, num_directions=k)
-        compiled = eqx.filter_jit(estimate).lower(model, x).compile()
-        return compiled.compiled.memory_analysis().temp_size_in_bytes
+        return _temporary_bytes(loss, model, x, k, key)
 
-    parameter_bytes = sum(
-        leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array))
-    )
     # The conv net's unrolled chunks each evaluate at their own copy of the
     # parameters (`_estimator._moved`): one more parameter-sized buffer.
-    bound = temporary_bytes(4) + (2 if name == "conv" else 1) * parameter_bytes
+    bound = temporary_bytes(4) + (2 if name == "conv" else 1) * _parameter_bytes(model)
     for k in (5, 8, 12) if name == "conv" else (5, 8, 12, 32):
         assert temporary_bytes(k) <= bound, k
 
@@ -300,11 +306,7 @@ def test_conv_memory_does_not_grow_with_depth(num_directions):
 
     def temporary_bytes(depth):
         model = _DeepConv(depth, jax.random.key(0))
-        estimate = eqx_dodge.filter_dodge(
-            loss, key=jax.random.key(1), num_directions=num_directions
-        )
-        compiled = eqx.filter_jit(estimate).lower(model, x).compile()
-        return compiled.compiled.memory_analysis().temp_size_in_bytes
+        return _temporary_bytes(loss, model, x, num_directions, jax.random.key(1))
 
     assert temporary_bytes(12) - temporary_bytes(3) < 4 * activation
 
@@ -324,12 +326,5 @@ def test_chunk_holds_its_tangents_once(num_directions):
     def loss(model, x):
         return jnp.mean(jax.vmap(model)(x) ** 2)
 
-    estimate = eqx_dodge.filter_dodge(
-        loss, key=jax.random.key(1), num_directions=num_directions
-    )
-    compiled = eqx.filter_jit(estimate).lower(model, x).compile()
-    temporary = compiled.compiled.memory_analysis().temp_size_in_bytes
-    parameter_bytes = sum(
-        leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array))
-    )
-    assert temporary <= (min(num_directions, 4) + 1) * parameter_bytes
+    temporary = _temporary_bytes(loss, model, x, num_directions, jax.random.key(1))
+    assert temporary <= (min(num_directions, 4) + 1) * _parameter_bytes(model)
