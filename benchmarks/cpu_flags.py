@@ -125,7 +125,7 @@ def step_functions(problem: _models.Problem, k: int) -> dict[str, Any]:
     compiled = {}
     for name, (fun, arguments) in calls.items():
         executable = eqx.filter_jit(fun).lower(*arguments).compile()
-        memory = executable.compiled.memory_analysis().temp_size_in_bytes
+        memory = (_common.memory_analysis(executable) or {}).get("temp_size", 0)
         compiled[name] = (ft.partial(executable, *arguments), memory)
     return compiled
 
