@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import pathlib
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -153,6 +154,34 @@ def step_cost_section(record: dict[str, Any], results_path: str) -> list[str]:
     return lines
 
 
+def _tangent_over_forward(description: str) -> float:
+    """The multiply-adds of an MLP's tangent over its forward pass's, from the widths
+    in `description` ("MLP 784-2048-2048-10, ..."): each layer's `dW·x + W·dx`,
+    with no `dx` for the first layer's input."""
+    match = re.search(r"MLP ([\d-]+)", description)
+    assert match is not None, description
+    widths = [int(w) for w in match.group(1).split("-")]
+    layers = [a * b for a, b in zip(widths, widths[1:])]
+    return (layers[0] + 2 * sum(layers[1:])) / sum(layers)
+
+
+def _parts_price_line(result: dict[str, Any]) -> str:
+    """What k = 8 would cost at one direction's prices: the forward pass shared,
+    and each direction's tangent and draw costing what they cost alone."""
+    forward = result["seconds"]["forward"]["median"]
+    one = result["seconds"]["dodge_k1"]["median"]
+    tangent = _tangent_over_forward(result["description"])
+    return (
+        "Priced at one direction's parts (one forward pass shared, each direction's "
+        "tangent and draw at what they cost for k=1: `8 · time(1) − 7 · forward`), "
+        f"k=8 would give time(8) / (8 · time(1)) = {1 - 7 * forward / (8 * one):.2f}. "
+        "Lower needs the eight tangents of one vectorised jvp to cost less than "
+        f"eight single ones. By arithmetic a tangent is {tangent:.2f} forward passes "
+        "here (the first layer's input has none), which gives the same bound at "
+        f"equal speed per operation: {(1 + 8 * tangent) / (8 * (1 + tangent)):.2f}."
+    )
+
+
 def step_cost_large_section(record: dict[str, Any], results_path: str) -> list[str]:
     """`step_cost.py --large`: the p = 5.8 M MLP, k = 1 and 8."""
     goals = record["goals"]
@@ -193,6 +222,8 @@ def step_cost_large_section(record: dict[str, Any], results_path: str) -> list[s
             )
         )
         + ".",
+        "",
+        _parts_price_line(r),
         "",
         f"![step cost, p = 5.8 M]({results_path}/step_cost_large.png)",
         "",

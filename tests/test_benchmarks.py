@@ -940,6 +940,22 @@ def test_report_one_direction_stability():
     )
 
 
+def test_report_prices_eight_directions_at_one_directions_parts():
+    """The wide MLP's bound on time(8)/(8·time(1)): a tangent's multiply-adds from
+    the widths (`dW·x` alone in the first layer), and k = 8 priced as one shared
+    forward pass plus eight times what one direction adds to it."""
+    widths = "MLP 784-2048-2048-10, batch 256"
+    forward = 784 * 2048 + 2048 * 2048 + 2048 * 10
+    tangent = 784 * 2048 + 2 * (2048 * 2048 + 2048 * 10)
+    assert report._tangent_over_forward(widths) == tangent / forward
+    assert report._tangent_over_forward("MLP 2-3-4") == (6 + 2 * 12) / 18
+    seconds = {"forward": {"median": 0.02}, "dodge_k1": {"median": 0.05}}
+    line = report._parts_price_line({"seconds": seconds, "description": widths})
+    # (8 · 50 − 7 · 20) / (8 · 50) = 0.65; (1 + 8 · 1.724) / (8 · 2.724) = 0.68.
+    assert "time(8) / (8 · time(1)) = 0.65." in line
+    assert "1.72 forward passes" in line and "operation: 0.68." in line
+
+
 def test_report(tmp_path):
     results = tmp_path / "results"
     record = {
