@@ -418,6 +418,20 @@ def cpu_flags_memory_table(record: dict[str, Any]) -> list[str]:
     ]
 
 
+def deep_conv_sentence(record: dict[str, Any]) -> list[str]:
+    """`cpu_flags.py`'s eight-layer conv net under XLA's default flags: the compiled
+    temporary memory of backprop and of `filter_dodge` with one and k directions."""
+    memory = record["results"]["conv_deep"]["temp_mib"]["default"]
+    return [
+        "On an eight-layer conv net (16 channels at 28×28, batch 64; `cpu_flags.py`'s "
+        "memory table in [Troubleshooting](troubleshooting.md#memory-on-cpu-xlas-"
+        f"concurrency-optimised-scheduler)) `filter_grad` needs {memory['grad']:.0f} "
+        f"MiB, `filter_dodge` {memory['dodge_k1']:.0f} with one direction and "
+        f"{memory['dodge_k']:.0f} with {record['config']['k']} (XLA's compiled "
+        f"temporaries, commit {record['machine']['git_commit']})."
+    ]
+
+
 def step_cost_large_table(record: dict[str, Any]) -> list[str]:
     """`step_cost.py --large`: the p = 5.8 M MLP's times and the two ratios."""
     (result,) = record["results"].values()
@@ -646,6 +660,7 @@ TABLES: dict[str, tuple[str | tuple[str, ...], str, Callable[..., list[str]]]] =
         "docs/troubleshooting.md",
         cpu_flags_memory_table,
     ),
+    "cpu_flags_deep_conv": ("cpu_flags", "docs/which.md", deep_conv_sentence),
     "digits_directions": (
         "digits_directions",
         "docs/which.md",

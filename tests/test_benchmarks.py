@@ -617,6 +617,26 @@ def test_docs_cpu_flags_memory_table():
     assert len(table) == 2 + 6 + 2
 
 
+def test_docs_deep_conv_sentence():
+    """The guide's sentence on depth: the eight-layer conv net's memory under XLA's
+    defaults (not another setting's), for backprop, one direction and k."""
+    record = _cpu_flags_record()
+    record["results"]["conv_deep"] = {
+        "temp_mib": {
+            "default": {"grad": 52.1, "dodge_k1": 21.5, "dodge_k": 45.6},
+            "scheduler_off": {"grad": 52.0, "dodge_k1": 12.3, "dodge_k": 83.3},
+        }
+    }
+    (sentence,) = _docs_tables.deep_conv_sentence(record)
+    assert "`filter_grad` needs 52 MiB, `filter_dodge` 22 with one direction and " in (
+        sentence
+    )
+    assert (
+        f"46 with 8 (XLA's compiled temporaries, commit {FAKE_MACHINE['git_commit']})"
+        in sentence
+    )
+
+
 def test_docs_long_sequence_table():
     """The long-sequence table orders the lengths as numbers (50 000 after 1000,
     not as strings), takes the peak ratio at the longest, and writes a gradient
