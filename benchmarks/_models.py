@@ -14,7 +14,7 @@ Data is random: the benchmarks measure cost, not accuracy.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -85,18 +85,27 @@ def conv_loss(model: ConvNet, x: Array, y: Array) -> Array:
     return cross_entropy(jax.vmap(model)(x), y)
 
 
-def conv_remat_loss(model: ConvNet, x: Array, y: Array) -> Array:
-    """`conv_loss` with each layer under `eqx.filter_checkpoint`."""
+def _conv_block(conv: eqx.nn.Conv2d, h: Array) -> Array:
+    return jax.nn.relu(conv(h))
 
-    def block(conv: eqx.nn.Conv2d, h: Array) -> Array:
-        return jax.nn.relu(conv(h))
+
+def _remat_conv_loss(
+    convs: Sequence[eqx.nn.Conv2d], linear: eqx.nn.Linear, x: Array, y: Array
+) -> Array:
+    """The loss of ReLU conv layers then a linear readout, each layer under
+    `eqx.filter_checkpoint`."""
 
     def forward(image: Array) -> Array:
-        hidden = eqx.filter_checkpoint(block)(model.conv1, image)
-        hidden = eqx.filter_checkpoint(block)(model.conv2, hidden)
-        return eqx.filter_checkpoint(_apply)(model.linear, hidden.reshape(-1))
+        for conv in convs:
+            image = eqx.filter_checkpoint(_conv_block)(conv, image)
+        return eqx.filter_checkpoint(_apply)(linear, image.reshape(-1))
 
     return cross_entropy(jax.vmap(forward)(x), y)
+
+
+def conv_remat_loss(model: ConvNet, x: Array, y: Array) -> Array:
+    """`conv_loss` with each layer under `eqx.filter_checkpoint`."""
+    return _remat_conv_loss((model.conv1, model.conv2), model.linear, x, y)
 
 
 class LSTM(eqx.Module):
@@ -231,16 +240,7 @@ class DeepConvNet(eqx.Module):
 
 def deep_conv_remat_loss(model: DeepConvNet, x: Array, y: Array) -> Array:
     """`conv_loss` on the deep net with each layer under `eqx.filter_checkpoint`."""
-
-    def block(conv: eqx.nn.Conv2d, h: Array) -> Array:
-        return jax.nn.relu(conv(h))
-
-    def forward(image: Array) -> Array:
-        for conv in model.convs:
-            image = eqx.filter_checkpoint(block)(conv, image)
-        return eqx.filter_checkpoint(_apply)(model.linear, image.reshape(-1))
-
-    return cross_entropy(jax.vmap(forward)(x), y)
+    return _remat_conv_loss(model.convs, model.linear, x, y)
 
 
 @eqx.filter_jit

@@ -28,10 +28,17 @@ def small_problems():
             (3,),
         ),
         "lstm": (lstm, _models.lstm_loss, _models.lstm_remat_loss, (6, 3, 4), (6, 3)),
+        "conv_deep": (
+            _models.DeepConvNet(3, keys[3]),
+            _models.conv_loss,
+            _models.deep_conv_remat_loss,
+            (2, 1, 28, 28),
+            (2,),
+        ),
     }
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv", "lstm"])
+@pytest.mark.parametrize("name", ["mlp", "conv", "lstm", "conv_deep"])
 def test_remat_loss_is_the_loss(name):
     model, loss, remat_loss, x_shape, y_shape = small_problems()[name]
     x = jax.random.normal(jax.random.key(1), x_shape)
