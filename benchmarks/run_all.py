@@ -81,9 +81,17 @@ def run_script(
 Run = tuple[pathlib.Path, list[str]]  # a script and its flags
 
 
-def label(script: pathlib.Path, flags: Sequence[str]) -> str:
-    """The script's name, with its stage where it runs one (`--stage` comes last)."""
-    return script.stem + (f" ({flags[-1]} stage)" if "--stage" in flags else "")
+Step = tuple[str, str | None]  # a script's name and the stage it runs, if one
+
+
+def step(script: pathlib.Path, flags: Sequence[str]) -> Step:
+    """The script's name and its stage where it runs one (`--stage` comes last)."""
+    return script.stem, flags[-1] if "--stage" in flags else None
+
+
+def label(name: str, stage: str | None) -> str:
+    """How a step is printed and keyed in `run_all.json`."""
+    return name + (f" ({stage} stage)" if stage else "")
 
 
 def longest_first(runs: Sequence[Run], out: pathlib.Path) -> list[Run]:
@@ -93,14 +101,14 @@ def longest_first(runs: Sequence[Run], out: pathlib.Path) -> list[Run]:
     path = out / "run_all.json"
     record = json.loads(path.read_text()) if path.exists() else {}
     last = record.get("seconds", {}) | record.get("stage_seconds", {})
-    return sorted(runs, key=lambda run: -last.get(label(*run), math.inf))
+    return sorted(runs, key=lambda run: -last.get(label(*step(*run)), math.inf))
 
 
 def run_batch(
-    scripts: Sequence[Run], jobs: int, seconds: dict[str, float], failed: list[str]
+    scripts: Sequence[Run], jobs: int, seconds: dict[Step, float], failed: list[str]
 ) -> None:
     """Runs `scripts`, each with its flags, `jobs` at a time; records each one's
-    wall time in `seconds` under its `label`, and the names of those that fail in
+    wall time in `seconds` under its `step`, and the names of those that fail in
     `failed`."""
     # One script at a time streams its output live; parallel ones print it whole.
     capture = jobs > 1
@@ -112,11 +120,12 @@ def run_batch(
         for future in concurrent.futures.as_completed(futures):
             script, flags = futures[future]
             elapsed, process = future.result()
-            seconds[label(script, flags)] = elapsed
+            seconds[step(script, flags)] = elapsed
             if capture:
                 print(process.stdout + process.stderr, end="")
             status = "ok" if process.returncode == 0 else "FAILED"
-            print(f"== {label(script, flags)}: {status} in {elapsed:.0f} s", flush=True)
+            name = label(*step(script, flags))
+            print(f"== {name}: {status} in {elapsed:.0f} s", flush=True)
             if process.returncode != 0:
                 failed.append(script.name)
 
@@ -171,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     flags = ["--out", str(out)] + (["--quick"] if args.quick else [])
 
     start = time.perf_counter()
-    seconds: dict[str, float] = {}  # by `label`: a staged script's stages apart
+    seconds: dict[Step, float] = {}  # a staged script's stages apart
     failed: list[str] = []
     if args.quick:
         batches = [([(script, list(flags)) for script in scripts], jobs)]
@@ -188,9 +197,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"Failed: {', '.join(failed)}")
 
     per_script = {script.stem: 0.0 for script in scripts}
-    for name, elapsed in seconds.items():
-        per_script[name.split(" ")[0]] += elapsed
-    stages = {name: elapsed for name, elapsed in seconds.items() if " " in name}
+    for (name, _), elapsed in seconds.items():
+        per_script[name] += elapsed
+    stages = {label(*key): elapsed for key, elapsed in seconds.items() if key[1]}
     record = {
         "config": {
             "quick": args.quick,
