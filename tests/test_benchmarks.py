@@ -976,6 +976,43 @@ def test_report_prices_eight_directions_at_one_directions_parts():
     assert "1.72 forward passes" in line and "operation: 0.68." in line
 
 
+def test_report_copy_task_against_the_paper():
+    """The copy task's sentence on the paper's figures: each comparison from the
+    methods' per-seed finals at their best learning rate, with a verdict that says
+    whether the seeds separate, and the 64-direction one only once it is finished."""
+
+    def result(seeds):
+        return {
+            "best_learning_rate": 0.001,
+            "runs": {"0.001": {"final_per_seed": seeds}},
+        }
+
+    per_seed = {
+        "bptt": [19.0, 19.5, 18.5],
+        "tbptt": [43.0, 44.0, 42.0],
+        "dodge_k1": [50.0, 49.0, 48.0],
+        "dodge_tbptt": [43.5, 42.5, 44.5],
+        "synthetic": [51.0, 50.0, 52.0],
+        "dodge_synthetic": [47.0, 46.0, 48.0],
+    }
+    record = {
+        "results": {m: result(seeds) for m, seeds in per_seed.items()},
+        "final_bit_errors": {m: float(np.median(s)) for m, s in per_seed.items()},
+    }
+    (text,) = report._copy_task_comparison(record)
+    assert "Random directions end at 49.0 with 1:" in text
+    assert "our 64-direction runs are not finished yet." in text
+    assert "ends at 43.5 against TBPTT's 43.0 (the seeds' ranges overlap)." in text
+    assert "ends at 47.0 against their 51.0 (lower in every seed)." in text
+    record["results"]["dodge_k64"] = result([44.5, 45.0, 46.0])
+    record["final_bit_errors"]["dodge_k64"] = 45.0
+    (text,) = report._copy_task_comparison(record)
+    assert (
+        "here 64 end at 45.0 against BPTT's 19.0 (higher in every seed) and TBPTT's "
+        "43.0 (higher in every seed)."
+    ) in text
+
+
 def test_report(tmp_path):
     results = tmp_path / "results"
     record = {
