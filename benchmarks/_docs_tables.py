@@ -236,6 +236,68 @@ def local_losses_table(record: dict[str, Any]) -> list[str]:
     return activity_methods_table(record, methods, errors=True)
 
 
+def local_losses_verdict(record: dict[str, Any]) -> list[str]:
+    """`activity.py`: whether a forward-only local-loss method meets the goal
+    (within `goal_points` of backprop at most `cost_goal` backprop steps), which
+    forward-only method does, and the closest local-loss one."""
+    methods, times = record["methods"], record["step_time"]
+
+    def gap(name: str) -> str:
+        method = methods[name]
+        text = (
+            f"{method['points_below_backprop']:.1f} ± "
+            f"{method['gap_standard_error']:.1f} points below backprop"
+        )
+        if name in times:
+            text += (
+                f" at {times[name]['ratio_to_backprop']['median']:.1f} backprop steps"
+            )
+        return text
+
+    local = [
+        name
+        for name, method in methods.items()
+        if method["forward_only"] and method["target"] == "local losses"
+    ]
+    meeting = record["methods_meeting_both_goals"]
+    goal = (
+        f"within {record['goal_points']:g} point of backprop at most "
+        f"{record['cost_goal']:g} backprop steps"
+    )
+    local_meeting = [name for name in meeting if name in local]
+    verdict = (
+        f"On this model {_names(local_meeting)} meet the goal ({goal})"
+        if local_meeting
+        else f"On this model no forward-only local-loss method meets the goal ({goal})"
+    )
+    best = record["best_forward_only"]
+    best_text = (
+        f"{_names([best])} does, without them"
+        if best in meeting
+        else f"the closest forward-only method is {_names([best])}"
+    )
+    closest = min(local, key=lambda name: methods[name]["points_below_backprop"])
+    backprop_inside = [
+        name
+        for name, method in methods.items()
+        if not method["forward_only"]
+        and name != "backprop"
+        and method["points_below_backprop"] <= record["goal_points"]
+    ]
+    return [
+        f"**{verdict}; {best_text}** ({gap(best)}: the [curve on the activity "
+        "page](activity.md#accuracy-against-cost-k-tangents-per-example)). Within "
+        f"{record['goal_points']:g} point of backprop but backpropagating inside "
+        f"the blocks: {_names(backprop_inside)}. The closest forward-only local-loss "
+        f"method is {_names([closest])}, {gap(closest)}."
+    ]
+
+
+def _names(names: list[str]) -> str:
+    """Method names, which hold commas themselves, in italics and apart by `;`."""
+    return "; ".join(f"*{name}*" for name in names)
+
+
 def activity_errors_table(record: dict[str, Any]) -> list[str]:
     """`activity.py`: each estimator's relative squared error at initialisation."""
     lines = ["| estimator | relative squared error |", "|---|---|"]
@@ -429,6 +491,23 @@ def deep_conv_sentence(record: dict[str, Any]) -> list[str]:
         f"MiB, `filter_dodge` {memory['dodge_k1']:.0f} with one direction and "
         f"{memory['dodge_k']:.0f} with {record['config']['k']} (XLA's compiled "
         f"temporaries, commit {record['machine']['git_commit']})."
+    ]
+
+
+def scaling_step_sentence(record: dict[str, Any]) -> list[str]:
+    """`scaling.py`: the sharded DODGE step over the sharded gradient step at the
+    largest model timed."""
+    timed = [row for row in record["rows"] if "step_seconds" in row["dodge"]]
+    row = max(timed, key=lambda row: row["num_parameters"])
+    ratio = (
+        row["dodge"]["step_seconds"]["median"]
+        / row["gradient"]["step_seconds"]["median"]
+    )
+    devices = record["config"]["num_devices"]
+    return [
+        f"At p = {row['num_parameters']:,} the measured DODGE step with "
+        f"k = {record['config']['num_directions']} is {ratio:.1f} times the "
+        f"gradient step (all {devices} simulated devices on {_caption(record)})."
     ]
 
 
@@ -649,6 +728,11 @@ TABLES: dict[str, tuple[str | tuple[str, ...], str, Callable[..., list[str]]]] =
         "docs/concepts/local_losses.md",
         local_losses_table,
     ),
+    "activity_local_verdict": (
+        "activity",
+        "docs/concepts/local_losses.md",
+        local_losses_verdict,
+    ),
     "long_sequence": ("long_sequence", "docs/which.md", long_sequence_table),
     "online_stream_full": ("online_stream_full", "docs/which.md", online_stream_table),
     "step_cost_memory": ("step_cost", "docs/which.md", step_cost_memory_table),
@@ -660,6 +744,7 @@ TABLES: dict[str, tuple[str | tuple[str, ...], str, Callable[..., list[str]]]] =
         "docs/troubleshooting.md",
         cpu_flags_memory_table,
     ),
+    "scaling_step": ("scaling", "docs/scaling.md", scaling_step_sentence),
     "cpu_flags_deep_conv": ("cpu_flags", "docs/which.md", deep_conv_sentence),
     "digits_directions": (
         "digits_directions",

@@ -350,9 +350,10 @@ def test_docs_tables_from_activity_results(tmp_path):
     errors, the accuracy-against-cost curve with the methods meeting both goals,
     the grid's edges marked, and a page without its markers refused."""
 
-    def method(forward_only, accuracy, rate, gap):
+    def method(forward_only, accuracy, rate, gap, target="global"):
         return {
             "forward_only": forward_only,
+            "target": target,
             "best_learning_rate": rate,
             "test_accuracy_mean": accuracy,
             "test_accuracy_std": 0.01,
@@ -370,7 +371,12 @@ def test_docs_tables_from_activity_results(tmp_path):
             "weight DODGE k=1": method(True, 0.76, 0.01, 22.0),
             "activity, separate layers": method(True, 0.94, 0.1, 3.5),
             k16: method(True, 0.975, 1.0, 0.3),
-            "local losses, activity (LG-FG-A)": method(True, 0.93, 3.0, 5.0),
+            "local losses, activity (LG-FG-A)": method(
+                True, 0.93, 3.0, 5.0, "local losses"
+            ),
+            "local losses, backprop (LG-BP)": method(
+                False, 0.975, 1.0, 0.5, "local losses"
+            ),
         },
         "relative_squared_error_at_init": {
             "backprop": 1e-14,
@@ -378,6 +384,7 @@ def test_docs_tables_from_activity_results(tmp_path):
             "activity, separate layers": 17.8,
             k16: 1.1,
             "local losses, activity (LG-FG-A)": 15.33,
+            "local losses, backprop (LG-BP)": 0.0,
         },
         "step_time": {
             "backprop": timing(1.0),
@@ -391,6 +398,7 @@ def test_docs_tables_from_activity_results(tmp_path):
         "goal_points": 1.0,
         "cost_goal": 3.0,
         "methods_meeting_both_goals": [k16],
+        "best_forward_only": k16,
         "learning_rates": [0.01, 1.0, 3.0],
         "num_updates": 10,
         "batch_size": 8,
@@ -423,7 +431,21 @@ def test_docs_tables_from_activity_results(tmp_path):
     row = "| local losses, activity (LG-FG-A) | yes | 3 (grid's largest) | 93.00 ± 1.00"
     assert f"{row} | 5.00 ± 0.50 | 15.3 | – |" in local_page
     assert "| backprop | no | 1 | 98.00 ± 1.00 | — | 0 | 1.0 |" in local_page
-    assert "weight DODGE" not in local_page
+    assert "weight DODGE" not in local_page.split("results:activity_local_losses")[1]
+    # The verdict: no local-loss method meets the goal, k = 16 does without them.
+    verdict = local_page.split("results:activity_local_verdict:start")[1]
+    assert verdict.startswith(
+        " -->\n\n**On this model no forward-only local-loss method meets the goal "
+        "(within 1 point of backprop at most 3 backprop steps); "
+        f"*{k16}* does, without them** (0.3 ± 0.5 points below backprop at 2.0 "
+        "backprop steps"
+    )
+    assert "inside the blocks: *local losses, backprop (LG-BP)*." in verdict
+    # An untimed method's gap without a cost.
+    assert (
+        "is *local losses, activity (LG-FG-A)*, 5.0 ± 0.5 points below backprop.\n"
+        in (verdict)
+    )
     # The curve: one row per k, and the methods meeting both goals named.
     curve = activity_page.split("results:activity_curve:start")[1]
     assert "| 16 | 1 | 97.50 ± 1.00 | 0.30 ± 0.50 | 2.0 |" in curve
@@ -634,6 +656,30 @@ def test_docs_deep_conv_sentence():
     assert (
         f"46 with 8 (XLA's compiled temporaries, commit {FAKE_MACHINE['git_commit']})"
         in sentence
+    )
+
+
+def test_docs_scaling_step_sentence():
+    """The sharded step's cost over the gradient's at the largest model timed (rows
+    beyond `timed_up_to_parameters` have no step time)."""
+
+    def row(p, dodge, gradient):
+        seconds = {"step_seconds": {"median": dodge}} if dodge else {}
+        return {
+            "num_parameters": p,
+            "dodge": seconds,
+            "gradient": {"step_seconds": {"median": gradient}} if gradient else {},
+        }
+
+    record = {
+        "machine": FAKE_MACHINE,
+        "config": {"num_devices": 8, "num_directions": 8},
+        "rows": [row(10_000, 0.2, 0.2), row(1_000_000, 0.3, 0.04), row(10**7, 0, 0)],
+    }
+    (sentence,) = _docs_tables.scaling_step_sentence(record)
+    assert sentence.startswith(
+        "At p = 1,000,000 the measured DODGE step with k = 8 is 7.5 times the "
+        "gradient step (all 8 simulated devices on 2 cores"
     )
 
 
