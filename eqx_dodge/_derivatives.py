@@ -93,7 +93,14 @@ def jvp(fun: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = False
             _JAX_CUSTOM_VJP_ERROR
         )
     inputs = jax.tree.leaves(eqx.filter((primals, tangents), eqx.is_array))
-    outputs = jax.extend.core.jaxpr_as_fun(closed)(*inputs)
+    # An output that is a constant of the jaxpr (an aux leaf that does not depend on
+    # the inputs, e.g. `eqx.nn.BatchNorm`'s first-time flag) comes back as a Python
+    # scalar; as an array, with the dtype and weak type it was traced with, it
+    # matches `eqx.filter_grad`'s aux and does not make `eqx.filter_jit` retrace.
+    outputs = [
+        out if isinstance(out, jax.Array) else jnp.asarray(out)
+        for out in jax.extend.core.jaxpr_as_fun(closed)(*inputs)
+    ]
     return eqx.combine(
         jax.tree.unflatten(jax.tree.structure(out_dynamic), outputs), out_static
     )

@@ -171,6 +171,47 @@ def test_has_aux(problem, getkey):
     np.testing.assert_allclose(value, loss_value(model, x), rtol=1e-5, atol=1e-8)
 
 
+def test_constant_aux_leaves_are_arrays_as_with_filter_grad():
+    """An aux array that does not depend on the inputs (`eqx.nn.BatchNorm`'s
+    first-time flag) is a constant of the traced jvp: it comes back as an array with
+    the dtype and weak type `eqx.filter_value_and_grad` gives, not as a Python
+    scalar, so a jitted step that returns it and takes it back is traced once."""
+    model = eqx.nn.MLP(3, 1, 8, 1, key=jax.random.key(0))
+    x = jnp.ones((4, 3))
+
+    def loss_with_aux(model, x):
+        constants = {"flag": jnp.array(False), "count": jnp.array(3)}
+        loss = jnp.mean(jax.vmap(model)(x) ** 2)
+        return loss, {**constants, "half": jnp.array(0.5)}
+
+    def signature(aux):
+        return {
+            name: (type(leaf), leaf.dtype, leaf.weak_type) for name, leaf in aux.items()
+        }
+
+    (_, grad_aux), _ = eqx.filter_value_and_grad(loss_with_aux, has_aux=True)(model, x)
+    for num_directions in (1, 4):
+        (_, aux), _ = eqx_dodge.filter_value_and_dodge(
+            loss_with_aux, key=0, num_directions=num_directions, has_aux=True
+        )(model, x)
+        assert signature(aux) == signature(grad_aux)
+
+    traces = []
+
+    @eqx.filter_jit
+    def step(model, aux, key):
+        traces.append(None)
+        (_, aux), estimate = eqx_dodge.filter_value_and_dodge(
+            loss_with_aux, key=key, has_aux=True
+        )(model, x)
+        return eqx.apply_updates(model, estimate), aux
+
+    aux = grad_aux
+    for seed in range(3):
+        model, aux = step(model, aux, jnp.asarray(seed))
+    assert len(traces) == 1
+
+
 def test_decorator_and_extra_arguments(getkey):
     model = make_models(jax.random.key(0))["mlp"]
     x = batch_for(model, jax.random.key(1))
