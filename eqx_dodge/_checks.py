@@ -10,11 +10,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, Float, Integer, PRNGKeyArray, UInt32
 
 
 # Every form of key the public functions accept (see `as_key`).
-KeyLike = PRNGKeyArray | int | Int[Array, ""]
+# A 0-d integer seed, signed or unsigned (`Int` alone is signed).
+KeyLike = (
+    PRNGKeyArray
+    | int
+    | Integer[Array, ""]
+    | np.integer
+    | Integer[np.ndarray, ""]
+    | UInt32[np.ndarray, "2"]
+)
 # A float hyperparameter; an array when `optax.inject_hyperparams` passes it.
 ScalarLike = float | Float[Array, ""]
 SAMPLERS: tuple[str, ...] = ("rademacher", "gaussian", "orthogonal")
@@ -178,11 +187,15 @@ def as_key(key: Any, name: str = "key") -> PRNGKeyArray:
     """A typed PRNG key from any of the forms every eqx_dodge function accepts: a
     typed key (`jax.random.key`), a legacy `uint32[2]` key (`jax.random.PRNGKey`), a
     Python int seed, or a 0-d integer array seed (as `optax.inject_hyperparams` turns
-    an int into). Works on traced values."""
+    an int into), NumPy's included. Works on traced values."""
     if isinstance(key, bool):
         raise TypeError(f"`{name}` must be a PRNG key or an int seed, got {key!r}.")
     if isinstance(key, int):
         return jax.random.key(key)
+    if isinstance(key, np.ndarray | np.generic):
+        # `np.int64(7)`, a seed from `np.random`, a legacy key saved as NumPy: as
+        # `jax.random.key` takes them.
+        key = jnp.asarray(key)
     if not isinstance(key, jax.Array):
         raise TypeError(
             f"`{name}` must be a PRNG key (`jax.random.key(seed)`) or an int seed, "

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import eqx_dodge
+from eqx_dodge._checks import as_key
 
 from .helpers import squared_loss
 
@@ -25,7 +26,16 @@ def problem():
 
 
 def _key_forms(seed):
-    return [jax.random.key(seed), jax.random.PRNGKey(seed), seed, jnp.int32(seed)]
+    legacy = jax.random.PRNGKey(seed)
+    return [
+        jax.random.key(seed),
+        legacy,
+        seed,
+        jnp.int32(seed),
+        np.int64(seed),  # a NumPy scalar: static under `filter_jit`
+        np.asarray(seed),
+        np.asarray(legacy),
+    ]
 
 
 def _flat(tree):
@@ -100,6 +110,24 @@ def test_every_key_form_gives_the_same_result(problem, name):
         np.testing.assert_allclose(result, results[0], rtol=1e-6)
     # Another key gives another result (a key of the first form: no new compile).
     assert not np.allclose(results[0], _flat(estimator(jax.random.key(43))))
+
+
+def test_numpy_seeds_outside_jit(problem):
+    """Outside `jit` a NumPy seed or legacy key is not traced into an array first:
+    read as `jax.random.key` reads it; a NumPy bool or float is refused."""
+    model, _ = problem
+    expected = _flat(eqx_dodge.random_direction(jax.random.key(7), model))
+    for key in (
+        np.int64(7),
+        np.asarray(7, np.uint32),
+        np.asarray(jax.random.PRNGKey(7)),
+    ):
+        np.testing.assert_array_equal(
+            _flat(eqx_dodge.random_direction(key, model)), expected
+        )
+    for bad in (np.bool_(True), np.float64(7.0)):
+        with pytest.raises(TypeError, match="`key` must be a PRNG key"):
+            as_key(bad)
 
 
 def test_no_key_is_used_twice(problem):
