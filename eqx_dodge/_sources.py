@@ -320,6 +320,15 @@ def dodge_ema(
         return DodgeEmaState(zero, data, zeros, zeros, *initial_record)
 
     def step(updates, state, fun, primal):
+        if updates is None and num_directions == 1:
+            raise ValueError(
+                "`dodge(source='ema')` with `num_directions=1` differentiates along "
+                "its moving average of gradient guesses alone, and with "
+                "`updates=None` it has no guess: the average, and every update, "
+                "would stay zero. Pass gradient guesses as the `updates` (e.g. "
+                "truncated-BPTT gradients), or explore with `num_directions >= 2` "
+                "and a `key`."
+            )
         guess = state.estimate
         if updates is not None:
             check_direction(updates, primal, name="updates")

@@ -145,7 +145,8 @@ def dodge(
     (with `mode="average"`), which is
     unbiased for any candidate (the random part covers exactly what $\hat c$ misses)
     and whose variance shrinks as $\hat c$ aligns with the gradient. Without a
-    candidate, `"ema"` needs this exploration to ever leave $\bar g = 0$.
+    candidate, `"ema"` needs this exploration to ever leave $\bar g = 0$: with one
+    direction, `updates=None` raises a `ValueError`.
 
     **Arguments:**
 

@@ -201,6 +201,19 @@ def test_ema_falls_back_on_previous_estimate():
     np.testing.assert_allclose(np_flat(none_state.average), expected, rtol=1e-6)
 
 
+def test_ema_without_guesses_or_exploration_is_refused():
+    """One direction and no incoming updates: the average of guesses could never
+    leave zero, and every update would be zero. Refused, naming the ways out; with
+    exploration (k >= 2 and a key) `None` is fine."""
+    loss, w0, _ = quadratic()
+    transform = eqx_dodge.dodge(source="ema")
+    with pytest.raises(ValueError, match="`updates=None`.*`num_directions >= 2`"):
+        transform.update(None, transform.init(w0), w0, value_fn=loss)
+    exploring = eqx_dodge.dodge(source="ema", key=0, num_directions=2)
+    estimate, _ = exploring.update(None, exploring.init(w0), w0, value_fn=loss)
+    assert np.linalg.norm(np_flat(estimate)) > 0
+
+
 # -- baseline ---------------------------------------------------------------------
 
 
