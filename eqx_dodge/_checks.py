@@ -255,9 +255,14 @@ def check_scalar_loss(value: Any, name: str, has_aux: bool = False) -> jax.Array
         got = type(value).__name__
         if isinstance(value, jax.Array | float | int):
             got += f" of shape {jnp.shape(value)} and dtype {jnp.result_type(value)}"
+        hint = (
+            " If it returns `(loss, aux)`, pass `has_aux=True`."
+            if not has_aux and isinstance(value, tuple | list) and len(value) == 2
+            else ""
+        )
         raise TypeError(
             f"`{name}` must return the loss as a floating-point scalar (a float or a "
-            f"0-d floating array){where}, got {got}."
+            f"0-d floating array){where}, got {got}.{hint}"
         )
     return jnp.asarray(value)
 

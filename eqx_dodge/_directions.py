@@ -78,10 +78,11 @@ def check_direction(direction: PyTree, primal: PyTree, name: str = "direction") 
     ):
         shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
         if shape != primal_leaf.shape or dtype != primal_leaf.dtype:
+            location = jax.tree_util.keystr(path)
+            subject = f"`{name}` leaf at {location}" if location else f"`{name}`"
             raise ValueError(
-                f"`{name}` leaf at {jax.tree_util.keystr(path)} has shape {shape} "
-                f"and dtype {dtype}; the model's leaf there has shape "
-                f"{primal_leaf.shape} and dtype {primal_leaf.dtype}."
+                f"{subject} has shape {shape} and dtype {dtype}; the model's leaf "
+                f"there has shape {primal_leaf.shape} and dtype {primal_leaf.dtype}."
             )
 
 

@@ -61,9 +61,11 @@ class ShardedKeywords(EstimatorKeywords, total=False):
 def _check_batch(batch: PyTree, num_shards: int, data_axes: tuple[str, ...]) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
         if leaf.ndim == 0 or leaf.shape[0] % num_shards != 0:
+            location = jax.tree_util.keystr(path[1:])
+            holds = f"holds an array of shape {leaf.shape} at {location}"
             raise ValueError(
-                f"Positional argument {path[0].idx + 1} (a batch) holds an array "
-                f"of shape {leaf.shape} at {jax.tree_util.keystr(path[1:])}; "
+                f"Positional argument {path[0].idx + 1} (a batch) "
+                f"{holds if location else f'is an array of shape {leaf.shape}'}; "
                 "every array after the first argument is split along its leading "
                 f"axis over the data axes {data_axes}, so that axis must be a "
                 f"multiple of {num_shards}. Pass per-step constants as keyword "

@@ -72,6 +72,23 @@ def test_direction_with_other_leaf(replacement):
         eqx_dodge.filter_dodge(squared_loss, direction=direction)(MODEL, X)
 
 
+def test_direction_of_a_single_array_model():
+    """A model that is one array: the message names `direction` itself, with no
+    empty leaf location ("leaf at  has shape")."""
+    with pytest.raises(ValueError, match=r"^`direction` has shape \(2,\) and dtype"):
+        eqx_dodge.filter_dodge(lambda w: jnp.sum(w**2), direction=jnp.ones(2))(
+            jnp.ones(3)
+        )
+
+
+def test_forgotten_has_aux_is_pointed_out():
+    def loss_and_aux(model, x):
+        return squared_loss(model, x), {"batch": x.shape[0]}
+
+    with pytest.raises(TypeError, match=r"got tuple\. If it returns .* `has_aux=True`"):
+        eqx_dodge.filter_dodge(loss_and_aux, key=KEY)(MODEL, X)
+
+
 def test_differentiated_argument_by_keyword():
     estimate = eqx_dodge.filter_dodge(squared_loss, key=KEY)
     with pytest.raises(TypeError, match="first argument by position"):

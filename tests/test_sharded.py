@@ -91,8 +91,11 @@ def test_errors(setup, getkey):
     value_and_dodge = eqx_dodge.sharded_value_and_dodge(loss, mesh=mesh, key=key)
     with pytest.raises(TypeError, match="by position"):
         value_and_dodge(model=model, x=x)
-    with pytest.raises(ValueError, match="split along its leading axis"):
+    # A batch that is one array has no location inside it to name.
+    with pytest.raises(ValueError, match=r"\(a batch\) is an array of shape \(\);"):
         eqx.filter_jit(value_and_dodge)(model, jnp.ones(()))
+    with pytest.raises(ValueError, match=r"holds an array of shape \(\) at \['x'\]"):
+        eqx.filter_jit(value_and_dodge)(model, {"x": jnp.ones(())})
     with pytest.raises(ValueError, match="replicated over the data axes"):
         jit_call(loss, mesh=mesh, key=key, param_specs=P("data"))
     with pytest.raises(ValueError, match="`param_specs` must be a `PartitionSpec`"):
