@@ -51,7 +51,7 @@ from ._derivatives import jvp
 from ._directions import sample_direction, trainable
 from ._filter import _DodgeWrapper, WrapperMethods
 from ._live import live_mask, zero_dead
-from ._tangents import weighted_sum
+from ._tangents import at_least_float32, weighted_sum
 from ._threefry import key_words
 from ._value_fn import call_loss
 
@@ -227,7 +227,8 @@ def _forward_pass(
     )(words, directions)
     num_directions, batch_size = words.shape[:2]
     derivatives = derivatives.reshape(num_directions, batch_size, parts.num_groups)
-    derivatives = derivatives.astype(jnp.float32)
+    # At least float32 (float64 losses keep float64).
+    derivatives = derivatives.astype(at_least_float32(derivatives.dtype))
     return values, derivatives, aux
 
 

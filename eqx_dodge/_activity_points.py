@@ -222,7 +222,7 @@ class _CotangentContext(eqx.Module):
     def apply(self, z: Array, words: Array, group: int) -> Array:
         signs = jax.vmap(lambda w: _signs(w, z))(words)
         scale = self.derivatives[:, group] / self.derivatives.shape[0]
-        cotangent = jnp.tensordot(scale, signs.astype(jnp.float32), axes=1)
+        cotangent = jnp.tensordot(scale, signs.astype(scale.dtype), axes=1)
         return _fixed_cotangent(z, cotangent.astype(z.dtype))
 
 

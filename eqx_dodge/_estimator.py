@@ -19,7 +19,13 @@ from ._checks import (
 )
 from ._derivatives import directional_derivatives
 from ._live import LiveSplit
-from ._tangents import Layout, SINGLE_DEVICE, Tangents, weighted_sum
+from ._tangents import (
+    at_least_float32,
+    Layout,
+    SINGLE_DEVICE,
+    Tangents,
+    weighted_sum,
+)
 
 
 def value_and_aux_of(
@@ -192,7 +198,9 @@ def run_tangents(
         value, derivatives, aux = directional_derivatives(
             value_and_aux, at, chunk_tangents, derivative, finite_difference_step
         )
-        coefficients = tangents.weights(seeds) * derivatives.astype(jnp.float32)
+        # In at least float32, and in float64 for float64 losses (`jax_enable_x64`).
+        wide = at_least_float32(derivatives.dtype)
+        coefficients = tangents.weights(seeds).astype(wide) * derivatives.astype(wide)
         total = None
         if accumulate and num > 1:
             # The sum draws the tangents again (XLA fuses the sampler into each use

@@ -78,6 +78,19 @@ class Layout(eqx.Module):
 SINGLE_DEVICE = Layout()
 
 
+def at_least_float32(dtype: jnp.dtype) -> jnp.dtype:
+    """`dtype` if it has 32 bits or more, else float32 (under strict promotion too,
+    where `jnp.promote_types(float64, float32)` raises)."""
+    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
+def widest_float() -> jnp.dtype:
+    """float64 where `jax_enable_x64` is on, else float32: the dtype of the weights
+    `w_j`, so that `1/k` is no coarser than float64 parameters (read when traced:
+    the flag may be set after import)."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 class Tangents(eqx.Module):
     """k tangents, drawn a chunk at a time from `seeds` (one entry per tangent along
     the leading axis), and the weights `w_j` of the estimate `Σ_j w_j d_j t_j`."""
@@ -121,7 +134,7 @@ class RandomTangents(Tangents):
         )(seeds)
 
     def weights(self, seeds: Key[Array, " c"]) -> Float[Array, " c"]:
-        return jnp.full(seeds.shape, 1 / self.num, jnp.float32)
+        return jnp.full(seeds.shape, 1 / self.num, widest_float())
 
 
 class OrthogonalTangents(Tangents):
@@ -144,7 +157,7 @@ class OrthogonalTangents(Tangents):
         )(seeds)
 
     def weights(self, seeds: Int[Array, " c"]) -> Float[Array, " c"]:
-        return jnp.full(seeds.shape, 1 / self.num, jnp.float32)
+        return jnp.full(seeds.shape, 1 / self.num, widest_float())
 
 
 class PartitionTangents(Tangents):
@@ -158,7 +171,7 @@ class PartitionTangents(Tangents):
         return jax.vmap(lambda j: select_part(self.base, self.indices, j))(seeds)
 
     def weights(self, seeds: Int[Array, " c"]) -> Float[Array, " c"]:
-        return jnp.ones(seeds.shape, jnp.float32)
+        return jnp.ones(seeds.shape, widest_float())
 
     @property
     def accumulates(self) -> bool:
@@ -239,7 +252,7 @@ def draw_tangents(
     if direction is not None:
         check_direction(direction, primal)
         stacked = jax.tree.map(lambda u: u[None], unit(direction, layout))
-        return fixed_tangents(stacked, jnp.ones((1,), jnp.float32))
+        return fixed_tangents(stacked, jnp.ones((1,), widest_float()))
     assert key is not None
     return random_tangents(key, primal, num_directions, sampler, mode, layout)
 
@@ -264,7 +277,7 @@ def explored_tangents(
     lead = unit(candidate)
     if num_directions == 1:
         stacked = jax.tree.map(lambda u: u[None], lead)
-        return fixed_tangents(stacked, jnp.ones((1,), jnp.float32))
+        return fixed_tangents(stacked, jnp.ones((1,), widest_float()))
     assert key is not None
     random = random_tangents(key, primal, num_directions - 1, sampler, mode)
     directions = random.draw(random.seeds)
@@ -276,7 +289,7 @@ def explored_tangents(
 
     stacked = jax.tree.map(stack, lead, directions)
     weights = jnp.concatenate(
-        [jnp.ones((1,), jnp.float32), random.weights(random.seeds)]
+        [jnp.ones((1,), widest_float()), random.weights(random.seeds)]
     )
     return fixed_tangents(stacked, weights)
 
@@ -286,7 +299,7 @@ def weighted_sum(tangents: PyTree, coefficients: Float[Array, " c"]) -> PyTree:
     low-precision leaves lose no more than the one final rounding."""
 
     def leaf_sum(t):
-        dtype = jnp.float32 if jnp.finfo(t.dtype).bits < 32 else t.dtype
+        dtype = at_least_float32(t.dtype)
         return jnp.tensordot(coefficients.astype(dtype), t.astype(dtype), axes=1)
 
     return jax.tree.map(leaf_sum, tangents)

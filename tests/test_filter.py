@@ -299,3 +299,42 @@ def test_dtypes_are_preserved(getkey):
         for name, leaf in model.items():
             assert estimate[name].dtype == leaf.dtype
             assert estimate[name].shape == leaf.shape
+
+
+def test_float64_losses_keep_float64_exactness():
+    """With `jax_enable_x64`, the estimates the docs call exact are exact to float64,
+    not to float32: the candidate itself, `k = p` parts, `k = p` orthogonal
+    directions, and activity perturbation of a one-unit output (`(g·u)u = g` for
+    `u = ±1`). The weights `1/k` and the derivatives were float32 (errors of 1e-8)."""
+    with jax.enable_x64(True):
+        w = {"a": jnp.linspace(-1.0, 1.0, 7), "b": jnp.linspace(0.5, 2.0, 6)}
+        assert w["a"].dtype == jnp.float64
+
+        def loss(p):
+            return jnp.sum(p["a"] ** 3) + jnp.sum(jnp.sin(p["b"]) * p["b"])
+
+        g = np_flat(jax.grad(loss)(w))
+        exact = {
+            "candidate": dict(direction=jax.grad(loss)(w)),
+            "partition k=p": dict(key=0, num_directions=13, mode="partition"),
+            "orthogonal k=p": dict(key=0, num_directions=13, sampler="orthogonal"),
+        }
+        for name, options in exact.items():
+            estimate = np_flat(eqx_dodge.filter_dodge(loss, **options)(w))
+            np.testing.assert_allclose(estimate, g, rtol=1e-13, atol=0, err_msg=name)
+
+        linear = eqx.nn.MLP(4, 1, 8, 0, key=jax.random.key(0))  # one Linear, 4 -> 1
+        linear = jax.tree.map(
+            lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, linear
+        )
+        x = jax.random.normal(jax.random.key(1), (8, 4), jnp.float64)
+
+        def example_loss(model, x):
+            return jnp.sin(model(x)[0]) ** 2
+
+        def batch_loss(model, x):
+            return jnp.mean(jax.vmap(lambda one: example_loss(model, one))(x))
+
+        expected = np_flat(eqx.filter_grad(batch_loss)(linear, x))
+        estimate = np_flat(eqx_dodge.activity_dodge(example_loss, key=0)(linear, x))
+        np.testing.assert_allclose(estimate, expected, rtol=1e-13, atol=0)
