@@ -301,6 +301,30 @@ def _point_mask(model: PyTree) -> PyTree:
     return jax.tree.map(mark, model, is_leaf=is_point)
 
 
+def _check_unstacked(model: PyTree) -> None:
+    """A Linear or Conv whose weight has extra leading axes is a stack of layers
+    applied under `lax.scan` or `vmap` (`eqx.nn.MLP(..., scan=True)` builds one):
+    its wrapped call would break the scan, and one perturbation for the whole
+    stack would not be per layer."""
+    for path, node in jax.tree_util.tree_leaves_with_path(model, is_leaf=is_point):
+        if isinstance(node, eqx.nn.Linear):
+            expected = 2
+        elif isinstance(node, eqx.nn.Conv):
+            expected = node.num_spatial_dims + 2
+        else:
+            continue
+        shape = getattr(node.weight, "shape", None)
+        if shape is not None and len(shape) != expected:
+            raise ValueError(
+                f"The layer at {jax.tree_util.keystr(path) or 'the top'} has "
+                f"stacked weights of shape {shape}: a stack of layers applied under "
+                "`lax.scan` or `vmap`, as `eqx.nn.MLP(..., scan=True)` builds. The "
+                "activity estimators perturb each layer's output and cannot "
+                "perturb inside that loop: build the MLP with `scan=False` (the "
+                "default), or use weight-perturbed DODGE (`eqx_dodge.filter_dodge`)."
+            )
+
+
 def _num_points(model: PyTree) -> int:
     return sum(map(is_point, jax.tree.leaves(model, is_leaf=is_point)))
 
@@ -355,6 +379,7 @@ class ModelParts(NamedTuple):
 
 
 def split_model(model: PyTree, separate: bool) -> ModelParts:
+    _check_unstacked(model)
     layers, rest = eqx.partition(trainable(model), _point_mask(model))
     others, _ = eqx.partition(rest, eqx.is_inexact_array)
     static = eqx.filter(model, eqx.is_inexact_array, inverse=True)

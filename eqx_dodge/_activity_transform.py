@@ -64,11 +64,15 @@ def dodge_activity(
 
     **Calling `update`.** `update(updates, state, params, *, value_fn, **batch)`:
 
-    - `params` is the model (an Equinox Module, or its
-        `eqx.filter(model, eqx.is_inexact_array)`): the perturbation points are
-        found in it, so the layers must be there as `eqx.nn.Linear`/`eqx.nn.Conv`
-        Modules; in a PyTree without them (a Flax params dict) every leaf gets
-        weight-space directions, which is weight-perturbed DODGE.
+    - `params` is the model itself (an Equinox Module): the perturbation points
+        are found in it, so the layers must be there as `eqx.nn.Linear`/
+        `eqx.nn.Conv` Modules, and `value_fn` calls it with them wrapped. Its
+        `eqx.filter(model, eqx.is_inexact_array)` serves only a model whose call
+        needs no non-array field (`eqx.nn.MLP` needs its activation), since
+        `eqx.combine` cannot rebuild the model from the wrapped layers; the state
+        may be initialised from either. In a PyTree without such layers (a Flax
+        params dict) every leaf gets weight-space directions, which is
+        weight-perturbed DODGE.
     - `value_fn(params, **example)` is the loss of **one** example. The keyword
         arguments of `update` that `value_fn` takes by name are the batch: PyTrees
         of arrays sharing a leading (example) axis, split along it. (This is the
@@ -113,7 +117,7 @@ def dodge_activity(
         try:
             out, estimate = estimator(params, *batch)
         except Exception as error:
-            hint = rebuild_hint(params)
+            hint = rebuild_hint(params, activity=True)
             if hint is not None:
                 error.add_note(hint)
             raise

@@ -98,14 +98,24 @@ def _unmasked(tree: PyTree) -> PyTree:
     )
 
 
-def rebuild_hint(params: PyTree) -> str | None:
-    """What to tell a user whose `value_fn` failed on a partial `params`."""
+def rebuild_hint(params: PyTree, activity: bool = False) -> str | None:
+    """What to tell a user whose `value_fn` failed on a partial `params`; with
+    `activity`, for the activity estimators, whose `value_fn` gets the layers
+    wrapped and cannot rebuild the model with `eqx.combine`."""
     nodes = jax.tree.leaves(params, is_leaf=lambda x: x is None or _is_masked(x))
     rebuild = (
         "combine it with the whole model your training loop holds, e.g. "
         "`value_fn=lambda p: loss(eqx.combine(p, model), x, y)`: the leaves of `p` "
         "are the ones differentiated, the rest come from `model`."
     )
+    if activity:
+        rebuild = (
+            "the activity estimators hand `value_fn` that tree with each Linear and "
+            "Conv layer wrapped (where its output is perturbed), so `eqx.combine` "
+            "cannot rebuild the model from it. Pass the model itself as `params` "
+            "to `update` (the state may still be initialised from "
+            "`eqx.filter(model, eqx.is_inexact_array)`)."
+        )
     if any(_is_masked(node) for node in nodes):
         return (
             "Inside `optax.masked` / `optax.partition`, `value_fn` receives only the "

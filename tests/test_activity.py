@@ -402,6 +402,12 @@ def test_errors():
         eqx_dodge.activity_dodge(cross_entropy, key=0)(model, x, y[:3])
     with pytest.raises(TypeError, match="by position"):
         eqx_dodge.activity_dodge(cross_entropy, key=0)(model=model)
+    # A stack of layers run under `lax.scan` (JAX's own error was an IndexError in
+    # the scan's length inference).
+    scanned = eqx.nn.MLP(4, 3, 8, 3, key=jax.random.key(3), scan=True)
+    x4 = jnp.ones((2, 4))
+    with pytest.raises(ValueError, match=r"\.layers\[1\] has stacked weights"):
+        eqx_dodge.activity_dodge(cross_entropy, key=0)(scanned, x4, y[:2])
 
 
 class ReadsFields(eqx.Module):

@@ -115,3 +115,25 @@ def test_errors_say_what_to_pass():
         eqx_dodge.dodge_activity(key=0, num_directions=0)
     with pytest.raises(TypeError, match="separate_layers"):
         eqx_dodge.dodge_activity(key=0, separate_layers=1)  # pyright: ignore
+
+
+def test_filtered_mlp_as_params_is_pointed_to_the_model():
+    """`eqx.nn.MLP` filtered to its arrays has no activation to call, and its wrapped
+    layers cannot be combined back into it: the error's note says to pass the model
+    itself (from which the estimate is then taken), not to `eqx.combine`."""
+    model, x, y = problem(4)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    optim = eqx_dodge.dodge_activity(key=0)
+    state = optim.init(params)
+
+    def combining_loss(p, x, y):
+        return example_loss(eqx.combine(p, model), x, y)
+
+    for value_fn in (example_loss, combining_loss):
+        with pytest.raises(Exception) as caught:
+            optim.update(None, state, params, value_fn=value_fn, x=x, y=y)
+        notes = "\n".join(getattr(caught.value, "__notes__", []))
+        assert "Pass the model itself as `params`" in notes
+        assert "eqx.combine(p, model)" not in notes
+    estimate, _ = optim.update(None, state, model, value_fn=example_loss, x=x, y=y)
+    assert jax.tree.structure(estimate) == jax.tree.structure(params)
