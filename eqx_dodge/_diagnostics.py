@@ -88,6 +88,17 @@ def estimator_moments(
 
     `(mean, variance)`, two PyTrees with the structure of one estimate.
     """
+    typed = isinstance(keys, jax.Array) and jnp.issubdtype(
+        keys.dtype, jax.dtypes.prng_key
+    )
+    legacy = jnp.ndim(keys) == 2 and jnp.shape(keys)[-1] == 2
+    if not (typed and jnp.ndim(keys) == 1) and not legacy:
+        # A single legacy key (`uint32[2]`) would otherwise be read as two seeds.
+        raise ValueError(
+            "`keys` must be a batch of PRNG keys, e.g. `jax.random.split(key, n)`: "
+            "typed keys of shape `(n,)` or legacy keys of shape `(n, 2)`; got an "
+            f"array of shape {jnp.shape(keys)} and dtype {jnp.result_type(keys)}."
+        )
     num_keys = jnp.shape(keys)[0]
     if num_keys < 2:
         raise ValueError(f"`keys` must hold at least 2 keys, got {num_keys}.")

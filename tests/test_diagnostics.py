@@ -1,3 +1,5 @@
+import inspect
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -110,3 +112,15 @@ def test_estimator_moments_errors_and_none_leaves(getkey):
     )
     assert mean["b"] is None and variance["b"] is None
     assert mean["a"].shape == (2,) and variance["a"].shape == (2,)
+
+
+def test_estimator_moments_refuses_a_single_legacy_key(getkey):
+    """`jax.random.PRNGKey(0)` is one key of shape (2,), not two seeds: it would give
+    "moments" of two samples. The type hint refuses it under the tests' runtime
+    checks; without them (as users run) the function's own check does."""
+    unchecked = inspect.unwrap(estimator_moments)
+    with pytest.raises(ValueError, match=r"batch of PRNG keys.*shape \(2,\)"):
+        unchecked(lambda key: jnp.zeros(3), jax.random.PRNGKey(0))
+    legacy_batch = jax.random.split(jax.random.PRNGKey(0), 3)  # shape (3, 2)
+    mean, _ = unchecked(lambda key: jax.random.normal(key, (2,)), legacy_batch)
+    assert mean.shape == (2,)
