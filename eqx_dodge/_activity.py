@@ -24,6 +24,7 @@ leaves a trace except through its outputs.
 """
 
 import functools as ft
+import pathlib
 from collections.abc import Callable
 from typing import Any, TypedDict, Unpack
 
@@ -102,11 +103,37 @@ def _batch_size(batch: tuple) -> int:
     return shapes[0][0]
 
 
+def _raised_here(error: BaseException) -> bool:
+    """Whether `error` was raised by eqx_dodge's own code (its innermost frame)."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return pathlib.Path(traceback.tb_frame.f_code.co_filename).parent == _PACKAGE
+
+
+_PACKAGE = pathlib.Path(__file__).parent
+
+
 def _example_value(
     fun: Callable, kwargs: dict, has_aux: bool, model: PyTree, example: tuple
 ) -> tuple[Array, Any]:
     """The checked loss of one example and its `aux` (`None` without `has_aux`)."""
-    out = call_loss(fun, model, example, kwargs)
+    try:
+        out = call_loss(fun, model, example, kwargs)
+    except Exception as error:
+        if _raised_here(error):  # eqx_dodge's own messages say what is wrong
+            raise
+        shapes = jax.tree.map(jnp.shape, example)
+        error.add_note(
+            "eqx_dodge's activity estimators call `example_loss` on ONE example at a "
+            f"time, the batch's leading axis removed (here shapes {shapes}), under "
+            "`jax.vmap`: a loss written for a whole batch (one that vmaps the model "
+            "over it) fails on one example, and a layer that needs the batch "
+            "(`eqx.nn.BatchNorm`) is not supported."
+        )
+        raise
     value, aux = out if has_aux else (out, None)
     return check_scalar_loss(value, "example_loss", has_aux), aux
 

@@ -424,6 +424,27 @@ class ReadsWeight(ReadsFields):
         return self.linear.weight @ x
 
 
+def test_a_failing_example_loss_is_told_it_gets_one_example():
+    """A loss written for a batch (vmapping the model) fails inside JAX on one
+    example: a note says the activity estimators pass one example, with its shapes.
+    eqx_dodge's own errors raised inside the loss get no such note."""
+    model, (x, y) = mlp_problem()
+
+    def batch_loss(model, x, y):
+        return cross_entropy(jax.vmap(model)(x)[0], y[0])
+
+    with pytest.raises(Exception) as caught:
+        eqx_dodge.activity_dodge(batch_loss, key=0)(model, x, y)
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert "on ONE example at a time" in notes
+    assert f"shapes ({x.shape[1:]}, ())" in notes
+    linear = eqx.nn.Linear(3, 2, key=jax.random.key(14))
+    x3, y3 = jnp.ones((4, 3)), jnp.array([0, 1, 1, 0])
+    with pytest.raises(AttributeError, match="reads `.weight`") as own:
+        eqx_dodge.activity_dodge(cross_entropy, key=0)(ReadsWeight(linear), x3, y3)
+    assert "ONE example" not in "\n".join(getattr(own.value, "__notes__", []))
+
+
 def test_layer_fields_read_through_weights_do_not():
     linear = eqx.nn.Linear(3, 2, key=jax.random.key(14))
     x, y = jax.random.normal(jax.random.key(15), (4, 3)), jnp.array([0, 1, 1, 0])
