@@ -94,7 +94,20 @@ def _sequential_stages(model: eqx.nn.Sequential) -> tuple[Callable, list[_Stage]
     for i, layer in enumerate(model.layers):
         if isinstance(layer, eqx.nn.Linear):
             stages.append(_Stage((lambda m, i=i: m.layers[i]), layer, _identity))
-        elif stages:
+            continue
+        if jax.tree.leaves(eqx.filter(layer, eqx.is_inexact_array)):
+            # Its parameters would get no direction, and the layers between
+            # Linear layers are taken as elementwise activations.
+            raise ValueError(
+                f"`model.layers[{i}]` is a {type(layer).__name__} with parameters of "
+                "its own, which the guess would leave without a direction. The "
+                "gradient guesses take an `eqx.nn.Sequential` of Linear layers with "
+                "parameter-free elementwise activations between them "
+                "(`eqx.nn.Lambda(jax.nn.relu)`). For another model, record the "
+                "Linear layers' inputs and use `eqx_dodge.layer_activation_guess`, "
+                "mixed with a random direction for the other parameters."
+            )
+        if stages:
             last = stages[-1]
             stages[-1] = _Stage(
                 last.where, last.linear, _compose(last.activation, layer)

@@ -155,6 +155,16 @@ def test_errors(getkey):
     scanned = eqx.nn.MLP(40, 4, 32, 3, scan=True, key=getkey())
     with pytest.raises(ValueError, match="scan"):
         eqx_dodge.activation_guess(getkey(), scanned, x)
+    # A layer with parameters between (or before) the Linear layers: not an
+    # elementwise activation, and its parameters would get no direction.
+    for normed in (
+        [eqx.nn.Linear(40, 8, key=getkey()), eqx.nn.LayerNorm(8)],
+        [eqx.nn.LayerNorm(40), eqx.nn.Linear(40, 8, key=getkey())],
+    ):
+        index = 1 if isinstance(normed[1], eqx.nn.LayerNorm) else 0
+        for guess in GUESSES:
+            with pytest.raises(ValueError, match=rf"layers\[{index}\]` is a LayerNorm"):
+                guess(getkey(), eqx.nn.Sequential(normed), x)
 
 
 def test_dodge_along_guesses_descends_and_beats_random(getkey):
