@@ -154,7 +154,9 @@ def _forward(model: Any, x: Array) -> tuple[list[_Stage], list[_Record]]:
     batch = x.shape[0]
     records = []
     h = jax.vmap(prefix)(x)
-    for stage in stages:
+    for index, stage in enumerate(stages):
+        name = "`x`" if index == 0 else f"The model's layer before Linear {index}"
+        _check_layer_inputs(stage.linear, h, name)
         z = jax.vmap(stage.linear)(h)
 
         def activate(z_, activation=stage.activation):
@@ -201,6 +203,20 @@ def _check_batch(x: Any, name: str = "x") -> None:
         raise ValueError(
             f"`{name}` must be a batch of inputs, an array with a leading batch axis; "
             f"got {type(x).__name__} with shape {jnp.shape(x)}."
+        )
+
+
+def _check_layer_inputs(linear: eqx.nn.Linear, inputs: Array, name: str) -> None:
+    """`inputs` must be a batch of what `linear` takes: `(batch, in_features)`, or
+    `(batch,)` for `in_features="scalar"`."""
+    features = linear.in_features
+    expected = () if features == "scalar" else (features,)
+    if inputs.shape[1:] != expected:
+        raise ValueError(
+            f"{name} gives a Linear layer with `in_features={features!r}` inputs of "
+            f"shape {inputs.shape[1:]} per example (batch shape {inputs.shape}); it "
+            f"takes {expected}: pass a batch, a leading axis of examples, of its "
+            "inputs."
         )
 
 
@@ -380,6 +396,7 @@ def layer_activation_guess(
                 f"`model`, but it locates a {type(layer).__name__}."
             )
         _check_batch(inputs, f"layer_inputs[{position}]")
+        _check_layer_inputs(layer, inputs, f"`layer_inputs[{position}]`")
         layers.append((where, layer, inputs))
     shapes = [
         jnp.zeros((inputs.shape[0], layer.weight.shape[0]), layer.weight.dtype)

@@ -155,6 +155,13 @@ def test_errors(getkey):
     scanned = eqx.nn.MLP(40, 4, 32, 3, scan=True, key=getkey())
     with pytest.raises(ValueError, match="scan"):
         eqx_dodge.activation_guess(getkey(), scanned, x)
+    # One example instead of a batch, or a batch of the wrong width.
+    for guess in GUESSES:
+        with pytest.raises(ValueError, match=r"`x` gives .* inputs of shape \(\) per"):
+            guess(getkey(), model, x[0])
+    linear = eqx.nn.Linear(40, 8, key=getkey())
+    with pytest.raises(ValueError, match=r"`layer_inputs\[0\]` gives .*\(39,\) per"):
+        eqx_dodge.layer_activation_guess(getkey(), linear, [(lambda m: m, x[:, 1:])])
     # A layer with parameters between (or before) the Linear layers: not an
     # elementwise activation, and its parameters would get no direction.
     for normed in (
