@@ -78,8 +78,17 @@ def tbptt_candidate(
     return eqx.filter_grad(loss)(model)
 
 
-def _flatten_state(state: PyTree) -> Array:
-    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(state)])
+def _flatten_state(state: PyTree, state_size: int) -> Array:
+    """The state's leaves raveled and concatenated; its size must be the critic's."""
+    flat = jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(state)])
+    if flat.shape != (state_size,):
+        raise ValueError(
+            f"The critic was built with `state_size={state_size}`, but one recurrent "
+            f"state has {flat.size} entries (its leaves' shapes "
+            f"{[jnp.shape(leaf) for leaf in jax.tree.leaves(state)]}): build it with "
+            f"`state_size={flat.size}`."
+        )
+    return flat
 
 
 class LinearCritic(eqx.Module):
@@ -99,7 +108,8 @@ class LinearCritic(eqx.Module):
         self.bias = jnp.zeros(())
 
     def __call__(self, state: PyTree) -> Scalar:
-        return self.bias + jnp.vdot(self.weight, _flatten_state(state))
+        flat = _flatten_state(state, self.weight.shape[0])
+        return self.bias + jnp.vdot(self.weight, flat)
 
 
 class QuadraticCritic(eqx.Module):
@@ -120,7 +130,7 @@ class QuadraticCritic(eqx.Module):
         self.curvature = jnp.zeros((state_size, state_size))
 
     def __call__(self, state: PyTree) -> Scalar:
-        s = _flatten_state(state)
+        s = _flatten_state(state, self.curvature.shape[0])
         return self.linear(state) + 0.5 * jnp.vdot(s, self.curvature @ s)
 
 

@@ -48,6 +48,15 @@ def cosine_similarity(estimate: PyTree, gradient: PyTree) -> Scalar:
             "`estimate` and `gradient` must have the same tree structure, got "
             f"{jax.tree.structure(estimate)} and {jax.tree.structure(gradient)}."
         )
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(estimate), jax.tree.leaves(gradient)
+    ):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(
+                f"`estimate` and `gradient` must have leaves of the same shapes; at "
+                f"{jax.tree_util.keystr(path) or 'the top'} they are {jnp.shape(a)} "
+                f"and {jnp.shape(b)}."
+            )
     dtype = accumulation_dtype((estimate, gradient))
     norms = _dot(estimate, estimate, dtype) * _dot(gradient, gradient, dtype)
     positive = norms > 0

@@ -124,3 +124,8 @@ def test_estimator_moments_refuses_a_single_legacy_key(getkey):
     legacy_batch = jax.random.split(jax.random.PRNGKey(0), 3)  # shape (3, 2)
     mean, _ = unchecked(lambda key: jax.random.normal(key, (2,)), legacy_batch)
     assert mean.shape == (2,)
+
+
+def test_cosine_similarity_names_leaves_of_other_shapes():
+    with pytest.raises(ValueError, match=r"at \['w'\] they are \(3,\) and \(2,\)"):
+        cosine_similarity({"w": jnp.ones(3)}, {"w": jnp.ones(2)})

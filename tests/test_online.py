@@ -446,6 +446,15 @@ def test_synthetic_gradient_candidate(getkey):
     )
     expected = reference_synthetic(model, critic, state0, window, 2, 0.5)
     np.testing.assert_allclose(candidate, expected, rtol=1e-4, atol=1e-5)
+    # A critic of another state size is named, not a bare dot_general error.
+    for wrong in (
+        eqx_dodge.recurrent.QuadraticCritic(HIDDEN + 1),
+        eqx_dodge.recurrent.LinearCritic(HIDDEN - 1),
+    ):
+        with pytest.raises(ValueError, match=rf"`state_size={HIDDEN}`"):
+            eqx_dodge.recurrent.synthetic_gradient_candidate(
+                gru_step, model, wrong, state0, window, truncation=2
+            )
 
 
 def test_value_critic_learns_the_loss_to_go():
