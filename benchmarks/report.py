@@ -873,21 +873,31 @@ def _copy_task_comparison(record: dict[str, Any]) -> list[str]:
                 else "our 64-direction runs are not finished yet."
             )
         )
-    if "dodge_tbptt" in finals and "tbptt" in finals:
-        text.append(
-            "Fig. 2 has DODGE along TBPTT's direction (truncations up to 3) learn "
-            "faster than TBPTT; here it ends at "
-            + _ends_at(record, "dodge_tbptt", ("tbptt", "TBPTT's"))
-            + "."
-        )
-    if "dodge_synthetic" in finals and "synthetic" in finals:
-        text.append(
-            "Fig. 4c has DODGE along the critic's synthetic gradient optimise faster "
-            "than synthetic gradients; here it ends at "
-            + _ends_at(record, "dodge_synthetic", ("synthetic", "their"))
-            + "."
-        )
+    for method, baseline, claim, name in _PAPER_CANDIDATE_CLAIMS:
+        if method in finals and baseline in finals:
+            ends = _ends_at(record, method, (baseline, name))
+            text.append(f"{claim}; here it ends at {ends}.")
     return [" ".join(text)]
+
+
+# The paper's claims for DODGE along a candidate, against the candidate's method:
+# (method, baseline, the claim, how the sentence names the baseline).
+_PAPER_CANDIDATE_CLAIMS = (
+    (
+        "dodge_tbptt",
+        "tbptt",
+        "Fig. 2 has DODGE along TBPTT's direction (truncations up to 3) learn faster "
+        "than TBPTT",
+        "TBPTT's",
+    ),
+    (
+        "dodge_synthetic",
+        "synthetic",
+        "Fig. 4c has DODGE along the critic's synthetic gradient optimise faster "
+        "than synthetic gradients",
+        "their",
+    ),
+)
 
 
 def _cosine(entry: dict[str, Any] | None) -> str:
