@@ -49,10 +49,10 @@ from ._checks import (
     KeyLike,
 )
 from ._derivatives import jvp
-from ._directions import sample_direction, trainable
+from ._directions import accumulation_dtype, sample_direction, trainable
 from ._filter import _DodgeWrapper, WrapperMethods
 from ._live import live_mask, zero_dead
-from ._tangents import at_least_float32, weighted_sum
+from ._tangents import weighted_sum
 from ._threefry import key_words
 from ._value_fn import call_loss
 
@@ -255,7 +255,7 @@ def _forward_pass(
     num_directions, batch_size = words.shape[:2]
     derivatives = derivatives.reshape(num_directions, batch_size, parts.num_groups)
     # At least float32 (float64 losses keep float64).
-    derivatives = derivatives.astype(at_least_float32(derivatives.dtype))
+    derivatives = derivatives.astype(accumulation_dtype(derivatives))
     return values, derivatives, aux
 
 

@@ -18,14 +18,9 @@ from ._checks import (
     ScalarLike,
 )
 from ._derivatives import directional_derivatives
+from ._directions import accumulation_dtype
 from ._live import LiveSplit
-from ._tangents import (
-    at_least_float32,
-    Layout,
-    SINGLE_DEVICE,
-    Tangents,
-    weighted_sum,
-)
+from ._tangents import Layout, SINGLE_DEVICE, Tangents, weighted_sum
 
 
 def value_and_aux_of(
@@ -199,7 +194,7 @@ def run_tangents(
             value_and_aux, at, chunk_tangents, derivative, finite_difference_step
         )
         # In at least float32, and in float64 for float64 losses (`jax_enable_x64`).
-        wide = at_least_float32(derivatives.dtype)
+        wide = accumulation_dtype(derivatives)
         coefficients = tangents.weights(seeds).astype(wide) * derivatives.astype(wide)
         total = None
         if accumulate and num > 1:

@@ -13,6 +13,7 @@ import optax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree, Scalar
 
 from ._directions import (
+    accumulation_dtype,
     check_direction,
     check_num_parts,
     flat_positions,
@@ -76,12 +77,6 @@ class Layout(eqx.Module):
 
 
 SINGLE_DEVICE = Layout()
-
-
-def at_least_float32(dtype: jnp.dtype) -> jnp.dtype:
-    """`dtype` if it has 32 bits or more, else float32 (under strict promotion too,
-    where `jnp.promote_types(float64, float32)` raises)."""
-    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
 def widest_float() -> jnp.dtype:
@@ -299,7 +294,7 @@ def weighted_sum(tangents: PyTree, coefficients: Float[Array, " c"]) -> PyTree:
     low-precision leaves lose no more than the one final rounding."""
 
     def leaf_sum(t):
-        dtype = at_least_float32(t.dtype)
+        dtype = accumulation_dtype(t)
         return jnp.tensordot(coefficients.astype(dtype), t.astype(dtype), axes=1)
 
     return jax.tree.map(leaf_sum, tangents)
