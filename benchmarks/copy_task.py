@@ -65,6 +65,9 @@ class Config:
     batch: int = 32
     steps: int = 3000
     learning_rates: tuple[float, ...] = (1e-3,)
+    # Rates beyond the grid's ends, tried in turn for a method whose best rate so far
+    # is the end next to one: a best at an edge of the grid may not be its best.
+    edge_learning_rates: tuple[float, ...] = ()
     seeds: tuple[int, ...] = (0,)
     max_truncation: int = 3
     critic_truncation: int = 5
@@ -85,14 +88,16 @@ QUICK = Config(
 )
 # The paper's model and sequences (LSTM-128, length 25, batch 32, Adam). Its grid,
 # six learning rates and five seeds, is tens of CPU hours here: three learning rates
-# around the default scale's (1e-3) and three seeds, and as many steps as a few
-# sittings allow. Resumable (`_common.RunLog`): every finished run is appended to
+# around the default scale's (1e-3), one more beyond either end for a method whose
+# best is there, three seeds, and as many steps as a few sittings allow. Resumable
+# (`_common.RunLog`): every finished run is appended to
 # `results/copy_task_full_runs.json`, and a rerun skips it.
 FULL = Config(
     hidden=128,
     max_length=25,
     steps=5_000,
     learning_rates=(3e-3, 1e-3, 3e-4),
+    edge_learning_rates=(1e-2, 1e-4),
     seeds=(0, 1, 2),
     eval_every=250,
 )
@@ -325,47 +330,72 @@ def seed_run(
     return run
 
 
+def planned_learning_rates(config: Config, medians: dict[float, float]) -> list[float]:
+    """The learning rates of a method's runs: the grid, then each of
+    `config.edge_learning_rates` in turn that lies past the end of the rates so far
+    where their best (lowest median final bit errors) is. `medians` holds the
+    rates whose seeds are all finished; the list stops at a decision that needs one
+    that is not."""
+    rates = list(config.learning_rates)
+    for edge in config.edge_learning_rates:
+        if any(rate not in medians for rate in rates):
+            break
+        best = min(rates, key=medians.__getitem__)
+        if (edge > best and best == max(rates)) or (edge < best and best == min(rates)):
+            rates.append(edge)
+    return rates
+
+
+def rate_result(
+    method: str, learning_rate: float, config: Config, log: Any, deadline: float | None
+) -> dict[str, Any]:
+    """One learning rate's median curves over seeds."""
+    seeds = [
+        seed_run(method, learning_rate, seed, config, log, deadline)
+        for seed in config.seeds
+    ]
+    curves = np.asarray([run["bit_errors"] for run in seeds])
+    result = {
+        "median_curve": np.median(curves, axis=0).tolist(),
+        "median_loss_curve": np.median([run["loss"] for run in seeds], axis=0).tolist(),
+        "final_per_seed": curves[:, -1].tolist(),
+        "seconds": sum(run["seconds"] for run in seeds),
+    }
+    print(
+        f"{method:>12} lr={learning_rate:g}: final bit errors "
+        f"{np.median(curves[:, -1]):.2f} ({result['seconds']:.0f} s)",
+        file=sys.stderr,
+    )
+    return result
+
+
 def method_result(
     method: str, config: Config, log: Any, deadline: float | None = None
 ) -> dict[str, Any]:
-    """Every learning rate's median curves over seeds, and the best learning rate
-    (the lowest median final bit errors)."""
-    runs = {}
-    for learning_rate in config.learning_rates:
-        seeds = [
-            seed_run(method, learning_rate, seed, config, log, deadline)
-            for seed in config.seeds
-        ]
-        curves = np.asarray([run["bit_errors"] for run in seeds])
-        runs[learning_rate] = {
-            "median_curve": np.median(curves, axis=0).tolist(),
-            "median_loss_curve": np.median(
-                [run["loss"] for run in seeds], axis=0
-            ).tolist(),
-            "final_per_seed": curves[:, -1].tolist(),
-            "seconds": sum(run["seconds"] for run in seeds),
-        }
-        print(
-            f"{method:>12} lr={learning_rate:g}: final bit errors "
-            f"{np.median(curves[:, -1]):.2f} ({runs[learning_rate]['seconds']:.0f} s)",
-            file=sys.stderr,
-        )
-    best = min(runs, key=lambda lr: np.median(runs[lr]["final_per_seed"]))
+    """Every learning rate's median curves over seeds (`planned_learning_rates`),
+    and the best learning rate (the lowest median final bit errors)."""
+    runs, medians = {}, {}
+    while todo := [r for r in planned_learning_rates(config, medians) if r not in runs]:
+        runs[todo[0]] = rate_result(method, todo[0], config, log, deadline)
+        medians[todo[0]] = float(np.median(runs[todo[0]]["final_per_seed"]))
+    best = min(medians, key=medians.__getitem__)
     return {
         "best_learning_rate": best,
-        "final_bit_errors": float(np.median(runs[best]["final_per_seed"])),
+        "final_bit_errors": medians[best],
         "runs": {str(lr): run for lr, run in runs.items()},
     }
 
 
 def progress(methods: Sequence[str], config: Config, log: Any) -> dict[str, Any]:
-    """What a `--full` study has finished: its runs out of those planned, and each
-    method's learning rates with their finished seeds and median final bit errors
-    (the summary's `results` hold only the methods whose runs are all finished)."""
+    """What a `--full` study has finished: its runs out of those planned so far, and
+    each method's planned learning rates (`planned_learning_rates`) and those with
+    finished seeds, their count and median final bit errors (the summary's
+    `results` hold only the methods whose runs are all finished)."""
     partial: dict[str, Any] = {}
+    planned: dict[str, list[float]] = {}
     for method in methods:
-        rates = {}
-        for learning_rate in config.learning_rates:
+        rates, medians = {}, {}
+        for learning_rate in (*config.learning_rates, *config.edge_learning_rates):
             finals = [
                 log.runs[key]["bit_errors"][-1]
                 for seed in config.seeds
@@ -376,11 +406,15 @@ def progress(methods: Sequence[str], config: Config, log: Any) -> dict[str, Any]
                     "seeds_finished": len(finals),
                     "median_final_bit_errors": float(np.median(finals)),
                 }
+            if len(finals) == len(config.seeds):
+                medians[learning_rate] = float(np.median(finals))
         partial[method] = rates
+        planned[method] = planned_learning_rates(config, medians)
     return {
         "runs_finished": len(log.runs),
-        "runs_planned": len(methods) * len(config.learning_rates) * len(config.seeds),
+        "runs_planned": len(config.seeds) * sum(map(len, planned.values())),
         "methods_planned": list(methods),
+        "learning_rates_planned": planned,
         "per_learning_rate": partial,
     }
 

@@ -775,19 +775,67 @@ def copy_task_section(record: dict[str, Any], results_path: str) -> list[str]:
 PAPER_COPY_GRID = "learning rates 3e-3 to 1e-5 (six) and 5 seeds"
 
 
-def _copy_cell(entry: dict[str, Any] | None, seeds: int, best: bool) -> str:
+def _copy_cell(
+    entry: dict[str, Any] | None, seeds: int, best: bool, planned: bool
+) -> str:
     if entry is None:
-        return "not run yet"
+        return "not run yet" if planned else "–"
     value = f"{entry['median_final_bit_errors']:.1f}"
     value = f"**{value}**" if best else value
     finished = entry["seeds_finished"]
     return value if finished == seeds else f"{value} ({finished} of {seeds} seeds)"
 
 
+def _copy_rows(record: dict[str, Any], rates: list[float]) -> list[str]:
+    """One row per planned method of the paper-scale copy task: the median final
+    bit errors at each of `rates`."""
+    config, progress, results = record["config"], record["progress"], record["results"]
+    seeds, rows = len(config["seeds"]), []
+    for method in progress["methods_planned"]:
+        entries = progress["per_learning_rate"].get(method, {})
+        planned = progress.get("learning_rates_planned", {}).get(
+            method, config["learning_rates"]
+        )
+        best = results.get(method, {}).get("best_learning_rate")
+        cells = [
+            _copy_cell(entries.get(f"{rate:g}"), seeds, rate == best, rate in planned)
+            for rate in rates
+        ]
+        rows.append(f"| {_copy_label(method, config)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _edge_rates_sentence(record: dict[str, Any]) -> str:
+    """The grid's extension rule, and the finished methods whose best learning
+    rate is still the smallest or largest they ran."""
+    edges = record["config"].get("edge_learning_rates", [])
+    if not edges:
+        return ""
+    text = (
+        f" A method whose best rate is at an end of the grid also runs the rate "
+        f"beyond it ({' or '.join(f'{r:g}' for r in edges)}; –: not planned, its "
+        "best lies inside or is not known yet)."
+    )
+    at_edge = [
+        _copy_label(method, record["config"])
+        for method, result in record["results"].items()
+        if result["best_learning_rate"]
+        in (min(map(float, result["runs"])), max(map(float, result["runs"])))
+    ]
+    if at_edge:
+        text += (
+            " Best at the end of the rates run, so a better rate may lie beyond: "
+            + "; ".join(at_edge)
+            + "."
+        )
+    return text
+
+
 def copy_task_full_section(record: dict[str, Any], results_path: str) -> list[str]:
     """The paper-scale copy task, as far as its resumable study has run."""
     config, progress = record["config"], record["progress"]
-    rates, seeds = [f"{r:g}" for r in config["learning_rates"]], len(config["seeds"])
+    grid, seeds = config["learning_rates"], len(config["seeds"])
+    rates = sorted({*grid, *config.get("edge_learning_rates", [])}, reverse=True)
     chance = COPY_TASK_BITS * (config["max_length"] + 1) / 4
     lines = [
         "### Copy task at the paper's scale (`benchmarks/copy_task.py --full`, "
@@ -796,26 +844,17 @@ def copy_task_full_section(record: dict[str, Any], results_path: str) -> list[st
         f"Machine: {_machine(record)}. LSTM-{config['hidden']}, lengths 1.."
         f"{config['max_length']}, batch {config['batch']}, Adam, "
         f"{config['steps']} steps; a reduced grid of learning rates "
-        f"{', '.join(rates)} and {seeds} seeds (the paper: {PAPER_COPY_GRID}). "
-        f"**{progress['runs_finished']} of the {progress['runs_planned']} runs are "
-        "finished**; the study resumes where it stopped. Median final bit errors "
-        f"per sequence over the finished seeds (chance is about {chance:g}; bold: "
-        "the best learning rate of a finished method):",
+        f"{', '.join(f'{r:g}' for r in grid)} and {seeds} seeds (the paper: "
+        f"{PAPER_COPY_GRID}).{_edge_rates_sentence(record)} "
+        f"**{progress['runs_finished']} of the {progress['runs_planned']} runs "
+        "planned so far are finished**; the study resumes where it stopped. Median "
+        f"final bit errors per sequence over the finished seeds (chance is about "
+        f"{chance:g}; bold: the best learning rate of a finished method):",
         "",
-        "| method | " + " | ".join(f"lr {rate}" for rate in rates) + " |",
+        "| method | " + " | ".join(f"lr {rate:g}" for rate in rates) + " |",
         "|---|" + "---|" * len(rates),
+        *_copy_rows(record, rates),
     ]
-    results = record["results"]
-    for method in progress["methods_planned"]:
-        entries = progress["per_learning_rate"].get(method, {})
-        best = results.get(method, {}).get("best_learning_rate")
-        cells = [
-            _copy_cell(
-                entries.get(rate), seeds, best is not None and f"{best:g}" == rate
-            )
-            for rate in rates
-        ]
-        lines.append(f"| {_copy_label(method, config)} | " + " | ".join(cells) + " |")
     lines += ["", *_copy_task_comparison(record), ""]
     lines += [f"![copy task, paper's scale]({results_path}/copy_task_full.png)", ""]
     return lines

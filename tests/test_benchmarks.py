@@ -1059,6 +1059,71 @@ def test_report_copy_task_against_the_paper():
     ) in text
 
 
+def test_report_copy_task_edge_rates():
+    """The paper-scale copy table: a planned edge rate not yet run says so, an
+    unplanned one is a dash, the best is bold, and a finished method whose best is
+    still the end of its rates is named as such (and one whose best is inside is
+    not)."""
+    config = {
+        "hidden": 128,
+        "max_length": 25,
+        "batch": 32,
+        "steps": 5000,
+        "seeds": [0, 1],
+        "learning_rates": [0.003, 0.001, 0.0003],
+        "edge_learning_rates": [0.01],
+        "max_truncation": 3,
+        "critic_truncation": 5,
+        "critic_scale": 0.5,
+    }
+
+    def entry(value):
+        return {"seeds_finished": 2, "median_final_bit_errors": value}
+
+    record = {
+        "config": config,
+        "progress": {
+            "methods_planned": ["bptt", "tbptt", "dodge_k1"],
+            "learning_rates_planned": {
+                "bptt": [0.003, 0.001, 0.0003, 0.01],
+                "tbptt": [0.003, 0.001, 0.0003, 0.01],
+                "dodge_k1": [0.003, 0.001, 0.0003],
+            },
+            "per_learning_rate": {
+                "bptt": {"0.003": entry(19.0), "0.001": entry(24.0)},
+                "tbptt": {
+                    "0.003": entry(44.0),
+                    "0.001": entry(45.0),
+                    "0.0003": entry(46.0),
+                    "0.01": entry(43.0),
+                },
+                "dodge_k1": {
+                    "0.003": entry(52.0),
+                    "0.001": entry(50.0),
+                    "0.0003": entry(53.0),
+                },
+            },
+        },
+        "results": {
+            "tbptt": {
+                "best_learning_rate": 0.01,
+                "runs": dict.fromkeys(["0.003", "0.001", "0.0003", "0.01"], {}),
+            },
+            "dodge_k1": {
+                "best_learning_rate": 0.001,
+                "runs": dict.fromkeys(["0.003", "0.001", "0.0003"], {}),
+            },
+        },
+    }
+    rows = report._copy_rows(record, [0.01, 0.003, 0.001, 0.0003])
+    assert rows[0] == "| BPTT | not run yet | 19.0 | 24.0 | not run yet |"
+    assert rows[1].endswith("| **43.0** | 44.0 | 45.0 | 46.0 |")
+    assert rows[2].endswith("| – | 52.0 | **50.0** | 53.0 |")
+    sentence = report._edge_rates_sentence(record)
+    assert "also runs the rate beyond it (0.01;" in sentence
+    assert sentence.endswith("may lie beyond: TBPTT, truncation uniform in 1..3.")
+
+
 def test_report(tmp_path):
     results = tmp_path / "results"
     record = {

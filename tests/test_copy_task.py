@@ -72,6 +72,7 @@ def test_full_study_resumes(tmp_path, monkeypatch):
             "runs_finished": 1,
             "runs_planned": len(copy_task.METHODS),
             "methods_planned": list(copy_task.METHODS),
+            "learning_rates_planned": {method: [0.001] for method in copy_task.METHODS},
             "per_learning_rate": {
                 method: {
                     "0.001": {"seeds_finished": 1, "median_final_bit_errors": final}
@@ -96,3 +97,67 @@ def test_full_study_resumes(tmp_path, monkeypatch):
     assert again["results"] == first["results"]
     assert out_of_time["results"] == first["results"]
     assert other["results"] == first["results"]
+
+
+def test_planned_learning_rates():
+    """A rate beyond the grid is planned, in turn, only where the best rate so far
+    is the end of the grid next to it, and only once every rate so far is finished.
+    Catches an edge run for a method whose best lies inside (wasted hours), one on
+    the wrong side, and a decision taken on unfinished seeds."""
+    config = dataclasses.replace(
+        copy_task.QUICK,
+        learning_rates=(3e-3, 1e-3, 3e-4),
+        edge_learning_rates=(1e-2, 3e-2, 1e-4),
+    )
+    grid = [3e-3, 1e-3, 3e-4]
+
+    def plan(*finals):
+        return copy_task.planned_learning_rates(
+            config, dict(zip([*grid, 1e-2, 3e-2, 1e-4], finals, strict=False))
+        )
+
+    assert plan() == grid
+    assert plan(5.0, 6.0) == grid  # 3e-4 unfinished: undecided
+    assert plan(6.0, 5.0, 7.0) == grid  # the best lies inside
+    assert plan(5.0, 6.0, 7.0) == [*grid, 1e-2]
+    assert plan(5.0, 6.0, 7.0, 4.0) == [*grid, 1e-2, 3e-2]
+    # Past 1e-2 the best is back inside: neither 3e-2 nor the lower edge.
+    assert plan(5.0, 6.0, 7.0, 5.5) == [*grid, 1e-2]
+    assert plan(7.0, 6.0, 5.0) == [*grid, 1e-4]
+
+
+def test_full_study_runs_the_edge_rates(tmp_path, monkeypatch):
+    """Through `main`: a method whose best rate is at the grid's edge gets the rate
+    beyond it, its best is taken over all its rates, and the progress plans the
+    edge runs. (A stand-in for `train` whose final bit errors fall as the learning
+    rate grows: the real runs take minutes.)"""
+    tiny = dataclasses.replace(
+        copy_task.QUICK,
+        steps=20,
+        eval_every=10,
+        learning_rates=(1e-3, 3e-4),
+        edge_learning_rates=(3e-3, 1e-4),
+        seeds=(0, 1),
+    )
+    monkeypatch.setattr(copy_task, "FULL", tiny)
+
+    def train(method, learning_rate, seed, config):
+        errors = np.full(3, 10.0 - 1000 * learning_rate + seed)
+        return None, errors, errors
+
+    monkeypatch.setattr(copy_task, "train", train)
+    arguments = ["--full", "--out", str(tmp_path), "--methods", "bptt"]
+    record = copy_task.main(arguments)
+    runs = json.loads((tmp_path / "copy_task_full_runs.json").read_text())["runs"]
+    assert set(runs) == {
+        f"bptt / {rate:g} / {seed}" for rate in (1e-3, 3e-4, 3e-3) for seed in (0, 1)
+    }
+    result = record["results"]["bptt"]
+    assert result["best_learning_rate"] == 3e-3
+    assert result["final_bit_errors"] == 10.0 - 3.0 + 0.5
+    assert list(result["runs"]) == ["0.001", "0.0003", "0.003"]
+    progress = record["progress"]
+    assert progress["learning_rates_planned"]["bptt"] == [1e-3, 3e-4, 3e-3]
+    assert progress["learning_rates_planned"]["tbptt"] == [1e-3, 3e-4]
+    assert progress["runs_planned"] == 2 * (2 * len(copy_task.METHODS) + 1)
+    assert progress["per_learning_rate"]["bptt"]["0.003"]["seeds_finished"] == 2
