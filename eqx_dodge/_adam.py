@@ -21,7 +21,7 @@ from ._checks import (
     split_stored_key,
     stored_key,
 )
-from ._directions import scale_to_unit, squared_norm, trainable
+from ._directions import accumulation_dtype, scale_to_unit, squared_norm, trainable
 from ._estimator import live_estimate, run_tangents, value_and_aux_of
 from ._live import split_live
 from ._record import record_options, recording_transform, RecordOptions
@@ -55,8 +55,10 @@ class ScaleByAdamDodgeState(NamedTuple):
 
 def bias_corrected(moment: PyTree, decay: Any, count: Array) -> PyTree:
     """`moment / (1 − decay^count)`. (`optax.tree.bias_correction` raises `decay**count`
-    to an int32 power, which strict dtype promotion rejects.)"""
-    correction = 1 - jnp.asarray(decay, jnp.float32) ** count.astype(jnp.float32)
+    to an int32 power, which strict dtype promotion rejects.) In at least float32,
+    float64 for float64 moments."""
+    dtype = accumulation_dtype(moment)
+    correction = 1 - jnp.asarray(decay, dtype) ** count.astype(dtype)
     return jax.tree.map(lambda m: m / correction.astype(m.dtype), moment)
 
 
@@ -131,8 +133,9 @@ def _descent_scale(
         ),
         **derivatives._asdict(),
     )
-    along = derivative.astype(jnp.float32) * jnp.sqrt(norm_squared)  # g·a
-    alignment = jnp.asarray(optax.tree.vdot(mu_hat, step), jnp.float32)  # m̂·a ≥ 0
+    dtype = norm_squared.dtype  # at least float32, float64 for float64 steps
+    along = derivative.astype(dtype) * jnp.sqrt(norm_squared)  # g·a
+    alignment = jnp.asarray(optax.tree.vdot(mu_hat, step), dtype)  # m̂·a ≥ 0
     positive = alignment > 0
     ratio = jnp.where(positive, along / jnp.where(positive, alignment, 1), 0)
     return jnp.clip(ratio, -1, 1), value, aux

@@ -64,6 +64,35 @@ def test_linear_loss_matches_optax_adam(b1, b2, eps, eps_root, getkey):
     assert jnp.all(jnp.abs(expected) > 1e-4)
 
 
+def test_float64_matches_optax_adam_to_float64():
+    """With `jax_enable_x64` and float64 parameters, the linear-loss comparison
+    above holds to float64's precision: catches Adam's bias correction or the
+    appendix-A scale `s` computed in float32 (relative errors of 1e-8)."""
+    with jax.enable_x64(True):
+        slope = {"w": jnp.linspace(-1.0, 2.0, 12).reshape(3, 4)}
+        assert slope["w"].dtype == jnp.float64
+
+        def loss(params):
+            return optax.tree.vdot(slope, params)
+
+        ours = eqx_dodge.adam_dodge(1e-2, 0.5, 0.9, source="updates")
+        reference = optax.adam(1e-2, 0.5, 0.9)
+        params = jax.tree.map(jnp.zeros_like, slope)
+        state, reference_state = ours.init(params), reference.init(params)
+        for _ in range(3):
+            grad = jax.grad(loss)(params)
+            updates, state = ours.update(grad, state, params, value_fn=loss)
+            with jax.numpy_dtype_promotion("standard"):  # optax's `decay**count`
+                expected, reference_state = reference.update(
+                    grad, reference_state, params
+                )
+            assert flat(updates).dtype == jnp.float64
+            np.testing.assert_allclose(
+                flat(updates), flat(expected), rtol=1e-14, atol=0
+            )
+            params = optax.apply_updates(params, updates)
+
+
 def test_updates_source_descends_with_any_candidate():
     """The appendix-A step `s·a` is a descent direction for every candidate (the
     random source is Adam on unbiased estimates: a descent direction on average
