@@ -148,7 +148,13 @@ def recording_transform(
 
     def init_fn(params):
         refuse_multi_steps(name)
-        return init(params, initial_record(params, record.has_aux, record.aux_init))
+        state = init(params, initial_record(params, record.has_aux, record.aux_init))
+        # Every leaf its own buffer, so that the state can be donated to a jitted
+        # step (`eqx.filter_jit(donate="all")`): XLA refuses one buffer donated
+        # twice (the zero counters, Adam's zero moments), and a donated key array
+        # or `aux_init` leaf held by this transform would be deleted for the next
+        # `init`.
+        return jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, state)
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         fun, primal = loss(name, params, value_fn, extra_args, record.has_aux)

@@ -250,6 +250,52 @@ def test_state_is_stable_under_cond(name):
     assert jax.tree.structure(skipped) == jax.tree.structure(updated)
 
 
+# Every kind of state: the sources of `dodge`, both of `adam_dodge`, and the
+# curvature-aware step, each with an `aux_init` array of the user's.
+DONATED = {
+    "dodge random": lambda **aux: eqx_dodge.dodge(key=0, **aux),
+    "dodge updates": lambda **aux: eqx_dodge.dodge(source="updates", **aux),
+    "dodge ema": lambda **aux: eqx_dodge.dodge(
+        source="ema", num_directions=2, key=0, **aux
+    ),
+    "adam_dodge random": lambda **aux: eqx_dodge.adam_dodge(1e-2, key=0, **aux),
+    "adam_dodge updates": lambda **aux: eqx_dodge.adam_dodge(
+        1e-2, source="updates", **aux
+    ),
+    "curvature_aware_dodge": lambda **aux: eqx_dodge.curvature_aware_dodge(
+        1e-2, key=0, **aux
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DONATED))
+def test_state_can_be_donated(name):
+    """A state donated to a jitted step (`jax.jit(..., donate_argnums=...)`,
+    `eqx.filter_jit(donate="all")`, as Equinox's examples train): catches a fresh
+    state holding one buffer twice (the zero counters, Adam's zero moments: XLA
+    refuses to donate it twice), and a state holding the transform's own key array
+    or the user's `aux_init` (the donation deletes it: the next `init` would
+    return a deleted array, and the user's array is gone)."""
+    aux_init = jnp.zeros(3)
+    optimizer = DONATED[name](has_aux=True, aux_init=aux_init)
+    params = {"w": jnp.array([-1.0, 10.0, 1.0])}
+
+    def loss(params):
+        return parabola(params), params["w"] - TARGET
+
+    @ft.partial(jax.jit, donate_argnums=0)
+    def update(state):
+        gradient = jax.grad(parabola)(params)
+        return optimizer.update(gradient, state, params, value_fn=loss)
+
+    for _ in range(2):  # a second `init` after a donated state
+        state = optimizer.init(params)
+        for _ in range(2):
+            _, state = update(state)
+        assert optax.tree.get(state, "count") == 2
+    assert not aux_init.is_deleted()
+
+
 def test_multi_steps_after_dodge_accumulates_estimates():
     """The documented way to accumulate: `chain(dodge(...), MultiSteps(adam))`. With
     exact estimates it takes `MultiSteps(adam)`'s steps on the mean gradient."""
