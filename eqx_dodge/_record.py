@@ -158,6 +158,10 @@ def recording_transform(
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
         fun, primal = loss(name, params, value_fn, extra_args, record.has_aux)
+        if not jax.tree.leaves(updates) and jax.tree.leaves(primal):
+            # No updates: `nnx.Optimizer.update(model, None, ...)` passes an empty
+            # `nnx.State` for `None`.
+            updates = None
         output, new_state, value, aux, checked = step(updates, state, fun, primal)
         new_state = new_state._replace(count=optax.safe_increment(state.count))
         return record_step(

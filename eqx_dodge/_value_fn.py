@@ -189,8 +189,9 @@ def candidate_of(updates: Any, primal: PyTree, source: str) -> PyTree:
     if updates is None:
         raise ValueError(
             f"The {source!r} source uses the incoming `updates` as the candidate "
-            "direction, got `updates=None`; pass the candidate (e.g. a truncated or "
-            "surrogate gradient) as the first argument of `update`."
+            "direction, got none (`updates=None` or a tree without arrays); pass "
+            "the candidate (e.g. a truncated or surrogate gradient) as the first "
+            "argument of `update`."
         )
     check_direction(updates, primal, name="updates")
     return updates

@@ -1,6 +1,7 @@
 import flax.errors
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import linen, nnx
@@ -125,6 +126,51 @@ def test_nnx_optimizer_with_adam_dodge_trains_through_value_fn():
         jax.tree.leaves(statistics), jax.tree.leaves(nnx.state(model, nnx.BatchStat))
     ):
         assert jnp.array_equal(a, b)
+
+
+NO_UPDATES = {
+    "dodge + sgd": lambda: optax.chain(eqx_dodge.dodge(key=0), optax.sgd(1e-2)),
+    "curvature_aware_dodge": lambda: eqx_dodge.curvature_aware_dodge(1e-2, key=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_UPDATES))
+def test_nnx_optimizer_without_updates(name):
+    """`nnx.Optimizer.update(model, None, ...)` hands the transform an empty
+    `nnx.State` for `None`. Transforms that draw their own directions read it as no
+    updates (they refused it, checked against the parameters' structure) and take
+    the step plain optax takes with `updates=None`; the candidate source says that
+    it got none."""
+    x, y = _regression_data()
+    model = _NormedMLP(rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def value_fn(params, x, y):
+        return _nnx_loss(nnx.merge(graphdef, params, rest), x, y)
+
+    transform = NO_UPDATES[name]()
+    expected, _ = transform.update(
+        None,  # pyright: ignore[reportArgumentType]  (optax types it as a tree)
+        transform.init(params),
+        params,
+        value_fn=value_fn,
+        x=x,
+        y=y,
+    )
+    # Copies: the split state shares its variables with the model updated in place.
+    initial = [np.array(leaf) for leaf in jax.tree.leaves(params)]
+    optimizer = nnx.Optimizer(model, transform, wrt=nnx.Param)
+    optimizer.update(model, None, value_fn=value_fn, x=x, y=y)
+    after = nnx.state(model, nnx.Param)
+    for before, update, now in zip(
+        initial, jax.tree.leaves(expected), jax.tree.leaves(after), strict=True
+    ):
+        np.testing.assert_allclose(now, before + update, rtol=1e-6, atol=1e-7)
+    assert any(jnp.any(u != 0) for u in jax.tree.leaves(expected))
+
+    candidate = nnx.Optimizer(model, eqx_dodge.dodge(source="updates"), wrt=nnx.Param)
+    with pytest.raises(ValueError, match=r"got none \(`updates=None` or a tree"):
+        candidate.update(model, None, value_fn=value_fn, x=x, y=y)
 
 
 @pytest.mark.parametrize("num_directions", [1, 8])
