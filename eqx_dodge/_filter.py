@@ -23,7 +23,13 @@ from ._checks import (
 from ._directions import check_direction, trainable
 from ._estimator import value_and_estimate
 from ._live import LiveSplit, split_live
-from ._tangents import draw_tangents, Layout, SINGLE_DEVICE, Tangents
+from ._tangents import (
+    candidate_tangents,
+    draw_tangents,
+    Layout,
+    SINGLE_DEVICE,
+    Tangents,
+)
 from ._value_fn import call_loss
 
 
@@ -70,14 +76,15 @@ class EstimatorOptions(eqx.Module):
     def tangents(self, split: LiveSplit, layout: Layout = SINGLE_DEVICE) -> Tangents:
         """The tangents of the live leaves of `split` (a candidate is checked
         against all the trainable leaves, then restricted to the live ones)."""
-        direction = self.direction
-        if direction is not None:
-            check_direction(direction, split.primal)
-            direction = split.restrict(direction)
+        if self.direction is not None:
+            check_direction(self.direction, split.primal)
+            # Not `draw_tangents`: the restriction of a one-array tree whose array
+            # the loss does not use is `None`, which would read as no candidate.
+            return candidate_tangents(split.restrict(self.direction), layout)
         return draw_tangents(
             split.live,
             key=None if self.key is None else as_key(self.key),
-            direction=direction,
+            direction=None,
             num_directions=self.num_directions,
             sampler=self.sampler,
             mode=self.mode,

@@ -246,10 +246,15 @@ def draw_tangents(
     `num_directions` random directions from `key`."""
     if direction is not None:
         check_direction(direction, primal)
-        stacked = jax.tree.map(lambda u: u[None], unit(direction, layout))
-        return fixed_tangents(stacked, jnp.ones((1,), widest_float()))
+        return candidate_tangents(direction, layout)
     assert key is not None
     return random_tangents(key, primal, num_directions, sampler, mode, layout)
+
+
+def candidate_tangents(direction: PyTree, layout: Layout = SINGLE_DEVICE) -> Tangents:
+    """The one unit tangent along a candidate `direction` (already checked)."""
+    stacked = jax.tree.map(lambda u: u[None], unit(direction, layout))
+    return fixed_tangents(stacked, jnp.ones((1,), widest_float()))
 
 
 def explored_tangents(

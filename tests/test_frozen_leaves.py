@@ -369,6 +369,24 @@ def test_every_leaf_dead(problem):
         )
 
 
+@pytest.mark.parametrize(
+    "options", [{"key": 0}, {"direction": jnp.ones(3)}], ids=["random", "candidate"]
+)
+def test_one_array_the_loss_does_not_use(options):
+    """A model that is one array, frozen inside the loss: zeros like
+    `eqx.filter_grad`'s, as for a dict holding it. Catches the candidate of a
+    one-array tree restricted to its live leaves (`None`) being read as no
+    candidate at all (a bare `AssertionError`)."""
+    w = jnp.arange(3.0)
+
+    def frozen_loss(w, x):
+        return jnp.sum(jax.lax.stop_gradient(w) * x)
+
+    estimate = eqx_dodge.filter_dodge(frozen_loss, **options)(w, jnp.ones(3))
+    zeros = eqx.filter_grad(frozen_loss)(w, jnp.ones(3))
+    np.testing.assert_array_equal(estimate, zeros)
+
+
 def test_online_partition_over_live_coordinates_is_rtrl(problem):
     """`OnlineDodge` draws its directions at `init`, before it sees the loss; its
     parts are formed again over the live coordinates, so k = p_live is RTRL."""
