@@ -44,9 +44,9 @@ from ._checks import (
     check_callable,
     check_int,
     check_keywords,
-    check_scalar_loss,
     first_argument,
     KeyLike,
+    loss_and_aux,
 )
 from ._derivatives import jvp
 from ._directions import accumulation_dtype, sample_direction, trainable
@@ -134,8 +134,7 @@ def _example_value(
             "(`eqx.nn.BatchNorm`) is not supported."
         )
         raise
-    value, aux = out if has_aux else (out, None)
-    return check_scalar_loss(value, "example_loss", has_aux), aux
+    return loss_and_aux(out, "example_loss", has_aux)
 
 
 def _draw_tangents(

@@ -267,6 +267,26 @@ def check_scalar_loss(value: Any, name: str, has_aux: bool = False) -> jax.Array
     return jnp.asarray(value)
 
 
+def loss_and_aux(out: Any, name: str, has_aux: bool) -> tuple[jax.Array, Any]:
+    """`(loss, aux)` from what `name` returned (`aux` is `None` unless `has_aux`),
+    the loss checked by `check_scalar_loss`."""
+    if not has_aux:
+        return check_scalar_loss(out, name), None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        got = (
+            f"an array of shape {jnp.shape(out)}"
+            if isinstance(out, jax.Array | float)
+            else f"a tuple of length {len(out)}"
+            if isinstance(out, tuple)
+            else type(out).__name__
+        )
+        raise TypeError(
+            f"With `has_aux=True`, `{name}` must return a pair `(loss, aux)`, got "
+            f"{got}; pass `has_aux=False` if it returns the loss alone."
+        )
+    return check_scalar_loss(out[0], name, has_aux), out[1]
+
+
 def first_argument(args: tuple, kwargs: dict, names: str) -> None:
     """The differentiated argument must come by position, as in `eqx.filter_grad`."""
     if len(args) == 0:

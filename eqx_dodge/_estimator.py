@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
 from ._checks import (
-    check_scalar_loss,
     DerivativeOptions,
     FINITE_DIFFERENCE_STEP,
+    loss_and_aux,
     ScalarLike,
 )
 from ._derivatives import directional_derivatives
@@ -29,9 +29,7 @@ def value_and_aux_of(
     """`fun` as a function returning `(scalar value, aux)`, checking the value."""
 
     def value_and_aux(primal):
-        out = fun(primal)
-        value, aux = out if has_aux else (out, None)
-        return check_scalar_loss(value, name, has_aux), aux
+        return loss_and_aux(fun(primal), name, has_aux)
 
     return value_and_aux
 

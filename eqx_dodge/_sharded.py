@@ -21,6 +21,7 @@ from ._checks import (
     check_keywords,
     check_option,
     first_argument,
+    loss_and_aux,
     REDUCTIONS,
 )
 from ._directions import check_direction, check_num_parts, num_coordinates, trainable
@@ -123,7 +124,7 @@ class _ShardedValueAndDodgeWrapper(WrapperMethods):
 
         def global_value(_diff):
             out = call_loss(self._fun, eqx.combine(_diff, rest), batch, kwargs)
-            value, aux = out if self._options.has_aux else (out, None)
+            value, aux = loss_and_aux(out, "fun", self._options.has_aux)
             return reduce(value, self._data_axes), aux
 
         # The dead leaves are left out of the directions and of the layout alike.

@@ -10,7 +10,7 @@ import jax
 import optax
 from jaxtyping import Array, PyTree
 
-from ._checks import check_callable, check_scalar_loss
+from ._checks import check_callable, loss_and_aux
 from ._directions import check_direction, trainable
 
 
@@ -173,13 +173,7 @@ def loss_of_trainable(
             if hint is not None:
                 error.add_note(hint)
             raise
-        if has_aux and not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(
-                "With `has_aux=True`, `value_fn` must return a pair `(loss, aux)`, "
-                f"got {type(out).__name__}."
-            )
-        value, aux = out if has_aux else (out, None)
-        return check_scalar_loss(value, "value_fn", has_aux), aux
+        return loss_and_aux(out, "value_fn", has_aux)
 
     return fun, primal
 

@@ -89,6 +89,34 @@ def test_forgotten_has_aux_is_pointed_out():
         eqx_dodge.filter_dodge(loss_and_aux, key=KEY)(MODEL, X)
 
 
+@pytest.mark.parametrize(
+    "returned, got",
+    [((), r"an array of shape \(\)"), ((None, None), "a tuple of length 3")],
+    ids=["loss alone", "three values"],
+)
+@pytest.mark.parametrize("estimator", ["filter_dodge", "activity_dodge", "sharded"])
+def test_has_aux_without_a_pair(estimator, returned, got):
+    """`has_aux=True` with a loss that returns the loss alone, or three values: a
+    `TypeError` that says a pair is needed, as the optax transforms say (was
+    "iteration over a 0-d array" / "too many values to unpack")."""
+
+    def loss(model, x):
+        value = squared_loss(model, x[None]) if x.ndim == 1 else squared_loss(model, x)
+        return (value, *returned) if returned else value
+
+    make = {
+        "filter_dodge": lambda: eqx_dodge.filter_dodge(loss, key=KEY, has_aux=True),
+        "activity_dodge": lambda: eqx_dodge.activity_dodge(loss, key=KEY, has_aux=True),
+        "sharded": lambda: eqx_dodge.sharded_dodge(
+            loss, mesh=jax.make_mesh((1,), ("data",)), key=KEY, has_aux=True
+        ),
+    }[estimator]
+    with pytest.raises(
+        TypeError, match=rf"must return a pair `\(loss, aux\)`, got {got}"
+    ):
+        make()(MODEL, X)
+
+
 def test_differentiated_argument_by_keyword():
     estimate = eqx_dodge.filter_dodge(squared_loss, key=KEY)
     with pytest.raises(TypeError, match="first argument by position"):
