@@ -50,7 +50,7 @@ from ._checks import (
 )
 from ._derivatives import jvp
 from ._directions import accumulation_dtype, sample_direction, trainable
-from ._filter import _DodgeWrapper, WrapperMethods
+from ._filter import _DodgeWrapper, BatchWrapperMethods
 from ._live import live_mask, zero_dead
 from ._tangents import weighted_sum
 from ._threefry import key_words
@@ -305,7 +305,7 @@ def _assemble_estimate(
     return jax.tree.map(lambda e, p: e.astype(p.dtype), estimate, trainable(model))
 
 
-class _ActivityValueAndDodgeWrapper(WrapperMethods):
+class _ActivityValueAndDodgeWrapper(BatchWrapperMethods):
     _fun: Callable
     _options: ActivityOptions
 

@@ -1,6 +1,7 @@
 """`filter_dodge` and `filter_value_and_dodge`: `eqx.filter_grad` with forward mode."""
 
 import abc
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, overload, TypedDict, Unpack
 
@@ -125,6 +126,29 @@ class WrapperMethods(eqx.Module):
         return eqx.Partial(self, instance)
 
 
+# `(model, *batch, **kwargs)`.
+_BATCH_SIGNATURE = inspect.Signature(
+    [
+        inspect.Parameter("model", inspect.Parameter.POSITIONAL_ONLY),
+        inspect.Parameter("batch", inspect.Parameter.VAR_POSITIONAL),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+)
+
+
+class BatchWrapperMethods(WrapperMethods):
+    """`WrapperMethods` of an estimator whose positional arguments after the model
+    are the batch (split per example or per device) and whose keyword arguments are
+    passed whole: its signature is `(model, *batch, **kwargs)`, not the loss's.
+    `eqx.filter_jit` binds a call to its function's signature, and the loss's would
+    turn a keyword argument that names one of its parameters into a positional
+    one, and so into part of the batch."""
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return _BATCH_SIGNATURE
+
+
 class _ValueAndDodgeWrapper(WrapperMethods):
     _fun: Callable
     _options: EstimatorOptions
@@ -166,6 +190,12 @@ class _DodgeWrapper(WrapperMethods):
     @property
     def __wrapped__(self):
         return getattr(self._fun, "__wrapped__")
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # The signature of the wrapper it calls, not of `__wrapped__` (the loss):
+        # they differ for the batch estimators (`BatchWrapperMethods`).
+        return inspect.signature(self._fun)
 
     def __call__(self, /, *args, **kwargs):
         value, estimate = self._fun(*args, **kwargs)

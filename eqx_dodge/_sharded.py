@@ -29,11 +29,11 @@ from ._estimator import value_and_estimate
 from ._filter import (
     _DodgeWrapper,
     _sentinel,
+    BatchWrapperMethods,
     estimator_options,
     EstimatorKeywords,
     EstimatorOptions,
     wrap,
-    WrapperMethods,
 )
 from ._live import split_live
 from ._sharded_layout import (
@@ -103,7 +103,7 @@ def _check_data_axes(mesh: Any, data_axis: Any) -> tuple[str, ...]:
     return tuple(str(axis) for axis in data_axes)
 
 
-class _ShardedValueAndDodgeWrapper(WrapperMethods):
+class _ShardedValueAndDodgeWrapper(BatchWrapperMethods):
     _fun: Callable
     _options: EstimatorOptions
     _mesh: Mesh = eqx.field(static=True)

@@ -5,13 +5,14 @@ import functools as ft
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from jaxtyping import Array, Int, PRNGKeyArray
 
 import eqx_dodge
 
-from .helpers import flat_batched
+from .helpers import assert_tree_allclose, flat_batched
 
 
 NUM_KEYS = 2**14
@@ -455,6 +456,28 @@ def test_layer_fields_read_through_weights_do_not():
     assert estimate.linear.weight.shape == (2, 3)
     with pytest.raises(AttributeError, match="reads `.weight`"):
         eqx_dodge.activity_dodge(cross_entropy, key=0)(ReadsWeight(linear), x, y)
+
+
+def test_keyword_arguments_stay_whole_under_filter_jit():
+    """`eqx.filter_jit` binds a call to its function's signature: with the loss's
+    own, a keyword naming one of its parameters became positional, so part of the
+    batch, and was sliced per example (here the class weights `w`, as long as the
+    batch, silently changed the loss). Catches a wrapper that shows the loss's
+    signature."""
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(16))
+    x, y = jax.random.normal(jax.random.key(17), (4, 3)), jnp.array([0, 1, 1, 0])
+    w = jnp.array([0.5, 1.0, 1.5, 2.0])
+
+    def weighted(model, x, y, w):
+        return jnp.sum(w) * cross_entropy(model, x, y)
+
+    estimator = eqx_dodge.activity_value_and_dodge(weighted, key=0)
+    value, estimate = estimator(model, x, y, w=w)
+    jitted_value, jitted_estimate = eqx.filter_jit(estimator)(model, x, y, w=w)
+    np.testing.assert_allclose(jitted_value, value, rtol=1e-6)
+    assert_tree_allclose(jitted_estimate, estimate, rtol=1e-5, atol=1e-7)
+    dodge = eqx_dodge.activity_dodge(weighted, key=0)
+    assert_tree_allclose(eqx.filter_jit(dodge)(model, x, y, w=w), estimate, rtol=1e-5)
 
 
 class FrozenParts(eqx.Module):

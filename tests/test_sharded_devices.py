@@ -424,3 +424,24 @@ def test_scaling_benchmark_quick(tmp_path):
     for row in rows:
         assert row["dodge"]["all_reduce_bytes"] == 4 * (scaling.NUM_DIRECTIONS + 1)
         assert row["gradient"]["all_reduce_bytes"] == 4 * (row["num_parameters"] + 1)
+
+
+def test_keyword_arguments_stay_whole_under_filter_jit(problem):
+    """`eqx.filter_jit` binds a call to its function's signature: with the loss's
+    own, a keyword naming one of its parameters became positional, so part of the
+    batch, and was split over the devices (here the per-output weights `w`,
+    shaped like a batch, silently changed the loss). Catches a wrapper that
+    shows the loss's signature."""
+    model, x, y = problem
+    w = jnp.linspace(0.5, 2.0, BATCH)
+
+    def weighted(model, x, y, w):
+        return jnp.sum(w) * mse(model, x, y)
+
+    estimator = eqx_dodge.sharded_value_and_dodge(weighted, mesh=data_mesh(), key=0)
+    value, estimate = estimator(model, x, y, w=w)
+    jitted_value, jitted_estimate = eqx.filter_jit(estimator)(model, x, y, w=w)
+    np.testing.assert_allclose(jitted_value, value, rtol=1e-6)
+    assert_tree_allclose(jitted_estimate, estimate, rtol=1e-5, atol=1e-7)
+    dodge = eqx_dodge.sharded_dodge(weighted, mesh=data_mesh(), key=0)
+    assert_tree_allclose(eqx.filter_jit(dodge)(model, x, y, w=w), estimate, rtol=1e-5)
