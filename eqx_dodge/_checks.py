@@ -267,22 +267,24 @@ def check_scalar_loss(value: Any, name: str, has_aux: bool = False) -> jax.Array
     return jnp.asarray(value)
 
 
+def described(value: Any) -> str:
+    """What `value` is, for an error message: an array's shape, a tuple's length."""
+    if isinstance(value, jax.Array | float):
+        return f"an array of shape {jnp.shape(value)}"
+    if isinstance(value, tuple):
+        return f"a tuple of length {len(value)}"
+    return f"a {type(value).__name__}"
+
+
 def loss_and_aux(out: Any, name: str, has_aux: bool) -> tuple[jax.Array, Any]:
     """`(loss, aux)` from what `name` returned (`aux` is `None` unless `has_aux`),
     the loss checked by `check_scalar_loss`."""
     if not has_aux:
         return check_scalar_loss(out, name), None
     if not (isinstance(out, tuple) and len(out) == 2):
-        got = (
-            f"an array of shape {jnp.shape(out)}"
-            if isinstance(out, jax.Array | float)
-            else f"a tuple of length {len(out)}"
-            if isinstance(out, tuple)
-            else type(out).__name__
-        )
         raise TypeError(
             f"With `has_aux=True`, `{name}` must return a pair `(loss, aux)`, got "
-            f"{got}; pass `has_aux=False` if it returns the loss alone."
+            f"{described(out)}; pass `has_aux=False` if it returns the loss alone."
         )
     return check_scalar_loss(out[0], name, has_aux), out[1]
 

@@ -25,6 +25,7 @@ from ._checks import (
     check_one_source,
     check_option,
     check_random_options,
+    described,
     FINITE_DIFFERENCE_STEP,
     KeyLike,
     REDUCTIONS,
@@ -70,17 +71,27 @@ def _check_state(state: PyTree) -> None:
             )
 
 
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2
+
+
 def _as_state_and_loss(step: Callable, has_aux: bool) -> Callable:
     def state_and_loss(model, state, inputs):
         out = step(model, state, inputs)
-        if not isinstance(out, tuple) or len(out) != 2:
+        if not _is_pair(out):
             raise TypeError(
                 "`step(model, state, input)` must return a pair `(state, loss)`"
                 + (" with `loss` a pair `(loss, aux)`" if has_aux else "")
                 + f"; got {type(out).__name__}."
             )
-        new_state, loss = out
-        loss, aux = loss if has_aux else (loss, None)
+        new_state, returned = out
+        if has_aux and not _is_pair(returned):
+            raise TypeError(
+                "With `has_aux=True`, `step(model, state, input)` must return "
+                f"`(state, (loss, aux))`; its second element is {described(returned)}; "
+                "pass `has_aux=False` if it is the loss alone."
+            )
+        loss, aux = returned if has_aux else (returned, None)
         if jnp.shape(loss) != () or not jnp.issubdtype(
             jnp.result_type(loss), jnp.floating
         ):

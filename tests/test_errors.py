@@ -117,6 +117,37 @@ def test_has_aux_without_a_pair(estimator, returned, got):
         make()(MODEL, X)
 
 
+@pytest.mark.parametrize(
+    "estimator", ["OnlineDodge", "tbptt_candidate", "synthetic_gradient", "critic"]
+)
+def test_recurrent_has_aux_without_a_pair(estimator):
+    """The recurrent API with `has_aux=True` and a step returning `(state, loss)`:
+    says `(state, (loss, aux))` is needed (was "iteration over a 0-d array")."""
+    cell = eqx.nn.GRUCell(2, 3, key=jax.random.key(0))
+    inputs, state = jnp.ones((4, 2)), jnp.zeros(3)
+
+    def step(model, state, x):
+        new_state = model(x, state)
+        return new_state, jnp.sum(new_state)
+
+    recurrent, critic = eqx_dodge.recurrent, eqx_dodge.recurrent.LinearCritic(3)
+    online = eqx_dodge.OnlineDodge(step, has_aux=True)
+    call = {
+        "OnlineDodge": lambda: online(cell, online.init(cell, state, key=0), inputs),
+        "tbptt_candidate": lambda: recurrent.tbptt_candidate(
+            step, cell, state, inputs, key=0, max_truncation=2, has_aux=True
+        ),
+        "synthetic_gradient": lambda: recurrent.synthetic_gradient_candidate(
+            step, cell, critic, state, inputs, has_aux=True
+        ),
+        "critic": lambda: recurrent.critic_loss(
+            step, cell, critic, state, inputs, has_aux=True
+        ),
+    }[estimator]
+    with pytest.raises(TypeError, match=r"must return `\(state, \(loss, aux\)\)`"):
+        call()
+
+
 def test_differentiated_argument_by_keyword():
     estimate = eqx_dodge.filter_dodge(squared_loss, key=KEY)
     with pytest.raises(TypeError, match="first argument by position"):
