@@ -1,6 +1,7 @@
 """Diagnostics of gradient-estimate quality: optional, for logging, never needed to
 train."""
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -10,14 +11,22 @@ from jaxtyping import Array, Key, PRNGKeyArray, PyTree, Scalar, UInt32
 from ._directions import accumulation_dtype
 
 
-def _dot(a: PyTree, b: PyTree, dtype) -> Scalar:
-    return sum(
-        (
-            jnp.vdot(x.astype(dtype), y.astype(dtype))
-            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-        ),
-        start=jnp.zeros((), dtype),
+def _dot(a: list[Array], b: list[Array], dtype) -> Scalar:
+    return sum((jnp.vdot(x, y) for x, y in zip(a, b)), start=jnp.zeros((), dtype))
+
+
+def _scaled_leaves(tree: PyTree, dtype) -> list[Array]:
+    """The leaves of `tree` in `dtype`, divided by their largest magnitude (by 1
+    for a zero tree), so that their squares neither overflow nor underflow (in
+    float32, squares of norms beyond about 1e±19 would)."""
+    leaves = [x.astype(dtype) for x in jax.tree.leaves(tree)]
+    largest = functools.reduce(
+        jnp.maximum,
+        [jnp.max(jnp.abs(x), initial=0) for x in leaves],
+        jnp.zeros((), dtype),
     )
+    largest = jnp.where(largest > 0, largest, 1)
+    return [x / largest for x in leaves]
 
 
 def cosine_similarity(estimate: PyTree, gradient: PyTree) -> Scalar:
@@ -58,10 +67,11 @@ def cosine_similarity(estimate: PyTree, gradient: PyTree) -> Scalar:
                 f"and {jnp.shape(b)}."
             )
     dtype = accumulation_dtype((estimate, gradient))
-    norms = _dot(estimate, estimate, dtype) * _dot(gradient, gradient, dtype)
+    a, b = _scaled_leaves(estimate, dtype), _scaled_leaves(gradient, dtype)
+    norms = _dot(a, a, dtype) * _dot(b, b, dtype)
     positive = norms > 0
     inverse = jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, norms, 1)), 0)
-    return jnp.clip(_dot(estimate, gradient, dtype) * inverse, -1, 1)
+    return jnp.clip(_dot(a, b, dtype) * inverse, -1, 1)
 
 
 def estimator_moments(

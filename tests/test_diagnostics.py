@@ -3,6 +3,7 @@ import inspect
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -45,6 +46,19 @@ def test_cosine_identities(getkey):
     assert cosine_similarity(a, b) == 0
     with pytest.raises(ValueError, match="structure"):
         cosine_similarity(a, {"u": a["u"]})
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-12, 1e12, 1e25])
+def test_cosine_of_very_small_or_large_vectors(scale):
+    """Parallel vectors give 1 (antiparallel -1) at any float32 scale: catches
+    squared norms that underflow to 0 (a cosine of 0) or overflow to inf (0 or
+    NaN) once a norm leaves about 1e±19, as a diverging estimate's does."""
+    g = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([0.5])}
+    big = jax.tree.map(lambda x: scale * x, g)
+    np.testing.assert_allclose(cosine_similarity(big, g), 1, rtol=1e-6)
+    np.testing.assert_allclose(cosine_similarity(g, big), 1, rtol=1e-6)
+    negated = jax.tree.map(jnp.negative, big)
+    np.testing.assert_allclose(cosine_similarity(negated, big), -1, rtol=1e-6)
 
 
 @pytest.mark.parametrize("sampler", ["rademacher", "gaussian"])
