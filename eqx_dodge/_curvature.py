@@ -26,9 +26,10 @@ from ._checks import (
     stored_key,
 )
 from ._derivatives import jvp
-from ._directions import check_direction, sample_direction, squared_norm, unit_direction
+from ._directions import check_direction, sample_direction, squared_norm
 from ._live import split_live
 from ._record import record_options, recording_transform
+from ._tangents import unit
 
 
 def slope_and_curvature(
@@ -196,7 +197,7 @@ def curvature_aware_dodge(
                     "candidate as the first argument of `update`, or a `key` for "
                     "random directions."
                 )
-            direction = unit_direction(split.restrict(updates))
+            direction = unit(split.restrict(updates))
         else:
             next_key, step_key = split_stored_key(state.key, impl)
             direction = sample_direction(step_key, split.live, sampler)

@@ -57,11 +57,6 @@ def scale_to_unit(tree: PyTree, squared: Scalar) -> PyTree:
     )
 
 
-def unit_direction(candidate: PyTree) -> PyTree:
-    """`candidate / ‖candidate‖`, and zeros (not NaN) for a zero candidate."""
-    return scale_to_unit(candidate, squared_norm(candidate))
-
-
 def check_direction(direction: PyTree, primal: PyTree, name: str = "direction") -> None:
     """Raises a `ValueError` unless `direction` matches `primal` leaf for leaf."""
     direction_structure = jax.tree.structure(direction)

@@ -203,7 +203,22 @@ def fixed_tangents(stacked: PyTree, weights: Float[Array, " k"]) -> FixedTangent
 
 def unit(candidate: PyTree, layout: Layout = SINGLE_DEVICE) -> PyTree:
     """`candidate / ‖candidate‖` (its global norm), zeros for a zero candidate."""
-    return scale_to_unit(candidate, layout.squared_norm(candidate))
+    squared = layout.squared_norm(candidate)
+    # ‖c‖² underflows or overflows in float32 once ‖c‖ leaves about 1e±19, which
+    # would turn a nonzero candidate into zeros. There the norm is taken of c scaled
+    # (exactly) by 2^±60, which covers ‖c‖ from about 1e-37 to 1e37; elsewhere the
+    # factor is 1 and nothing changes.
+    factor = jnp.where(
+        squared < jnp.finfo(squared.dtype).tiny,
+        2.0**60,
+        jnp.where(jnp.isinf(squared), 2.0**-60, 1.0),
+    ).astype(squared.dtype)
+    scaled = jax.tree.map(lambda leaf: leaf.astype(squared.dtype) * factor, candidate)
+    return jax.tree.map(
+        lambda leaf, direction: direction.astype(leaf.dtype),
+        candidate,
+        scale_to_unit(scaled, layout.squared_norm(scaled)),
+    )
 
 
 def random_tangents(

@@ -74,6 +74,25 @@ def test_candidate_estimate_is_projection(problem, getkey):
     np.testing.assert_allclose(np_flat(estimate), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_candidate_of_any_scale(problem, scale):
+    """The estimate along a candidate does not depend on its scale: catches a
+    squared norm that underflows (a nonzero candidate read as zero, the estimate
+    lost to zeros) or overflows once ‖c‖ leaves about 1e±19 in float32, for the
+    filter estimators and the optax candidate source."""
+    model, x = problem
+    gradient = filter_grad(model, x)
+    scaled = jax.tree.map(lambda leaf: scale * leaf, gradient)
+    estimate = eqx_dodge.filter_dodge(squared_loss, direction=scaled)(model, x)
+    assert tree_allclose(estimate, gradient, rtol=1e-5, atol=1e-6)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    transform = eqx_dodge.dodge(source="updates")
+    updates, _ = transform.update(
+        scaled, transform.init(params), model, value_fn=squared_loss, x=x
+    )
+    assert tree_allclose(updates, gradient, rtol=1e-5, atol=1e-6)
+
+
 def test_zero_candidate_gives_zero_estimate(problem):
     model, x = problem
     zero = jax.tree.map(np.zeros_like, eqx.filter(model, eqx.is_inexact_array))
