@@ -86,7 +86,8 @@ def _flatten_state(state: PyTree, state_size: int) -> Array:
             f"The critic was built with `state_size={state_size}`, but one recurrent "
             f"state has {flat.size} entries (its leaves' shapes "
             f"{[jnp.shape(leaf) for leaf in jax.tree.leaves(state)]}): build it with "
-            f"`state_size={flat.size}`."
+            f"`state_size={flat.size}`, or, if the state holds a batch of states "
+            "along a leading axis, pass `batched=True`."
         )
     return flat
 

@@ -71,6 +71,17 @@ def _check_state(state: PyTree) -> None:
             )
 
 
+def _check_window(inputs: PyTree) -> None:
+    """The leaves of a window's `inputs` share a leading time axis."""
+    lengths = {jnp.shape(leaf)[:1] for leaf in jax.tree.leaves(inputs)}
+    if () in lengths or len(lengths) > 1:
+        raise ValueError(
+            "The leaves of a window's `inputs` must share a leading time axis (the "
+            "steps scanned over); got leading shapes "
+            f"{sorted(str(jnp.shape(leaf)) for leaf in jax.tree.leaves(inputs))}."
+        )
+
+
 def _is_pair(value: Any) -> bool:
     return isinstance(value, tuple) and len(value) == 2
 
@@ -373,6 +384,13 @@ class OnlineDodge(eqx.Module):
         of its gradient shaped like `eqx.filter_grad`'s output, and the carry for the
         next window.
         """
+        if not isinstance(carry, OnlineDodgeState):
+            raise TypeError(
+                "`OnlineDodge(...)(model, carry, inputs)` takes the model first and "
+                "then the `OnlineDodgeState` that `init` (or the previous window) "
+                f"returned; got {described(carry)} as `carry`."
+            )
+        _check_window(inputs)
         diff_model, static_model = eqx.partition(model, eqx.is_inexact_array)
         check_direction(
             jax.tree.map(lambda leaf: leaf[0], carry.directions),

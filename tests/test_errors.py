@@ -1,5 +1,7 @@
 """Bad input raises a `TypeError` or `ValueError` that names the argument."""
 
+import inspect
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -146,6 +148,32 @@ def test_recurrent_has_aux_without_a_pair(estimator):
     }[estimator]
     with pytest.raises(TypeError, match=r"must return `\(state, \(loss, aux\)\)`"):
         call()
+
+
+def test_online_dodge_arguments_are_named():
+    """`OnlineDodge` called with the carry and the model swapped, or with a window
+    whose leaves do not share a time axis, and a critic given a batch of states
+    without `batched=True`: each message names the argument and the way out
+    (they failed deep inside with an `AttributeError`, a scan error, or a hint to
+    change `state_size` only)."""
+    cell = eqx.nn.GRUCell(2, 3, key=jax.random.key(0))
+    inputs, state = jnp.ones((4, 2)), jnp.zeros(3)
+
+    def step(model, state, x):
+        new_state = model(x, state)
+        return new_state, jnp.sum(new_state)
+
+    online = eqx_dodge.OnlineDodge(step)
+    carry = online.init(cell, state, key=0)
+    # Unwrapped: the suite's runtime type checker would refuse the carry first.
+    call = inspect.unwrap(eqx_dodge.OnlineDodge.__call__)
+    with pytest.raises(TypeError, match="takes the model first.*got a GRUCell"):
+        call(online, carry, cell, inputs)
+    with pytest.raises(ValueError, match="share a leading time axis"):
+        online(cell, carry, {"x": inputs, "y": jnp.ones(3)})
+    critic = eqx_dodge.recurrent.LinearCritic(3)
+    with pytest.raises(ValueError, match="pass `batched=True`"):
+        critic(jnp.zeros((2, 3)))
 
 
 def test_differentiated_argument_by_keyword():
