@@ -269,7 +269,7 @@ def check_scalar_loss(value: Any, name: str, has_aux: bool = False) -> jax.Array
 
 def described(value: Any) -> str:
     """What `value` is, for an error message: an array's shape, a tuple's length."""
-    if isinstance(value, jax.Array | float):
+    if isinstance(value, jax.Array):
         return f"an array of shape {jnp.shape(value)}"
     if isinstance(value, tuple):
         return f"a tuple of length {len(value)}"

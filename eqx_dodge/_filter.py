@@ -126,7 +126,7 @@ class WrapperMethods(eqx.Module):
         return eqx.Partial(self, instance)
 
 
-# `(model, *batch, **kwargs)`.
+# `(model, /, *batch, **kwargs)`: see `BatchWrapperMethods`.
 _BATCH_SIGNATURE = inspect.Signature(
     [
         inspect.Parameter("model", inspect.Parameter.POSITIONAL_ONLY),

@@ -77,7 +77,7 @@ def _check_window(inputs: PyTree) -> None:
     if () in lengths or len(lengths) > 1:
         raise ValueError(
             "The leaves of a window's `inputs` must share a leading time axis (the "
-            "steps scanned over); got leading shapes "
+            "steps scanned over); got shapes "
             f"{sorted(str(jnp.shape(leaf)) for leaf in jax.tree.leaves(inputs))}."
         )
 
