@@ -1,14 +1,13 @@
 """Diagnostics of gradient-estimate quality: optional, for logging, never needed to
 train."""
 
-import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Key, PRNGKeyArray, PyTree, Scalar, UInt32
 
-from ._directions import accumulation_dtype
+from ._directions import accumulation_dtype, largest_magnitude
 
 
 def _dot(a: list[Array], b: list[Array], dtype) -> Scalar:
@@ -19,14 +18,9 @@ def _scaled_leaves(tree: PyTree, dtype) -> list[Array]:
     """The leaves of `tree` in `dtype`, divided by their largest magnitude (by 1
     for a zero tree), so that their squares neither overflow nor underflow (in
     float32, squares of norms beyond about 1e±19 would)."""
-    leaves = [x.astype(dtype) for x in jax.tree.leaves(tree)]
-    largest = functools.reduce(
-        jnp.maximum,
-        [jnp.max(jnp.abs(x), initial=0) for x in leaves],
-        jnp.zeros((), dtype),
-    )
+    largest = largest_magnitude(tree).astype(dtype)
     largest = jnp.where(largest > 0, largest, 1)
-    return [x / largest for x in leaves]
+    return [x.astype(dtype) / largest for x in jax.tree.leaves(tree)]
 
 
 def cosine_similarity(estimate: PyTree, gradient: PyTree) -> Scalar:

@@ -1,5 +1,6 @@
 """Directions: the random tangents along which DODGE differentiates, and their parts."""
 
+import functools
 import itertools
 import math
 from typing import Any
@@ -45,6 +46,17 @@ def squared_norm(tree: PyTree) -> Scalar:
     return sum(
         (jnp.sum(jnp.square(leaf.astype(dtype))) for leaf in jax.tree.leaves(tree)),
         start=jnp.zeros((), dtype),
+    )
+
+
+def largest_magnitude(tree: PyTree) -> Scalar:
+    """`max |x|` over all array leaves (0 for none), in at least float32."""
+    dtype = accumulation_dtype(tree)
+    leaves = jax.tree.leaves(tree)
+    return functools.reduce(
+        jnp.maximum,
+        [jnp.max(jnp.abs(leaf.astype(dtype)), initial=0) for leaf in leaves],
+        jnp.zeros((), dtype),
     )
 
 

@@ -13,6 +13,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
 from ._directions import (
     accumulation_dtype,
+    largest_magnitude,
     part_of,
     sample_direction,
     squared_norm,
@@ -117,6 +118,14 @@ class ShardedLayout(Layout):
             local = squared_norm(self._group_tree(tree, group))
             total = total + (jax.lax.psum(local, axes) if axes else local)
         return total
+
+    def largest_magnitude(self, tree: PyTree) -> Scalar:
+        """`max |x|` of the global (unsharded) tree, from the local shards."""
+        largest = jnp.zeros((), accumulation_dtype(tree))
+        for group, axes in enumerate(self.groups):
+            local = largest_magnitude(self._group_tree(tree, group))
+            largest = jnp.maximum(largest, jax.lax.pmax(local, axes) if axes else local)
+        return largest
 
     def restrict(self, mask: tuple[bool, ...]) -> "ShardedLayout":
         def kept(values: tuple) -> tuple:

@@ -17,6 +17,7 @@ from ._directions import (
     check_direction,
     check_num_parts,
     flat_positions,
+    largest_magnitude,
     num_coordinates,
     orthogonal_direction,
     part_indices,
@@ -49,6 +50,9 @@ class Layout(eqx.Module):
 
     def squared_norm(self, tree: PyTree) -> Scalar:
         return squared_norm(tree)
+
+    def largest_magnitude(self, tree: PyTree) -> Scalar:
+        return largest_magnitude(tree)
 
     def part_indices(self, primal: PyTree, num_parts: int) -> PyTree:
         return part_indices(primal, num_parts)
@@ -205,15 +209,12 @@ def unit(candidate: PyTree, layout: Layout = SINGLE_DEVICE) -> PyTree:
     """`candidate / ‖candidate‖` (its global norm), zeros for a zero candidate."""
     squared = layout.squared_norm(candidate)
     # ‖c‖² underflows or overflows in float32 once ‖c‖ leaves about 1e±19, which
-    # would turn a nonzero candidate into zeros. There the norm is taken of c scaled
-    # (exactly) by 2^±60, which covers ‖c‖ from about 1e-37 to 1e37; elsewhere the
-    # factor is 1 and nothing changes.
-    factor = jnp.where(
-        squared < jnp.finfo(squared.dtype).tiny,
-        2.0**60,
-        jnp.where(jnp.isinf(squared), 2.0**-60, 1.0),
-    ).astype(squared.dtype)
-    scaled = jax.tree.map(lambda leaf: leaf.astype(squared.dtype) * factor, candidate)
+    # would turn a nonzero candidate into zeros. There c is first divided by its
+    # largest magnitude; elsewhere the divisor is 1 and nothing changes.
+    rescue = (squared < jnp.finfo(squared.dtype).tiny) | jnp.isinf(squared)
+    largest = layout.largest_magnitude(candidate)
+    divisor = jnp.where(rescue & (largest > 0), largest, 1)
+    scaled = jax.tree.map(lambda leaf: leaf.astype(squared.dtype) / divisor, candidate)
     return jax.tree.map(
         lambda leaf, direction: direction.astype(leaf.dtype),
         candidate,

@@ -74,7 +74,7 @@ def test_candidate_estimate_is_projection(problem, getkey):
     np.testing.assert_allclose(np_flat(estimate), expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e35])
 def test_candidate_of_any_scale(problem, scale):
     """The estimate along a candidate does not depend on its scale: catches a
     squared norm that underflows (a nonzero candidate read as zero, the estimate
@@ -91,6 +91,17 @@ def test_candidate_of_any_scale(problem, scale):
         scaled, transform.init(params), model, value_fn=squared_loss, x=x
     )
     assert tree_allclose(updates, gradient, rtol=1e-5, atol=1e-6)
+
+
+def test_candidate_near_float32_limits(problem):
+    """A candidate of entries ±3e37 (its squared norm overflows even after scaling
+    by 2^-60): the same estimate as along ±1."""
+    model, x = problem
+    signs = jax.tree.map(jnp.sign, filter_grad(model, x))
+    huge = jax.tree.map(lambda leaf: 3e37 * leaf, signs)
+    expected = eqx_dodge.filter_dodge(squared_loss, direction=signs)(model, x)
+    estimate = eqx_dodge.filter_dodge(squared_loss, direction=huge)(model, x)
+    assert tree_allclose(estimate, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_candidate_gives_zero_estimate(problem):

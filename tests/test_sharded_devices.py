@@ -284,10 +284,15 @@ def test_model_parallel_estimate(model_parallel_problem, mode, num_directions):
         assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim)
 
 
-def test_model_parallel_candidate_direction(model_parallel_problem):
+@pytest.mark.parametrize("scale", [1.0, 3e37])
+def test_model_parallel_candidate_direction(model_parallel_problem, scale):
+    """Sharded parameters along a candidate: the global projection, at any scale
+    of the candidate (its norm and largest magnitude reduced over the model axis:
+    entries of ±3e37 overflow a float32 squared norm)."""
     params, sharded_params, x, y, mesh = model_parallel_problem
     global_loss = megatron_loss(lambda z: z)
-    candidate = jax.jit(jax.grad(global_loss))(params, x[:4], y[:4])
+    gradient = jax.jit(jax.grad(global_loss))(params, x[:4], y[:4])
+    candidate = jax.tree.map(lambda leaf: scale * jnp.sign(leaf), gradient)
     value, estimate = jax.jit(
         lambda p, c, x, y: eqx_dodge.sharded_value_and_dodge(
             megatron_loss(lambda z: jax.lax.psum(z, "model")),
@@ -297,7 +302,9 @@ def test_model_parallel_candidate_direction(model_parallel_problem):
         )(p, x, y)
     )(sharded_params, shard_like_model(mesh, candidate), *shard_batch(mesh, x, y))
     _, expected = eqx.filter_jit(
-        eqx_dodge.filter_value_and_dodge(global_loss, direction=candidate)
+        eqx_dodge.filter_value_and_dodge(
+            global_loss, direction=jax.tree.map(jnp.sign, gradient)
+        )
     )(params, x, y)
     assert_tree_allclose(estimate, expected, rtol=1e-5, atol=1e-6)
 
