@@ -13,7 +13,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree, Scalar
 
-from ._checks import as_key, check_int, check_option, KeyLike, REDUCTIONS
+from ._checks import (
+    as_key,
+    check_bool,
+    check_int,
+    check_nonnegative,
+    check_option,
+    KeyLike,
+    REDUCTIONS,
+)
 from ._online import _as_state_and_loss, cut_gradient_every, scan_window
 
 
@@ -214,6 +222,9 @@ def synthetic_gradient_candidate(
     leaves. The per-step losses are summed.
     """
     check_int("truncation", truncation, 1)
+    check_nonnegative("scale", scale)
+    check_bool("bootstrap_end", bootstrap_end)
+    check_bool("batched", batched)
 
     def surrogate(_model):
         losses, entering, final_state = _chunked_window(
@@ -305,6 +316,8 @@ def critic_loss(
     """
     check_int("truncation", truncation, 1)
     check_option("match", match, ("gradient", "value"))
+    check_bool("bootstrap_end", bootstrap_end)
+    check_bool("batched", batched)
     losses, entering, final_state = jax.lax.stop_gradient(
         _chunked_window(step, model, state, inputs, truncation, has_aux)
     )

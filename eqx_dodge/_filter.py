@@ -10,6 +10,7 @@ from jaxtyping import Array, PyTree
 
 from ._checks import (
     as_key,
+    check_bool,
     check_callable,
     check_candidate_options,
     check_derivative_options,
@@ -66,6 +67,7 @@ class EstimatorOptions(eqx.Module):
     finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP
 
     def __check_init__(self):
+        check_bool("has_aux", self.has_aux)
         check_random_options(self.num_directions, self.sampler, self.mode)
         check_derivative_options(self.derivative, self.finite_difference_step)
         check_one_source(self.key, self.direction)

@@ -19,6 +19,7 @@ from jaxtyping import Array, Int, PyTree, Scalar
 
 from ._checks import (
     as_key,
+    check_bool,
     check_callable,
     check_candidate_options,
     check_derivative_options,
@@ -87,6 +88,8 @@ def _is_pair(value: Any) -> bool:
 
 
 def _as_state_and_loss(step: Callable, has_aux: bool) -> Callable:
+    check_bool("has_aux", has_aux)
+
     def state_and_loss(model, state, inputs):
         out = step(model, state, inputs)
         if not _is_pair(out):
@@ -273,6 +276,7 @@ class OnlineDodge(eqx.Module):
 
     def __check_init__(self):
         check_callable("step", self.step)
+        check_bool("has_aux", self.has_aux)
         check_random_options(self.num_directions, self.sampler, self.mode)
         check_option("reduction", self.reduction, REDUCTIONS)
         check_derivative_options(self.derivative, self.finite_difference_step)

@@ -1,5 +1,6 @@
 """Small models, losses and loaders shared by the tests."""
 
+import contextlib
 import importlib.util
 import pathlib
 import sys
@@ -9,6 +10,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
@@ -174,3 +176,16 @@ BAD_OPTIONS = [
     (dict(derivative="central", finite_difference_step="1e-3"), TypeError, "finite"),
     (dict(finite_difference_step=1e-2), ValueError, "`finite_difference_step`"),
 ]
+
+
+@contextlib.contextmanager
+def without_runtime_type_checks():
+    """The suite checks annotations at run time (jaxtyping with beartype), which
+    refuses a wrongly typed argument before eqx_dodge's own check can: within this
+    context a test reaches that check, as a user without a type checker does."""
+    previous = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", previous)

@@ -1,7 +1,5 @@
 """Bad input raises a `TypeError` or `ValueError` that names the argument."""
 
-import inspect
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,7 +7,7 @@ import pytest
 
 import eqx_dodge
 
-from .helpers import make_mlp, squared_loss
+from .helpers import make_mlp, squared_loss, without_runtime_type_checks
 
 
 MODEL = make_mlp(jax.random.key(0))
@@ -165,15 +163,84 @@ def test_online_dodge_arguments_are_named():
 
     online = eqx_dodge.OnlineDodge(step)
     carry = online.init(cell, state, key=0)
-    # Unwrapped: the suite's runtime type checker would refuse the carry first.
-    call = inspect.unwrap(eqx_dodge.OnlineDodge.__call__)
-    with pytest.raises(TypeError, match="takes the model first.*got a GRUCell"):
-        call(online, carry, cell, inputs)
+    with without_runtime_type_checks():
+        with pytest.raises(TypeError, match="takes the model first.*got a GRUCell"):
+            online(carry, cell, inputs)  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="share a leading time axis"):
         online(cell, carry, {"x": inputs, "y": jnp.ones(3)})
     critic = eqx_dodge.recurrent.LinearCritic(3)
     with pytest.raises(ValueError, match="pass `batched=True`"):
         critic(jnp.zeros((2, 3)))
+    with without_runtime_type_checks():
+        with pytest.raises(TypeError, match="`scale` must be a non-negative float"):
+            eqx_dodge.recurrent.synthetic_gradient_candidate(
+                step,
+                cell,
+                critic,
+                state,
+                inputs,
+                scale=None,  # pyright: ignore[reportArgumentType]
+            )
+
+
+def _flag_calls():
+    """Each function taking a bool flag, as `(name, call(**flag))`."""
+    cell = eqx.nn.GRUCell(2, 3, key=jax.random.key(0))
+    inputs, state = jnp.ones((4, 2)), jnp.zeros(3)
+
+    def step(model, state, x):
+        new_state = model(x, state)
+        return new_state, jnp.sum(new_state)
+
+    critic = eqx_dodge.recurrent.LinearCritic(3)
+    recurrent = eqx_dodge.recurrent
+    return {
+        "filter_dodge": lambda **f: eqx_dodge.filter_dodge(squared_loss, key=0, **f),
+        "sharded_dodge": lambda **f: eqx_dodge.sharded_dodge(
+            squared_loss, mesh=jax.make_mesh((1,), ("data",)), key=0, **f
+        )(MODEL, X),
+        "OnlineDodge": lambda **f: eqx_dodge.OnlineDodge(step, **f),
+        "tbptt_candidate": lambda **f: recurrent.tbptt_candidate(
+            step, cell, state, inputs, key=0, max_truncation=2, **f
+        ),
+        "synthetic_gradient": lambda **f: recurrent.synthetic_gradient_candidate(
+            step, cell, critic, state, inputs, **f
+        ),
+        "critic_loss": lambda **f: recurrent.critic_loss(
+            step, cell, critic, state, inputs, **f
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "call, flag",
+    [
+        *[
+            (call, "has_aux")
+            for call in [
+                "filter_dodge",
+                "sharded_dodge",
+                "OnlineDodge",
+                "tbptt_candidate",
+                "synthetic_gradient",
+                "critic_loss",
+            ]
+        ],
+        *[
+            (call, flag)
+            for call in ["synthetic_gradient", "critic_loss"]
+            for flag in ["batched", "bootstrap_end"]
+        ],
+    ],
+)
+def test_flags_must_be_bools(call, flag):
+    """`has_aux="no"` was read as `True` and `has_aux=0` or `None` as `False` by
+    the estimators that did not check it (the optax transforms and the activity
+    estimators did); likewise the critic's `batched` and `bootstrap_end`."""
+    for bad in ["no", 0, None]:
+        with without_runtime_type_checks():
+            with pytest.raises(TypeError, match=rf"`{flag}` must be a Python bool"):
+                _flag_calls()[call](**{flag: bad})
 
 
 def test_differentiated_argument_by_keyword():
