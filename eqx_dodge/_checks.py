@@ -183,6 +183,13 @@ def check_random_options(num_directions: Any, sampler: Any, mode: Any) -> None:
         )
 
 
+def _legacy_key_shape() -> tuple[int, ...]:
+    """The shape of a legacy key (`jax.random.PRNGKey`) of the default PRNG
+    implementation: `(2,)` for threefry, `(4,)` for `"rbg"` (read when called: the
+    default may be set after import)."""
+    return jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+
+
 def as_key(key: Any, name: str = "key") -> PRNGKeyArray:
     """A typed PRNG key from any of the forms every eqx_dodge function accepts: a
     typed key (`jax.random.key`), a legacy `uint32[2]` key (`jax.random.PRNGKey`), a
@@ -203,7 +210,7 @@ def as_key(key: Any, name: str = "key") -> PRNGKeyArray:
         )
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         typed = key
-    elif key.dtype == jnp.uint32 and key.shape[-1:] == (2,):
+    elif key.dtype == jnp.uint32 and key.shape[-1:] == _legacy_key_shape():
         # A legacy `jax.random.PRNGKey`: raw data of the default implementation.
         typed = jax.random.wrap_key_data(key)
     elif jnp.issubdtype(key.dtype, jnp.integer) and key.shape == ():

@@ -112,6 +112,18 @@ def test_every_key_form_gives_the_same_result(problem, name):
     assert not np.allclose(results[0], _flat(estimator(jax.random.key(43))))
 
 
+def test_legacy_keys_of_another_default_implementation(problem):
+    """With `jax_default_prng_impl="rbg"`, `jax.random.PRNGKey` has 4 words, not
+    2: read as `jax.random.key` reads it (it was refused for its shape)."""
+    model, x = problem
+    with jax.default_prng_impl("rbg"):
+        legacy = jax.random.PRNGKey(7)
+        assert legacy.shape == (4,)
+        expected = eqx_dodge.filter_dodge(squared_loss, key=jax.random.key(7))(model, x)
+        estimate = eqx_dodge.filter_dodge(squared_loss, key=legacy)(model, x)
+    np.testing.assert_array_equal(_flat(estimate), _flat(expected))
+
+
 def test_numpy_seeds_outside_jit(problem):
     """Outside `jit` a NumPy seed or legacy key is not traced into an array first:
     read as `jax.random.key` reads it; a NumPy bool or float is refused."""
