@@ -8,6 +8,7 @@ import optax
 from jaxtyping import Array, PyTree
 
 from ._checks import (
+    check_candidate_options,
     check_decay,
     check_int,
     check_nonnegative,
@@ -270,6 +271,7 @@ def scale_by_adam_dodge(
         )
     stored_key(key, False, "with source 'updates'")
     check_random_options(num_directions, sampler, mode)
+    check_candidate_options(num_directions, mode)
     return _scale_by_adam_dodge_updates(b1, b2, eps, eps_root, record, derivatives)
 
 

@@ -237,6 +237,7 @@ def test_update_errors():
         ({"source": "random"}, ValueError, "key"),
         ({"source": "updates", "key": 0}, ValueError, "key"),
         ({"source": "updates", "num_directions": 2}, ValueError, "num_directions"),
+        ({"source": "updates", "mode": "partition"}, ValueError, "`mode`"),
         ({"key": 0, "num_directions": 0}, ValueError, "num_directions"),
         ({"key": 0, "mode": "sum"}, ValueError, "mode"),
         ({"key": 0, "sampler": "uniform"}, ValueError, "sampler"),
