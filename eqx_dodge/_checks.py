@@ -51,7 +51,12 @@ def _static_hint(name: str, value: Any) -> str:
 
 def check_option(name: str, value: Any, options: Sequence[str]) -> None:
     """`value` must be one of the strings `options`."""
-    if not isinstance(value, str) or value not in options:
+    if not isinstance(value, str):
+        raise TypeError(
+            f"`{name}` must be one of the strings {tuple(options)}, got {value!r}."
+            + _static_hint(name, value)
+        )
+    if value not in options:
         raise ValueError(
             f"`{name}` must be one of {tuple(options)}, got {value!r}."
             + _static_hint(name, value)

@@ -1,5 +1,7 @@
 """Bad input raises a `TypeError` or `ValueError` that names the argument."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -241,6 +243,20 @@ def test_flags_must_be_bools(call, flag):
         with without_runtime_type_checks():
             with pytest.raises(TypeError, match=rf"`{flag}` must be a Python bool"):
                 _flag_calls()[call](**{flag: bad})
+
+
+@pytest.mark.parametrize("option", ["sampler", "mode", "derivative"])
+def test_options_of_the_wrong_type(option):
+    """A string option given as another type is a `TypeError` (a bad type), an
+    unknown string a `ValueError` (a bad value), both naming the option; was a
+    `ValueError` for both."""
+    wrong_type: dict[str, Any] = {option: 0}
+    unknown: dict[str, Any] = {option: "unknown"}
+    with without_runtime_type_checks():
+        with pytest.raises(TypeError, match=rf"`{option}` must be one of the strings"):
+            eqx_dodge.filter_dodge(squared_loss, key=0, **wrong_type)
+    with pytest.raises(ValueError, match=rf"`{option}` must be one of"):
+        eqx_dodge.filter_dodge(squared_loss, key=0, **unknown)
 
 
 def test_differentiated_argument_by_keyword():
