@@ -117,6 +117,15 @@ class LinearCritic(eqx.Module):
         self.bias = jnp.zeros(())
 
     def __call__(self, state: PyTree) -> Scalar:
+        """**Arguments:**
+
+        - `state`: one recurrent state (any PyTree of arrays with `state_size`
+            entries in all).
+
+        **Returns:**
+
+        The estimate $V(s)$, a scalar.
+        """
         flat = _flatten_state(state, self.weight.shape[0])
         return self.bias + jnp.vdot(self.weight, flat)
 
@@ -139,6 +148,15 @@ class QuadraticCritic(eqx.Module):
         self.curvature = jnp.zeros((state_size, state_size))
 
     def __call__(self, state: PyTree) -> Scalar:
+        """**Arguments:**
+
+        - `state`: one recurrent state (any PyTree of arrays with `state_size`
+            entries in all).
+
+        **Returns:**
+
+        The estimate $V(s)$, a scalar.
+        """
         s = _flatten_state(state, self.curvature.shape[0])
         return self.linear(state) + 0.5 * jnp.vdot(s, self.curvature @ s)
 

@@ -188,7 +188,7 @@ def check_random_options(num_directions: Any, sampler: Any, mode: Any) -> None:
         )
 
 
-def _legacy_key_shape() -> tuple[int, ...]:
+def legacy_key_shape() -> tuple[int, ...]:
     """The shape of a legacy key (`jax.random.PRNGKey`) of the default PRNG
     implementation: `(2,)` for threefry, `(4,)` for `"rbg"` (read when called: the
     default may be set after import)."""
@@ -215,7 +215,7 @@ def as_key(key: Any, name: str = "key") -> PRNGKeyArray:
         )
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         typed = key
-    elif key.dtype == jnp.uint32 and key.shape[-1:] == _legacy_key_shape():
+    elif key.dtype == jnp.uint32 and key.shape[-1:] == legacy_key_shape():
         # A legacy `jax.random.PRNGKey`: raw data of the default implementation.
         typed = jax.random.wrap_key_data(key)
     elif jnp.issubdtype(key.dtype, jnp.integer) and key.shape == ():

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Key, PRNGKeyArray, PyTree, Scalar, UInt32
 
+from ._checks import legacy_key_shape
 from ._directions import accumulation_dtype, largest_magnitude
 
 
@@ -104,13 +105,17 @@ def estimator_moments(
     typed = isinstance(keys, jax.Array) and jnp.issubdtype(
         keys.dtype, jax.dtypes.prng_key
     )
-    legacy = jnp.ndim(keys) == 2 and jnp.shape(keys)[-1] == 2
+    legacy = (
+        jnp.ndim(keys) == 2
+        and jnp.shape(keys)[-1:] == legacy_key_shape()
+        and jnp.result_type(keys) == jnp.uint32
+    )
     if not (typed and jnp.ndim(keys) == 1) and not legacy:
         # A single legacy key (`uint32[2]`) would otherwise be read as two seeds.
         raise ValueError(
             "`keys` must be a batch of PRNG keys, e.g. `jax.random.split(key, n)`: "
-            "typed keys of shape `(n,)` or legacy keys of shape `(n, 2)`; got an "
-            f"array of shape {jnp.shape(keys)} and dtype {jnp.result_type(keys)}."
+            "typed keys of shape `(n,)` or legacy uint32 keys of shape `(n, 2)`; got "
+            f"an array of shape {jnp.shape(keys)} and dtype {jnp.result_type(keys)}."
         )
     num_keys = jnp.shape(keys)[0]
     if num_keys < 2:

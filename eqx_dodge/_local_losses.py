@@ -87,7 +87,16 @@ class LocalLosses(eqx.Module):
 
     def __call__(self, x: PyTree) -> PyTree:
         """The prediction: the last head on the chain of all blocks, with nothing
-        stopped (its gradient is the global loss's, through every block)."""
+        stopped (its gradient is the global loss's, through every block).
+
+        **Arguments:**
+
+        - `x`: the input of the first block.
+
+        **Returns:**
+
+        The last head's output.
+        """
         for block in self.blocks:
             x = block(x)
         return self.heads[-1](x)
@@ -95,7 +104,16 @@ class LocalLosses(eqx.Module):
     def local_outputs(self, x: PyTree) -> tuple[PyTree, ...]:
         """The output of every head, in block order, from one forward pass in which
         the input of every block after the first passes through
-        `jax.lax.stop_gradient`. The last one equals the prediction."""
+        `jax.lax.stop_gradient`. The last one equals the prediction.
+
+        **Arguments:**
+
+        - `x`: the input of the first block.
+
+        **Returns:**
+
+        A tuple with one output per head.
+        """
         outputs = []
         for index, (block, head) in enumerate(zip(self.blocks, self.heads)):
             if index > 0:

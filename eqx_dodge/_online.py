@@ -338,6 +338,14 @@ class OnlineDodge(eqx.Module):
         """New directions (from `key`, or a candidate `direction`) for the stream in
         `carry`: the state is kept and its tangent restarts at zero.
 
+        **Arguments:**
+
+        - `model`: the model, as passed to the windows.
+        - `carry`: the [`eqx_dodge.OnlineDodgeState`][] of the stream.
+        - `key`: a PRNG key for new random directions, or
+        - `direction`: a candidate direction shaped like the model's floating-point
+            leaves (exactly one of `key` and `direction`).
+
         **Returns:**
 
         An [`eqx_dodge.OnlineDodgeState`][].

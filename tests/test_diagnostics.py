@@ -138,6 +138,10 @@ def test_estimator_moments_refuses_a_single_legacy_key(getkey):
     legacy_batch = jax.random.split(jax.random.PRNGKey(0), 3)  # shape (3, 2)
     mean, _ = unchecked(lambda key: jax.random.normal(key, (2,)), legacy_batch)
     assert mean.shape == (2,)
+    # Floats of a legacy batch's shape are no keys: named `keys`, not the `key`
+    # the estimator fails on.
+    with pytest.raises(ValueError, match=r"`keys` must be.*dtype float32"):
+        unchecked(lambda key: jnp.zeros(3), jnp.zeros((3, 2)))
 
 
 def test_cosine_similarity_names_leaves_of_other_shapes():
