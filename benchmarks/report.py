@@ -909,7 +909,7 @@ def _copy_task_comparison(record: dict[str, Any]) -> list[str]:
             + (
                 f"here 64 end at {_ends_at(record, 'dodge_k64', *baselines)}."
                 if "dodge_k64" in finals
-                else "our 64-direction runs are not finished yet."
+                else "our 64-direction runs are not all finished yet."
             )
         )
     for method, baseline, claim, name in _PAPER_CANDIDATE_CLAIMS:

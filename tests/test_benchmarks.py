@@ -1047,7 +1047,7 @@ def test_report_copy_task_against_the_paper():
     }
     (text,) = report._copy_task_comparison(record)
     assert "Random directions end at 49.0 with 1:" in text
-    assert "our 64-direction runs are not finished yet." in text
+    assert "our 64-direction runs are not all finished yet." in text
     assert "ends at 43.5 against TBPTT's 43.0 (the seeds' ranges overlap)." in text
     assert "ends at 47.0 against their 51.0 (lower in every seed)." in text
     record["results"]["dodge_k64"] = result([44.5, 45.0, 46.0])
