@@ -265,11 +265,14 @@ def check_scalar_loss(value: Any, name: str, has_aux: bool = False) -> jax.Array
     ):
         where = " as the first element of its `(value, aux)` pair" if has_aux else ""
         got = type(value).__name__
-        if isinstance(value, jax.Array | float | int):
+        if isinstance(value, jax.Array | float | int | np.ndarray | np.generic):
             got += f" of shape {jnp.shape(value)} and dtype {jnp.result_type(value)}"
         hint = (
             " If it returns `(loss, aux)`, pass `has_aux=True`."
             if not has_aux and isinstance(value, tuple | list) and len(value) == 2
+            else " A NumPy value is a constant to JAX: compute the loss with "
+            "`jax.numpy`."
+            if isinstance(value, np.ndarray | np.generic)
             else ""
         )
         raise TypeError(

@@ -5,6 +5,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import eqx_dodge
@@ -271,8 +272,9 @@ def test_differentiated_argument_by_keyword():
         (lambda model, x: jax.vmap(model)(x), r"scalar .* shape \(2, 2\)"),
         (lambda model, x: "loss", "scalar"),
         (lambda model, x: jnp.sum(x > 0), "floating-point scalar"),
+        (lambda model, x: np.float32(1.0), "NumPy value is a constant to JAX"),
     ],
-    ids=["vector", "string", "integer"],
+    ids=["vector", "string", "integer", "numpy"],
 )
 def test_fun_must_return_a_floating_scalar(bad_loss, match):
     with pytest.raises(TypeError, match=match):
