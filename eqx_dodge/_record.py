@@ -60,7 +60,17 @@ def initial_record(params: PyTree, has_aux: bool, aux_init: Any) -> tuple:
     leaves = jax.tree.leaves(eqx.filter(params, eqx.is_inexact_array))
     dtype = leaves[0].dtype if leaves else jnp.float32
     zero = jnp.zeros((), jnp.int32)
-    return jnp.array(jnp.inf, dtype), aux_init if has_aux else None, zero, zero
+    aux = _strong_arrays(aux_init) if has_aux else None
+    return jnp.array(jnp.inf, dtype), aux, zero, zero
+
+
+def _strong_arrays(tree: PyTree, like: PyTree = None) -> PyTree:
+    """The leaves of `tree` as arrays of their result type (or of the dtypes of the
+    leaves of `like`), never weakly typed: a Python float or a weak array in the
+    state, becoming a strong array after one update, would compile a jitted step
+    twice."""
+    dtypes = jax.tree.map(jnp.result_type, tree if like is None else like)
+    return jax.tree.map(lambda x, dtype: jnp.asarray(x, dtype), tree, dtypes)
 
 
 def _check_aux(aux: PyTree, aux_init: PyTree) -> None:
@@ -111,7 +121,7 @@ def record_step(
     finite = _all_finite(value, output, checked)
     if state.aux is not None:
         _check_aux(aux, state.aux)
-        new_state = new_state._replace(aux=aux)
+        new_state = new_state._replace(aux=_strong_arrays(aux, state.aux))
     if skip_nonfinite:
         new_state = optax.tree.where(
             finite, new_state, state._replace(key=new_state.key)

@@ -296,6 +296,41 @@ def test_state_can_be_donated(name):
     assert not aux_init.is_deleted()
 
 
+@pytest.mark.parametrize(
+    "aux_init, returned",
+    [(0.0, "array"), (jnp.array(0.0), "array"), (jnp.zeros(()), "python float")],
+    ids=["python float init", "weak init", "python float returned"],
+)
+def test_aux_compiles_the_step_once(aux_init, returned):
+    """A Python float or a weakly typed array as `aux_init`, or as the aux the loss
+    returns, was stored as given: after one update the state's aux was a strong
+    array, so a jitted step compiled twice. Counts the traces of three steps."""
+    # Without skipping, the returned aux is stored as it comes.
+    optimizer = eqx_dodge.dodge(
+        key=0, has_aux=True, aux_init=aux_init, skip_nonfinite=False
+    )
+    params = {"w": jnp.array([-1.0, 10.0, 1.0])}
+
+    def loss(params):
+        value = parabola(params)
+        return value, (value if returned == "array" else 1.0)
+
+    traces = []
+
+    @jax.jit
+    def step(params, state):
+        traces.append(None)
+        updates, state = optimizer.update(None, state, params, value_fn=loss)
+        return optax.apply_updates(params, updates), state
+
+    state = optimizer.init(params)
+    for _ in range(3):
+        params, state = step(params, state)
+    assert len(traces) == 1
+    aux = optax.tree.get(state, "aux")
+    assert aux.dtype == jnp.float32 and not aux.weak_type
+
+
 def test_multi_steps_after_dodge_accumulates_estimates():
     """The documented way to accumulate: `chain(dodge(...), MultiSteps(adam))`. With
     exact estimates it takes `MultiSteps(adam)`'s steps on the mean gradient."""
