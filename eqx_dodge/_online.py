@@ -403,12 +403,18 @@ class OnlineDodge(eqx.Module):
                 f"returned; got {described(carry)} as `carry`."
             )
         _check_window(inputs)
-        diff_model, static_model = eqx.partition(model, eqx.is_inexact_array)
         check_direction(
             jax.tree.map(lambda leaf: leaf[0], carry.directions),
-            diff_model,
+            trainable(model),
             name="carry.directions",
         )
+        return _window_jit(self, model, carry, inputs)
+
+    def _window(
+        self, model: PyTree, carry: OnlineDodgeState, inputs: PyTree
+    ) -> tuple[Any, PyTree, OnlineDodgeState]:
+        """`__call__` once its arguments are checked."""
+        diff_model, static_model = eqx.partition(model, eqx.is_inexact_array)
 
         def window(_diff_model, state):
             value, (final_state, aux) = scan_window(
@@ -438,3 +444,11 @@ class OnlineDodge(eqx.Module):
         estimate = split.widen(estimate)
         new_carry = OnlineDodgeState(final_state, final_tangent, carry.directions)
         return ((value, aux) if self.has_aux else value), estimate, new_carry
+
+
+# Compiled as a whole, as `filter_dodge` is: outside `jit` a window costs one
+# compilation (cached for the same step function and shapes) instead of compiling
+# the window's scan at every call; inside `jit` it is inlined.
+@eqx.filter_jit
+def _window_jit(online: OnlineDodge, model: PyTree, carry: OnlineDodgeState, inputs):
+    return online._window(model, carry, inputs)

@@ -295,6 +295,28 @@ def reference_tbptt(model, state0, window, truncation):
     return total
 
 
+def test_windows_outside_jit_compile_once():
+    """The README's loop calls `online(model, carry, window)` outside `jit`: the
+    window is compiled once and reused (it was traced, and its scan compiled, at
+    every window: 300 ms a window for a small GRU, against under 1 ms)."""
+    cell = eqx.nn.GRUCell(3, 4, key=jax.random.key(0))
+    traces = []
+
+    def step(model, state, x):
+        traces.append(None)
+        state = model(x, state)
+        return state, jnp.sum(state**2)
+
+    online = eqx_dodge.OnlineDodge(step, num_directions=2)
+    carry = online.init(cell, jnp.zeros(4), key=0)
+    windows = jnp.ones((3, 5, 3))
+    _, _, carry = online(cell, carry, windows[0])
+    first = len(traces)
+    for window in windows[1:]:
+        _, _, carry = online(cell, carry, window)
+    assert len(traces) == first
+
+
 def test_tbptt_candidate(getkey):
     model = RNN(getkey())
     xs, ys = make_stream(getkey())
