@@ -311,6 +311,9 @@ class _ActivityValueAndDodgeWrapper(BatchWrapperMethods):
 
     def __call__(self, *args, **kwargs):
         first_argument(args, kwargs, "activity_{dodge, value_and_dodge}")
+        return _activity_jit(self, args, kwargs)
+
+    def _value_and_estimate(self, args: tuple, kwargs: dict) -> tuple[Any, PyTree]:
         model, batch = args[0], tuple(args[1:])
         options = self._options
         batch_size = _batch_size(batch)
@@ -330,6 +333,14 @@ class _ActivityValueAndDodgeWrapper(BatchWrapperMethods):
             model, parts, layer_estimate, directions, derivatives
         )
         return ((value, aux) if options.has_aux else value), estimate
+
+
+# Compiled as a whole, as `filter_dodge` is: outside `jit` a call costs one
+# compilation (cached for the same loss and shapes) instead of running operation by
+# operation; inside `jit` it is inlined.
+@eqx.filter_jit
+def _activity_jit(wrapper: _ActivityValueAndDodgeWrapper, args: tuple, kwargs: dict):
+    return wrapper._value_and_estimate(args, kwargs)
 
 
 def _activity_wrapper(
