@@ -88,8 +88,8 @@ QUICK = Config(
 )
 # The paper's model and sequences (LSTM-128, length 25, batch 32, Adam). Its grid,
 # six learning rates and five seeds, is tens of CPU hours here: three learning rates
-# around the default scale's (1e-3), one more beyond either end for a method whose
-# best is there, three seeds, and as many steps as a few sittings allow. Resumable
+# around the default scale's (1e-3), up to two more beyond either end for a method
+# whose best is there, three seeds, and as many steps as a few sittings allow. Resumable
 # (`_common.RunLog`): every finished run is appended to
 # `results/copy_task_full_runs.json`, and a rerun skips it.
 FULL = Config(
@@ -97,7 +97,7 @@ FULL = Config(
     max_length=25,
     steps=5_000,
     learning_rates=(3e-3, 1e-3, 3e-4),
-    edge_learning_rates=(1e-2, 1e-4),
+    edge_learning_rates=(1e-2, 1e-4, 3e-2, 3e-5),
     seeds=(0, 1, 2),
     eval_every=250,
 )

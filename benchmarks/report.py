@@ -811,10 +811,18 @@ def _edge_rates_sentence(record: dict[str, Any]) -> str:
     edges = record["config"].get("edge_learning_rates", [])
     if not edges:
         return ""
+    grid = record["config"]["learning_rates"]
+    above = sorted(r for r in edges if r > max(grid))
+    below = sorted((r for r in edges if r < min(grid)), reverse=True)
+    sides = [
+        f"{side}: {', '.join(f'{r:g}' for r in rates)}"
+        for side, rates in (("above", above), ("below", below))
+        if rates
+    ]
     text = (
-        f" A method whose best rate is at an end of the grid also runs the rate "
-        f"beyond it ({' or '.join(f'{r:g}' for r in edges)}; –: not planned, its "
-        "best lies inside or is not known yet)."
+        " A method whose best rate is at an end of the rates it has run also runs "
+        f"the next rate beyond it ({'; '.join(sides)}; –: not planned, its best "
+        "lies inside or is not known yet)."
     )
     at_edge = [
         _copy_label(method, record["config"])

@@ -1120,7 +1120,7 @@ def test_report_copy_task_edge_rates():
     assert rows[1].endswith("| **43.0** | 44.0 | 45.0 | 46.0 |")
     assert rows[2].endswith("| – | 52.0 | **50.0** | 53.0 |")
     sentence = report._edge_rates_sentence(record)
-    assert "also runs the rate beyond it (0.01;" in sentence
+    assert "also runs the next rate beyond it (above: 0.01; –: not planned" in sentence
     assert sentence.endswith("may lie beyond: TBPTT, truncation uniform in 1..3.")
 
 
