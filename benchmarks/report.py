@@ -793,9 +793,7 @@ def _copy_rows(record: dict[str, Any], rates: list[float]) -> list[str]:
     seeds, rows = len(config["seeds"]), []
     for method in progress["methods_planned"]:
         entries = progress["per_learning_rate"].get(method, {})
-        planned = progress.get("learning_rates_planned", {}).get(
-            method, config["learning_rates"]
-        )
+        planned = progress["learning_rates_planned"][method]
         best = results.get(method, {}).get("best_learning_rate")
         cells = [
             _copy_cell(entries.get(f"{rate:g}"), seeds, rate == best, rate in planned)
@@ -808,7 +806,7 @@ def _copy_rows(record: dict[str, Any], rates: list[float]) -> list[str]:
 def _edge_rates_sentence(record: dict[str, Any]) -> str:
     """The grid's extension rule, and the finished methods whose best learning
     rate is still the smallest or largest they ran."""
-    edges = record["config"].get("edge_learning_rates", [])
+    edges = record["config"]["edge_learning_rates"]
     if not edges:
         return ""
     grid = record["config"]["learning_rates"]
@@ -843,7 +841,7 @@ def copy_task_full_section(record: dict[str, Any], results_path: str) -> list[st
     """The paper-scale copy task, as far as its resumable study has run."""
     config, progress = record["config"], record["progress"]
     grid, seeds = config["learning_rates"], len(config["seeds"])
-    rates = sorted({*grid, *config.get("edge_learning_rates", [])}, reverse=True)
+    rates = sorted({*grid, *config["edge_learning_rates"]}, reverse=True)
     chance = COPY_TASK_BITS * (config["max_length"] + 1) / 4
     lines = [
         "### Copy task at the paper's scale (`benchmarks/copy_task.py --full`, "
