@@ -108,6 +108,9 @@ def _load_average() -> list[float] | None:
 
 
 def _git_commit() -> str | None:
+    # A copy of the tree without `.git` (a lent device machine) is told its commit.
+    if os.environ.get("EQX_DODGE_GIT_COMMIT"):
+        return os.environ["EQX_DODGE_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -141,6 +144,7 @@ def machine_info() -> dict[str, Any]:
         "optax": optax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git_commit": _git_commit(),
     }
