@@ -42,9 +42,11 @@ def parse_args(
     doc: str | None,
     argv: Sequence[str] | None = None,
     flags: Sequence[tuple[str, str]] = (),
+    options: Sequence[tuple[str, dict[str, Any]]] = (),
 ) -> argparse.Namespace:
     """The command line every benchmark accepts: `--quick` and `--out DIR`, plus the
-    boolean `flags` given as `(name, help)` pairs. `doc` is the script's docstring."""
+    boolean `flags` given as `(name, help)` pairs and the `options` given as
+    `(name, keyword arguments of add_argument)`. `doc` is the script's docstring."""
     parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument(
         "--quick",
@@ -67,6 +69,8 @@ def parse_args(
     )
     for name, help in flags:
         parser.add_argument(name, action="store_true", help=help)
+    for name, kwargs in options:
+        parser.add_argument(name, **kwargs)
     return parser.parse_args(argv)
 
 

@@ -26,7 +26,8 @@ What the library does with k > 4 on CPU follows from it: `jvp_scan_4` (chunks of
 (`run_tangents` in `eqx_dodge/_estimator.py`).
 
 Run: `python benchmarks/k_formulations.py [--quick | --full] [--out DIR]` (`--full`
-adds k = 64 to the default k = 16).
+adds k = 64 to the default k = 16; `--chunk C` and `--num-directions K ...` change the
+chunk and the k of either).
 """
 
 import functools as ft
@@ -181,8 +182,16 @@ def plot(results: dict[str, Any], out_dir: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    chunk_help = "directions per chunk of the chunked formulations (default: 4)"
+    ks_help = "the numbers of directions to time (instead of --quick/--full's)"
     args = _common.parse_args(
-        __doc__, argv, flags=[("--full", "k = 16 and 64 (default: k = 16 only)")]
+        __doc__,
+        argv,
+        flags=[("--full", "k = 16 and 64 (default: k = 16 only)")],
+        options=[
+            ("--chunk", {"type": int, "default": None, "help": chunk_help}),
+            ("--num-directions", {"type": int, "nargs": "+", "help": ks_help}),
+        ],
     )
     if args.quick:
         ks, chunk, repeats, min_time = [4], 2, 5, 0.02
@@ -190,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # k = 64 ranked the formulations as k = 16 does (every ratio within 0.5 of
         # k = 16's, measured 2026-11-28) at more than twice the time: `--full` only.
         ks, chunk, repeats, min_time = [16, 64] if args.full else [16], 4, 7, 0.05
+    ks, chunk = args.num_directions or ks, args.chunk or chunk
+    if any(k % min(chunk, k) for k in ks):
+        raise ValueError(f"Every k of {ks} must be a multiple of the chunk, {chunk}.")
     problems = _models.make_problems(jax.random.key(0), quick=args.quick)
     if args.quick:
         problems = problems[:1]

@@ -58,4 +58,7 @@ from ._sources import (
 from ._transform import dodge as dodge
 
 
-__version__ = _metadata.version("eqx_dodge")
+try:
+    __version__ = _metadata.version("eqx_dodge")
+except _metadata.PackageNotFoundError:  # a source tree on `PYTHONPATH`, not installed
+    __version__ = "unknown"
