@@ -4,7 +4,12 @@
 # $OUT as it finishes so that a run cut short still returns what it finished.
 #
 #   OUT=/tmp/gpu EQX_DODGE_GIT_COMMIT=$(git rev-parse --short HEAD) \
-#       bash benchmarks/device_check.sh
+#       bash benchmarks/device_check.sh [all | studies | chunks]
+#
+# `studies` (after the checks): step_cost, k_formulations --full (chunks of 4) and
+# step_cost --large; `chunks`: k_formulations with chunks of 16 and 32 at k = 64, 256.
+# The device tool brings back at most 8 files a call: run the two in two calls. The
+# results go to benchmarks/results/gpu/, which the README's section is made from.
 #
 # It uses the machine's own python3 and its JAX, Equinox and Optax (nothing is
 # installed): the versions are printed and stored in every result file.
@@ -86,6 +91,15 @@ print(f"adam_dodge 300 steps: loss {first:.4f} -> {last:.4f}")
 assert last < 0.7 * first, (first, last)
 print("device checks passed")
 EOF
-timeout 240 python3 benchmarks/step_cost.py --out "$OUT"
-timeout 200 python3 benchmarks/k_formulations.py --full --out "$OUT"
-timeout 90 python3 benchmarks/step_cost.py --large --out "$OUT"
+part=${1:-all}
+if [[ $part == all || $part == studies ]]; then
+    timeout 240 python3 benchmarks/step_cost.py --out "$OUT"
+    timeout 200 python3 benchmarks/k_formulations.py --full --out "$OUT"
+    timeout 90 python3 benchmarks/step_cost.py --large --out "$OUT"
+fi
+if [[ $part == all || $part == chunks ]]; then
+    for chunk in 16 32; do
+        timeout 160 python3 benchmarks/k_formulations.py --chunk $chunk \
+            --num-directions 64 256 --out "$OUT"
+    done
+fi

@@ -27,10 +27,11 @@ What the library does with k > 4 on CPU follows from it: `jvp_scan_4` (chunks of
 
 Run: `python benchmarks/k_formulations.py [--quick | --full] [--out DIR]` (`--full`
 adds k = 64 to the default k = 16; `--chunk C` and `--num-directions K ...` change the
-chunk and the k of either).
+chunk and the k of either, and `--chunk C` writes `k_formulations_chunkC.json`).
 """
 
 import functools as ft
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -159,26 +160,26 @@ def run_problem(
     return out
 
 
-def plot(results: dict[str, Any], out_dir: Any) -> None:
+def plot(results: dict[str, Any], out_dir: Any, name: str) -> None:
     fig, axes = _common.new_figure(
         1, len(results), figsize=(5 * len(results), 4), squeeze=False
     )
-    for ax, (name, data) in zip(axes[0], results.items()):
+    for ax, (model, data) in zip(axes[0], results.items()):
         ks = [int(k) for k in data]
         for variant in data[str(ks[0])]["over_vmap_jvp"]:
             ax.plot(
                 ks,
                 [data[str(k)]["over_vmap_jvp"][variant]["median"] for k in ks],
                 marker="o",
-                label=variant.replace(f"_{min(ks)}", "_c"),
+                label=re.sub(r"_\d+$", "_c", variant),
             )
         ax.axhline(1.0, color="grey", lw=1, ls=":")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("number of directions k")
         ax.set_ylabel("time / time(vmap_jvp)  (median)")
-        ax.set_title(name)
+        ax.set_title(model)
         ax.legend(fontsize=7)
-    _common.save_figure(fig, out_dir, "k_formulations")
+    _common.save_figure(fig, out_dir, name)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -200,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # k = 16's, measured 2026-11-28) at more than twice the time: `--full` only.
         ks, chunk, repeats, min_time = [16, 64] if args.full else [16], 4, 7, 0.05
     ks, chunk = args.num_directions or ks, args.chunk or chunk
+    # A chunk of one's own gets a file of its own, beside the default study's.
+    output = "k_formulations" if args.chunk is None else f"k_formulations_chunk{chunk}"
     if any(k % min(chunk, k) for k in ks):
         raise ValueError(f"Every k of {ks} must be a multiple of the chunk, {chunk}.")
     problems = _models.make_problems(jax.random.key(0), quick=args.quick)
@@ -208,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = {p.name: run_problem(p, ks, chunk, repeats, min_time) for p in problems}
     _common.write_json(
         args.out,
-        "k_formulations",
+        output,
         {
             "config": {
                 "quick": args.quick,
@@ -221,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "results": results,
         },
     )
-    plot(results, args.out)
+    plot(results, args.out, output)
     for name, data in results.items():
         for k, entry in data.items():
             print(

@@ -47,6 +47,8 @@ def _machine(record: dict[str, Any]) -> str:
     load = m.get("load_average_1_5_15min")
     parts = [m.get("cpu", m.get("processor", "CPU")), f"{m['cpu_count']} cores"]
     parts += [f"jax {m['jax']}"] + [m[key] for key in ("date_utc",) if key in m]
+    if m.get("backend", "cpu") != "cpu":
+        parts.insert(0, m["device_kind"])
     return ", ".join(parts) + (f", load average {load[0]}" if load else "")
 
 
@@ -1308,6 +1310,118 @@ SECTIONS = {
 }
 
 
+# The device checks' results (`benchmarks/device_check.sh` on a lent GPU), in a
+# folder of their own under the results: `k_formulations_chunkC.json` is
+# `k_formulations.py --chunk C`.
+GPU_RESULTS = "gpu"
+
+
+def _gpu_formulation_records(gpu_dir: pathlib.Path) -> dict[int, dict[str, Any]]:
+    """`k_formulations` on the GPU by chunk size."""
+    records = {}
+    for path in [gpu_dir / "k_formulations.json", *gpu_dir.glob("k_formulations_*")]:
+        if path.suffix == ".json":
+            record = json.loads(path.read_text())
+            records[record["config"]["chunk"]] = record
+    return dict(sorted(records.items()))
+
+
+def gpu_chunks_lines(
+    records: dict[int, dict[str, Any]], results_path: str
+) -> list[str]:
+    """One `vmap` over all k against chunks of c directions run one after the other
+    (`jvp_scan_c`, the CPU's formulation), on the GPU: time ratio and peak memory."""
+    rows: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for chunk, record in records.items():
+        for model, data in record["results"].items():
+            for k, entry in data.items():
+                rows.setdefault((model, k), {})[chunk] = entry
+    chunks = list(records)
+    lines = [
+        "One `vmap` of `jax.jvp` over all k against the same k directions in chunks "
+        "of c, one chunk after the other (`jvp_scan_c` of "
+        "`benchmarks/k_formulations.py`, the formulation the library uses on CPU): "
+        "time over one `vmap`'s, median (interquartile range), and XLA's compiled "
+        "peak (MiB).",
+        "",
+        "| model | k | `vmap` ms | `vmap` MiB | "
+        + " | ".join(f"c={c}: time / `vmap` | c={c}: MiB" for c in chunks)
+        + " |",
+        "|---|---|---|---|" + "---|---|" * len(chunks),
+    ]
+    ratios: dict[int, list[float]] = {c: [] for c in chunks}
+    unrolled, peaks = [], {"vmap_jvp": [], "chunked": []}
+    for (model, k), entries in sorted(
+        rows.items(), key=lambda i: (i[0][0], int(i[0][1]))
+    ):
+        first = next(iter(entries.values()))
+        peaks["vmap_jvp"].append(first["peak_bytes"]["vmap_jvp"])
+        cells = []
+        for c in chunks:
+            entry = entries.get(c)
+            if entry is None or int(k) <= c:
+                cells += ["–", "–"]
+                continue
+            name = f"jvp_scan_{c}"
+            ratios[c].append(entry["over_vmap_jvp"][name]["median"])
+            unrolled.append(entry["over_vmap_jvp"][f"jvp_unrolled_{c}"]["median"])
+            peaks["chunked"].append((c, entry["peak_bytes"][name]))
+            cells += [
+                _ratio(entry["over_vmap_jvp"][name]),
+                _mib(entry["peak_bytes"][name]),
+            ]
+        lines.append(
+            f"| {model} | {k} | {_ms(first['seconds']['vmap_jvp'])} "
+            f"| {_mib(first['peak_bytes']['vmap_jvp'])} | " + " | ".join(cells) + " |"
+        )
+    spans = [f"{min(r):.1f}–{max(r):.1f}× with c = {c}" for c, r in ratios.items() if r]
+    smallest = min(c for c, _ in peaks["chunked"])
+    smallest_peak = max(b for c, b in peaks["chunked"] if c == smallest)
+    verdict = (
+        "so on GPUs the library keeps one `vmap` over all k, and its peak memory "
+        "grows with k"
+        if all(min(r) > 1 for r in ratios.values() if r)
+        else "some chunkings are not slower than one `vmap`"
+    )
+    lines += [
+        "",
+        "On this GPU one `vmap` is the fastest: chunks take "
+        + ", ".join(spans)
+        + f" of its time (unrolled, `jvp_unrolled_c`, {min(unrolled):.1f}–"
+        f"{max(unrolled):.1f}×): {verdict}, to "
+        f"{_mib(max(peaks['vmap_jvp']))} MiB here, where chunks of {smallest} stay "
+        f"under {_mib(smallest_peak)} MiB at every k.",
+        "",
+        f"![formulations on the GPU]({results_path}/k_formulations.png)",
+        "",
+    ]
+    return lines
+
+
+def gpu_lines(gpu_dir: pathlib.Path, results_path: str) -> list[str]:
+    """The device checks' section: step cost, the large MLP and the chunk study."""
+    lines = [
+        "### On a GPU (`benchmarks/device_check.sh`)",
+        "",
+        "The same studies on a lent GPU, each table as its CPU counterpart above "
+        f"(results in `{results_path}`).",
+        "",
+    ]
+    for name, section in (
+        ("step_cost", step_cost_section),
+        ("step_cost_large", step_cost_large_section),
+    ):
+        path = gpu_dir / f"{name}.json"
+        if path.exists():
+            heading, *body = section(json.loads(path.read_text()), results_path)
+            lines += ["#" + heading + ", GPU", *body]
+    records = _gpu_formulation_records(gpu_dir)
+    if records:
+        lines += ["#### Chunks of directions, GPU", ""]
+        lines += gpu_chunks_lines(records, results_path)
+    return lines
+
+
 def render(results_dir: pathlib.Path, readme_dir: pathlib.Path) -> str:
     """The Markdown between the markers, from the result files found."""
     try:
@@ -1331,6 +1445,8 @@ def render(results_dir: pathlib.Path, readme_dir: pathlib.Path) -> str:
         path = results_dir / f"{name}.json"
         if path.exists():
             lines += section(json.loads(path.read_text()), relative)
+    if (results_dir / GPU_RESULTS).is_dir():
+        lines += gpu_lines(results_dir / GPU_RESULTS, f"{relative}/{GPU_RESULTS}")
     return "\n".join(lines)
 
 

@@ -192,11 +192,15 @@ def test_step_cost_large_times_the_wide_mlp_at_k_1_and_8(tmp_path, monkeypatch):
 def test_k_formulations_quick(tmp_path):
     """Every formulation is timed, and its ratio to `vmap_jvp` is the one its timings
     give. Catches a ratio against the wrong denominator (the old check, `vmap_jvp`
-    over itself equal to 1, held whatever the ratios were)."""
-    run_main("k_formulations", "--quick", "--out", str(tmp_path))
-    record = json.loads((tmp_path / "k_formulations.json").read_text())
+    over itself equal to 1, held whatever the ratios were). A chunk given on the
+    command line is the one timed, in a file of its own (the GPU study's)."""
+    args = ("--quick", "--chunk", "2", "--num-directions", "6", "--out", str(tmp_path))
+    run_main("k_formulations", *args)
+    assert not (tmp_path / "k_formulations.json").exists()
+    record = json.loads((tmp_path / "k_formulations_chunk2.json").read_text())
+    assert record["config"]["num_directions"] == [6] and record["config"]["chunk"] == 2
     expected = {*k_formulations.formulations(chunk=2), "vmap_jvp_given_tangents"}
-    assert record["results"]
+    assert record["results"] and (tmp_path / "k_formulations_chunk2.png").exists()
     for data in record["results"].values():
         for entry in data.values():
             seconds = entry["seconds"]
@@ -204,6 +208,11 @@ def test_k_formulations_quick(tmp_path):
             for name, value in seconds.items():
                 check_summary(value)
                 check_ratio(entry["over_vmap_jvp"][name], value, seconds["vmap_jvp"])
+
+
+def test_k_formulations_refuses_a_k_the_chunk_does_not_divide():
+    with pytest.raises(ValueError, match="multiple of the chunk, 4"):
+        k_formulations.main(["--chunk", "4", "--num-directions", "6", "--out", "x"])
 
 
 def test_formulations_agree_with_the_library():
@@ -1378,3 +1387,45 @@ def test_report_sentences_on_the_sources():
     text = "\n".join(report._sources_lines({"mlp": model(**rows)}))
     assert "unlike CARS's" in text
     assert report._sources_lines({"mlp": model(rademacher_k1=0.38)}) == []
+
+
+def test_report_gpu_chunks():
+    """The GPU's chunk table: each chunk size's `jvp_scan_c` against one `vmap` from
+    its own `k_formulations_chunkC.json`, "–" where k is no larger than the chunk,
+    and a verdict that follows the timings, not a sentence typed in."""
+
+    def record(chunk, ks, chunked_ratio):
+        names = ("vmap_jvp", f"jvp_scan_{chunk}", f"jvp_unrolled_{chunk}")
+        ratios = (1.0, chunked_ratio, chunked_ratio + 0.5)
+
+        def entry(k):
+            return {
+                "seconds": {n: _common.summarize([0.001]) for n in names},
+                "over_vmap_jvp": {
+                    n: _common.summarize([r]) for n, r in zip(names, ratios)
+                },
+                "peak_bytes": {
+                    names[0]: k * 2**20,
+                    names[1]: chunk * 2**20,
+                    names[2]: k * 2**20,
+                },
+            }
+
+        return {
+            "config": {"chunk": chunk},
+            "results": {"mlp": {str(k): entry(k) for k in ks}},
+        }
+
+    records = {4: record(4, [16, 64], 3.0), 16: record(16, [16, 256], 1.5)}
+    text = "\n".join(report.gpu_chunks_lines(records, "gpu"))
+    assert (
+        "| mlp | 16 | 1.00 (1.00–1.00) | 16.0 | 3.00 (3.00–3.00) | 4.0 | – | – |"
+        in text
+    )
+    assert "| mlp | 256 | 1.00 (1.00–1.00) | 256.0 | – | – | 1.50" in text
+    assert "3.0–3.0× with c = 4, 1.5–1.5× with c = 16" in text
+    assert "keeps one `vmap` over all k" in text and "to 256.0 MiB" in text
+    assert "chunks of 4 stay under 4.0 MiB" in text
+    faster = {4: record(4, [64], 0.8)}
+    text = "\n".join(report.gpu_chunks_lines(faster, "gpu"))
+    assert "some chunkings are not slower" in text and "keeps one" not in text
