@@ -4,11 +4,13 @@
 # $OUT as it finishes so that a run cut short still returns what it finished.
 #
 #   OUT=/tmp/gpu EQX_DODGE_GIT_COMMIT=$(git rev-parse --short HEAD) \
-#       bash benchmarks/device_check.sh [all | studies | chunks]
+#       bash benchmarks/device_check.sh [all | studies | memory | chunks]
 #
 # `studies` (after the checks): step_cost, k_formulations --full (chunks of 4) and
-# step_cost --large; `chunks`: k_formulations with chunks of 16 and 32 at k = 64, 256.
-# The device tool brings back at most 8 files a call: run the two in two calls. The
+# step_cost --large; `memory`: chunk_memory (the compiled peak against k, by default
+# and with `chunk_size=4`); `chunks`: k_formulations with chunks of 16 and 32 at
+# k = 64, 256. The device tool brings back at most 8 files a call: run them in
+# separate calls. The
 # results go to benchmarks/results/gpu/, which the README's section is made from.
 #
 # It uses the machine's own python3 and its JAX, Equinox and Optax (nothing is
@@ -69,6 +71,18 @@ mean = mean_estimate(jax.random.split(jax.random.key(3), 4096))
 cosine = float(mean @ exact / (jnp.linalg.norm(mean) * jnp.linalg.norm(exact)))
 print(f"mean of 4096 estimates (k = 8): cosine with the gradient {cosine:.3f}")
 assert cosine > 0.9, cosine
+# Chunks of 2 directions give the estimate of one `vmap` over all 8 (to rounding).
+whole, chunked = (
+    flat(
+        eqx.filter_jit(
+            eqx_dodge.filter_dodge(loss, key=4, num_directions=8, chunk_size=size)
+        )(model, x, y)
+    )
+    for size in (None, 2)
+)
+error = float(jnp.linalg.norm(chunked - whole) / jnp.linalg.norm(whole))
+print(f"chunk_size=2 against one vmap: relative difference {error:.2e}")
+assert error < 1e-2, error
 optimiser = eqx_dodge.adam_dodge(1e-2, key=0, num_directions=8)
 params, static = eqx.partition(model, eqx.is_array)
 state = optimiser.init(params)
@@ -96,6 +110,9 @@ if [[ $part == all || $part == studies ]]; then
     timeout 240 python3 benchmarks/step_cost.py --out "$OUT"
     timeout 200 python3 benchmarks/k_formulations.py --full --out "$OUT"
     timeout 90 python3 benchmarks/step_cost.py --large --out "$OUT"
+fi
+if [[ $part == all || $part == memory ]]; then
+    timeout 150 python3 benchmarks/chunk_memory.py --out "$OUT"
 fi
 if [[ $part == all || $part == chunks ]]; then
     for chunk in 16 32; do

@@ -177,6 +177,7 @@ def scale_by_adam_dodge(
     skip_nonfinite: bool = True,
     derivative: str = "jvp",
     finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam's rescaling for DODGE: the counterpart of `optax.scale_by_adam`.
 
@@ -232,6 +233,8 @@ def scale_by_adam_dodge(
         $h$, as for [`eqx_dodge.dodge`][], for losses that forward mode cannot
         differentiate (a `jax.custom_vjp` inside). With `"updates"` the step is
         taken along Adam's step $a$ scaled to unit norm.
+    - `chunk_size`: how many of the random directions one vectorised jvp carries,
+        as for [`eqx_dodge.dodge`][].
 
     Calling `update` and the optax wrappers work as for [`eqx_dodge.dodge`][]; the
     loss of each update is in the state's `value`
@@ -249,7 +252,7 @@ def scale_by_adam_dodge(
     check_nonnegative("eps", eps)
     check_nonnegative("eps_root", eps_root)
     record = record_options(has_aux, aux_init, skip_nonfinite)
-    derivatives = derivative_options(derivative, finite_difference_step)
+    derivatives = derivative_options(derivative, finite_difference_step, chunk_size)
     if source == "random":
         return _scale_by_adam_dodge_random(
             b1,
@@ -292,6 +295,7 @@ def adam_dodge(
     skip_nonfinite: bool = True,
     derivative: str = "jvp",
     finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam for DODGE: a drop-in replacement for `optax.adam` that needs no gradient.
 
@@ -312,7 +316,8 @@ def adam_dodge(
     - `learning_rate`: a float or an optax schedule, as for `optax.adam`.
     - `b1`, `b2`, `eps`, `eps_root`, `source`, `key`, `num_directions`, `sampler`,
         `mode`, `has_aux`, `aux_init`, `skip_nonfinite`, `derivative`,
-        `finite_difference_step`: as for [`eqx_dodge.scale_by_adam_dodge`][].
+        `finite_difference_step`, `chunk_size`: as for
+        [`eqx_dodge.scale_by_adam_dodge`][].
 
     **Returns:**
 
@@ -334,6 +339,7 @@ def adam_dodge(
             skip_nonfinite=skip_nonfinite,
             derivative=derivative,
             finite_difference_step=finite_difference_step,
+            chunk_size=chunk_size,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -140,18 +140,25 @@ def check_derivative_options(derivative: Any, finite_difference_step: Any) -> No
 
 class DerivativeOptions(NamedTuple):
     """How an optax transform takes its directional derivatives: the keywords
-    `derivative` and `finite_difference_step` of `value_and_estimate` and
-    `run_tangents` (pass them as `**options._asdict()`)."""
+    `derivative`, `finite_difference_step` and `chunk_size` of `value_and_estimate`
+    and `run_tangents` (pass them as `**options._asdict()`)."""
 
     derivative: str
     finite_difference_step: ScalarLike
+    chunk_size: int | None = None
+
+
+def check_chunk_size(chunk_size: Any) -> None:
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
 
 
 def derivative_options(
-    derivative: Any, finite_difference_step: Any
+    derivative: Any, finite_difference_step: Any, chunk_size: Any = None
 ) -> DerivativeOptions:
     check_derivative_options(derivative, finite_difference_step)
-    return DerivativeOptions(derivative, finite_difference_step)
+    check_chunk_size(chunk_size)
+    return DerivativeOptions(derivative, finite_difference_step, chunk_size)
 
 
 def check_callable(name: str, value: Any) -> None:

@@ -161,10 +161,12 @@ def run_tangents(
     *,
     derivative: str = "jvp",
     finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    chunk_size: int | None = None,
 ) -> tuple[Scalar, Array, Any, PyTree]:
     """The value, the derivatives along every tangent, the aux, and the estimate.
 
-    The tangents are drawn and differentiated a chunk at a time (`Layout.chunk_size`);
+    The tangents are drawn and differentiated a chunk at a time (`chunk_size` of
+    them, by default `Layout.chunk_size`'s rule for the backend);
     the seeds are split once and scanned over, so no key is used twice. The
     derivatives come from `jax.jvp` or, with `derivative="central"`, from central
     differences with step `finite_difference_step` (`_derivatives.py`).
@@ -175,7 +177,7 @@ def run_tangents(
         # the estimate is the empty tree, as `eqx.filter_grad` returns.
         value, aux = value_and_aux(primal)
         return value, jnp.zeros((num,), value.dtype), aux, primal
-    chunk = layout.chunk_size(num)
+    chunk = layout.chunk_size(num) if chunk_size is None else min(chunk_size, num)
     # XLA:CPU runs convolutions inside a loop several times slower, so a loss with
     # one gets its chunks unrolled by hand (`lax.scan(unroll=True)` still emits a
     # loop), each at a primal of its own.
@@ -245,6 +247,7 @@ def value_and_estimate(
     layout: Layout = SINGLE_DEVICE,
     derivative: str = "jvp",
     finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    chunk_size: int | None = None,
 ) -> tuple[Scalar, PyTree, Any]:
     """Evaluates `fun(primal)` and its DODGE estimate along `tangents` in one forward
     pass (`derivative="jvp"`) or `2k + 1` of them (`"central"`). Returns
@@ -256,6 +259,7 @@ def value_and_estimate(
         layout,
         derivative=derivative,
         finite_difference_step=finite_difference_step,
+        chunk_size=chunk_size,
     )
     return value, estimate, aux
 

@@ -147,6 +147,7 @@ class _ShardedValueAndDodgeWrapper(BatchWrapperMethods):
             layout=layout,
             derivative=self._options.derivative,
             finite_difference_step=self._options.finite_difference_step,
+            chunk_size=self._options.chunk_size,
         )
         # Each data shard has its own `aux`: stacked along a new leading axis.
         aux = jax.tree.map(lambda leaf: jnp.expand_dims(leaf, 0), aux)
@@ -317,6 +318,10 @@ def sharded_value_and_dodge(
         `jax.custom_vjp` inside), as in [`eqx_dodge.filter_value_and_dodge`][].
         With `"central"` each of the `2k + 1` forward passes all-reduces its loss:
         `2k + 1` collectives of one float.
+    - `chunk_size`: how many of the directions one vectorised jvp carries, as in
+        [`eqx_dodge.filter_value_and_dodge`][]. By default all `k` at once here, so
+        that their derivatives cross the network in one all-reduce; in chunks, one
+        all-reduce per chunk.
 
     **Returns:**
 
@@ -367,7 +372,7 @@ def sharded_dodge(
     - `key` / `direction`, `num_directions`, `sampler`, `mode`, `has_aux`: as in
         [`eqx_dodge.filter_dodge`][].
     - `batch_reduction`: `"mean"` or `"sum"`.
-    - `derivative`, `finite_difference_step`: `"jvp"` or `"central"`, as in
+    - `derivative`, `finite_difference_step`, `chunk_size`: as in
         [`eqx_dodge.filter_dodge`][].
 
     **Returns:**

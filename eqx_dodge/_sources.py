@@ -126,6 +126,7 @@ def dodge_random(
     skip_nonfinite: bool = True,
     derivative: str = "jvp",
     finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE with fresh random directions at every step: `dodge(source="random")`.
 
@@ -135,6 +136,7 @@ def dodge_random(
 
     **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `baseline_decay`,
     `has_aux`, `aux_init`, `skip_nonfinite`, `derivative`, `finite_difference_step`,
+    `chunk_size`,
     as for [`eqx_dodge.dodge`][].
 
     **Returns:**
@@ -146,7 +148,7 @@ def dodge_random(
     if baseline_decay is not None:
         check_decay("baseline_decay", baseline_decay)
     record = record_options(has_aux, aux_init, skip_nonfinite)
-    derivatives = derivative_options(derivative, finite_difference_step)
+    derivatives = derivative_options(derivative, finite_difference_step, chunk_size)
     data, impl = stored_key(key, True, "for random directions")
 
     def init(params, initial_record):
@@ -215,6 +217,7 @@ def dodge_updates(
     skip_nonfinite: bool = True,
     derivative: str = "jvp",
     finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE along the incoming updates as a candidate: `dodge(source="updates")`.
 
@@ -223,7 +226,8 @@ def dodge_updates(
     [`eqx_dodge.dodge`][].
 
     **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `has_aux`,
-    `aux_init`, `skip_nonfinite`, `derivative`, `finite_difference_step`, as for
+    `aux_init`, `skip_nonfinite`, `derivative`, `finite_difference_step`, `chunk_size`,
+    as for
     [`eqx_dodge.dodge`][].
 
     **Returns:**
@@ -234,7 +238,7 @@ def dodge_updates(
     check_random_options(num_directions, sampler, mode)
     record = record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = _exploration_key(key, num_directions, mode, "updates")
-    derivatives = derivative_options(derivative, finite_difference_step)
+    derivatives = derivative_options(derivative, finite_difference_step, chunk_size)
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
     def init(params, initial_record):
@@ -293,6 +297,7 @@ def dodge_ema(
     skip_nonfinite: bool = True,
     derivative: str = "jvp",
     finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DODGE along a moving average of gradient guesses: `dodge(source="ema")`.
 
@@ -300,6 +305,7 @@ def dodge_ema(
 
     **Arguments:** `key`, `num_directions`, `sampler`, `mode`, `ema_decay`,
     `has_aux`, `aux_init`, `skip_nonfinite`, `derivative`, `finite_difference_step`,
+    `chunk_size`,
     as for [`eqx_dodge.dodge`][].
 
     **Returns:**
@@ -311,7 +317,7 @@ def dodge_ema(
     check_decay("ema_decay", ema_decay)
     record = record_options(has_aux, aux_init, skip_nonfinite)
     data, impl = _exploration_key(key, num_directions, mode, "ema")
-    derivatives = derivative_options(derivative, finite_difference_step)
+    derivatives = derivative_options(derivative, finite_difference_step, chunk_size)
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
     def init(params, initial_record):

@@ -7,6 +7,7 @@ import optax
 from jaxtyping import PyTree
 
 from ._checks import (
+    check_chunk_size,
     check_derivative_options,
     check_option,
     check_record_options,
@@ -34,6 +35,7 @@ def dodge(
     skip_nonfinite: bool = True,
     derivative: str = "jvp",
     finite_difference_step: ScalarLike = FINITE_DIFFERENCE_STEP,
+    chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The DODGE gradient estimator as an optax transformation.
 
@@ -206,6 +208,14 @@ def dodge(
         [`eqx_dodge.filter_value_and_dodge`][]. Under `optax.inject_hyperparams`
         the step is injected like the other floats, while `derivative`, a string,
         stays static.
+    - `chunk_size`: how many of the `num_directions` directions one vectorised
+        `jax.jvp` carries; the others follow in chunks of that many, one after
+        the other, so the tangents alive at once are those of one chunk. The
+        estimate is the same for any chunk size (up to float rounding). `None`
+        (the default) lets the backend decide: chunks of at least 4 on CPU, where
+        they measured faster, and all the directions at once elsewhere, where one
+        `vmap` measured faster but its memory grows with `num_directions`: set it
+        on a GPU to bound the memory of many directions.
 
     **Returns:**
 
@@ -243,6 +253,7 @@ def dodge(
         )
     check_record_options(has_aux, aux_init, skip_nonfinite)
     check_derivative_options(derivative, finite_difference_step)
+    check_chunk_size(chunk_size)
     options: dict[str, Any] = dict(
         num_directions=num_directions,
         sampler=sampler,
@@ -252,6 +263,7 @@ def dodge(
         skip_nonfinite=skip_nonfinite,
         derivative=derivative,
         finite_difference_step=finite_difference_step,
+        chunk_size=chunk_size,
     )
     if source == "random":
         if key is None:

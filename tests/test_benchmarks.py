@@ -210,6 +210,25 @@ def test_k_formulations_quick(tmp_path):
                 check_ratio(entry["over_vmap_jvp"][name], value, seconds["vmap_jvp"])
 
 
+def test_chunk_memory_quick(tmp_path):
+    """With `chunk_size=4` the compiled peak stays within one parameter buffer of
+    k = 4's up to k = 8 (the growth the JSON reports is the one its peaks give), and
+    on CPU the default is that same chunking. Catches a `chunk_size` the wrappers
+    drop and a growth computed against the wrong reference."""
+    run_main("chunk_memory", "--quick", "--out", str(tmp_path))
+    record = json.loads((tmp_path / "chunk_memory.json").read_text())
+    (result,) = record["results"].values()
+    peaks = result["peak_bytes"]["chunk_size_4"]
+    assert set(peaks) == {"1", "4", "8"} and peaks["1"] < peaks["4"]
+    growth = (peaks["8"] - peaks["4"]) / result["parameter_bytes"]
+    assert result["growth_in_parameter_buffers"]["chunk_size_4"] == max(growth, 0.0)
+    assert growth <= 1.0
+    assert result["grad_peak_bytes"] > 0 and result["grad_remat_peak_bytes"] > 0
+    assert (tmp_path / "chunk_memory.png").exists()
+    if jax.default_backend() == "cpu":
+        assert result["peak_bytes"]["default"] == peaks
+
+
 def test_k_formulations_refuses_a_k_the_chunk_does_not_divide():
     with pytest.raises(ValueError, match="multiple of the chunk, 4"):
         k_formulations.main(["--chunk", "4", "--num-directions", "6", "--out", "x"])
