@@ -232,6 +232,47 @@ def step_cost_large_section(record: dict[str, Any], results_path: str) -> list[s
     ]
 
 
+def chunk_memory_section(record: dict[str, Any], results_path: str) -> list[str]:
+    """`chunk_memory.py`: the compiled peak against k, by default and in chunks."""
+    ks = record["config"]["num_directions"]
+    chunk = record["config"]["chunk"]
+    settings = ("default", f"chunk_size_{chunk}")
+    labels = {"default": "default", settings[1]: f"`chunk_size={chunk}`"}
+    lines = [
+        "### Memory against k (`benchmarks/chunk_memory.py`)",
+        "",
+        f"Machine: {_machine(record)}. XLA's compiled peak (MiB) of `filter_dodge` "
+        f"with k directions, by the backend's default and with `chunk_size={chunk}`, "
+        "next to `filter_grad` plain and rematerialised; *growth*: how far the peak "
+        f"rises above k = {chunk}'s for larger k, in parameter-sized buffers (the "
+        "goal: at most 1 ✓).",
+        "",
+        "| model | `filter_grad` | remat | "
+        + " | ".join(f"{labels[s]} k={k}" for s in settings for k in ks)
+        + " | "
+        + " | ".join(f"growth, {labels[s]}" for s in settings)
+        + " |",
+        "|---|---|---|" + "---|" * (len(settings) * (len(ks) + 1)),
+    ]
+    for name, r in record["results"].items():
+        growth = r["growth_in_parameter_buffers"]
+        lines.append(
+            f"| {name} | {_mib(r['grad_peak_bytes'])} "
+            f"| {_mib(r['grad_remat_peak_bytes'])} | "
+            + " | ".join(_mib(r["peak_bytes"][s][str(k)]) for s in settings for k in ks)
+            + " | "
+            + " | ".join(
+                "–"
+                if growth[s] is None
+                else f"{growth[s]:.2f}" + (" ✓" if growth[s] <= 1 else " ✗")
+                for s in settings
+            )
+            + " |"
+        )
+    lines += ["", f"![memory against k]({results_path}/chunk_memory.png)", ""]
+    return lines
+
+
 def _central_lines(results: dict[str, Any]) -> list[str]:
     """The zeroth-order peer of `step_cost`: central differences along the same
     direction (absent from files written before it was measured)."""
@@ -1294,6 +1335,7 @@ SECTIONS = {
     "cpu_flags": cpu_flags_section,
     "cpu_flags_full": cpu_flags_section,
     "k_formulations": k_formulations_section,
+    "chunk_memory": chunk_memory_section,
     "vs_pytorch": vs_pytorch_section,
     "digits_directions": digits_section,
     "digits_widths": digits_widths_section,
@@ -1378,8 +1420,8 @@ def gpu_chunks_lines(
     smallest = min(c for c, _ in peaks["chunked"])
     smallest_peak = max(b for c, b in peaks["chunked"] if c == smallest)
     verdict = (
-        "so on GPUs the library keeps one `vmap` over all k, and its peak memory "
-        "grows with k"
+        "so on GPUs the library keeps one `vmap` over all k by default, and its "
+        "peak memory grows with k unless `chunk_size` is set"
         if all(min(r) > 1 for r in ratios.values() if r)
         else "some chunkings are not slower than one `vmap`"
     )
@@ -1410,6 +1452,7 @@ def gpu_lines(gpu_dir: pathlib.Path, results_path: str) -> list[str]:
     for name, section in (
         ("step_cost", step_cost_section),
         ("step_cost_large", step_cost_large_section),
+        ("chunk_memory", chunk_memory_section),
     ):
         path = gpu_dir / f"{name}.json"
         if path.exists():
