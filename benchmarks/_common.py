@@ -128,6 +128,12 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
 
 
+# The commit checked out when this process started, which is the code it runs: a
+# long study's later records would otherwise name whatever was checked out when
+# each run finished.
+STARTED_AT_COMMIT = _git_commit()
+
+
 def machine_info() -> dict[str, Any]:
     """Where and with what the benchmark ran (stored in every result file)."""
     import importlib.metadata
@@ -150,7 +156,7 @@ def machine_info() -> dict[str, Any]:
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "git_commit": _git_commit(),
+        "git_commit": STARTED_AT_COMMIT,
     }
 
 
