@@ -48,7 +48,7 @@ from ._checks import (
     KeyLike,
     loss_and_aux,
 )
-from ._derivatives import jvp
+from ._derivatives import jvp, vmap_with_aux
 from ._directions import accumulation_dtype, sample_direction, trainable
 from ._filter import _DodgeWrapper, BatchWrapperMethods
 from ._live import live_mask, zero_dead
@@ -116,6 +116,10 @@ def _raised_here(error: BaseException) -> bool:
 _PACKAGE = pathlib.Path(__file__).parent
 
 
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
 def _example_value(
     fun: Callable, kwargs: dict, has_aux: bool, model: PyTree, example: tuple
 ) -> tuple[Array, Any]:
@@ -124,6 +128,18 @@ def _example_value(
         out = call_loss(fun, model, example, kwargs)
     except Exception as error:
         if _raised_here(error):  # eqx_dodge's own messages say what is wrong
+            raise
+        if any(leaf is None for leaf in jax.tree.leaves(model, is_leaf=_is_none)):
+            # Most likely the trainable half of `eqx.partition`, combined inside.
+            error.add_note(
+                "eqx_dodge's activity estimators hand `example_loss` its first "
+                "argument with each Linear and Conv layer wrapped (where its output "
+                "is perturbed), so a model split with `eqx.partition` cannot be put "
+                "back together with `eqx.combine` inside the loss. Pass the whole "
+                "model and freeze the other part inside the loss with "
+                "`jax.lax.stop_gradient` (the FAQ: 'How do I freeze part of a "
+                "model?'); its leaves then get exact zeros."
+            )
             raise
         shapes = jax.tree.map(jnp.shape, example)
         error.add_note(
@@ -244,13 +260,16 @@ def _forward_pass(
     example_derivatives = ft.partial(_example_derivatives, example_value, parts)
 
     def direction_derivatives(words_j, direction):
-        return jax.vmap(example_derivatives, in_axes=(0, 0, None))(
-            batch, words_j, direction
+        return vmap_with_aux(
+            lambda example, w: example_derivatives(example, w, direction),
+            (0, 0, 0),
+            batch,
+            words_j,
         )
 
-    values, derivatives, aux = jax.vmap(
-        direction_derivatives, out_axes=(None, 0, None)
-    )(words, directions)
+    values, derivatives, aux = vmap_with_aux(
+        direction_derivatives, (None, 0, None), words, directions
+    )
     num_directions, batch_size = words.shape[:2]
     derivatives = derivatives.reshape(num_directions, batch_size, parts.num_groups)
     # At least float32 (float64 losses keep float64).

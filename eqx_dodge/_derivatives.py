@@ -106,6 +106,23 @@ def jvp(fun: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = False
     )
 
 
+def vmap_with_aux(fun: Callable, out_axes: tuple, *args: Any) -> tuple:
+    """`jax.vmap(fun, out_axes=out_axes)(*args)` for a `fun` whose last output is
+    an aux that may hold non-array leaves (a string tag, the model itself with its
+    activation functions), as `eqx.filter_grad`'s aux may: those leaves pass around
+    `vmap`, traced once, and come back as they were."""
+    statics = []
+
+    def arrays_only(*inputs):
+        *outputs, aux = fun(*inputs)
+        dynamic, static = eqx.partition(aux, eqx.is_array)
+        statics.append(static)
+        return (*outputs, dynamic)
+
+    *outputs, dynamic = jax.vmap(arrays_only, out_axes=out_axes)(*args)
+    return (*outputs, eqx.combine(dynamic, statics[-1]))
+
+
 def _jvp_derivatives(
     value_and_aux: Callable[[PyTree], tuple[Array, Any]],
     primal: PyTree,
@@ -120,7 +137,7 @@ def _jvp_derivatives(
     if jax.tree.leaves(tangents)[0].shape[0] == 1:
         value, derivative, aux = along(jax.tree.map(lambda t: t[0], tangents))
         return value, derivative[None], aux
-    return jax.vmap(along, out_axes=(None, 0, None))(tangents)
+    return vmap_with_aux(along, (None, 0, None), tangents)
 
 
 def central_differences(

@@ -7,6 +7,7 @@ on `fun(primal) -> (value, aux)`, a function of those leaves alone.
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
@@ -47,7 +48,8 @@ def _primitives(fun: Callable[[PyTree], Any], primal: PyTree) -> set[str]:
                     if hasattr(sub, "eqns"):
                         walk(sub)
 
-    walk(jax.make_jaxpr(fun)(primal).jaxpr)
+    # The aux may hold non-array leaves (a string, the model): only arrays out.
+    walk(jax.make_jaxpr(lambda p: eqx.filter(fun(p), eqx.is_array))(primal).jaxpr)
     return names
 
 
@@ -62,9 +64,13 @@ def _chunks(seeds: PyTree, num: int, chunk: int) -> tuple[PyTree, PyTree]:
 
 
 def _nan_flag(previous: PyTree) -> Array:
-    """1 if anything in `previous` is NaN, else 0: a value XLA cannot fold away."""
-    sums = [jnp.sum(x).astype(jnp.float32) for x in jax.tree.leaves(previous)]
-    return jnp.isnan(sum(sums)).astype(jnp.uint32)
+    """1 if anything in `previous` is NaN, else 0: a value XLA cannot fold away.
+    Checked element by element in each leaf's own dtype: a float32 sum of large
+    finite values (or of float64 ones beyond float32's range) overflows, and
+    `inf − inf` would raise the flag for finite inputs, which then shifts the
+    seeds of the chunks after it."""
+    flags = [jnp.any(jnp.isnan(x)) for x in jax.tree.leaves(previous)]
+    return jnp.any(jnp.stack(flags)).astype(jnp.uint32)
 
 
 def _shifted(seeds: PyTree, flag: Array) -> PyTree:

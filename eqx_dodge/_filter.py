@@ -313,9 +313,14 @@ def filter_value_and_dodge(
         other (each chunk evaluates the loss again), so the tangents alive at once
         are those of one chunk. The estimate is the same for any chunk size (up to
         float rounding). `None` (the default) lets the backend decide: chunks of
-        at least 4 on CPU, where they measured faster, and all the directions at
-        once elsewhere, where one `vmap` measured faster but its memory grows with
-        `num_directions`: set it on a GPU to bound the memory of many directions.
+        at least 4 on CPU (and of `k/16` beyond 64), where they measured faster,
+        and all the directions at once elsewhere, where one `vmap` measured faster
+        but its memory grows with `num_directions`: set it on a GPU to bound the
+        memory of many directions. Two costs of several chunks: `jax.grad`
+        through the estimate needs them in one (`chunk_size=num_directions`; the
+        chunks run in a `while_loop`, which has no reverse mode), and on CPU a
+        loss with a convolution unrolls its chunks, so compilation takes longer
+        the more chunks there are.
 
     **Returns:**
 
@@ -351,7 +356,8 @@ def filter_dodge(
 
     **Arguments:** the same as [`eqx_dodge.filter_value_and_dodge`][]'s: `fun`, and
     one of `key` (random directions) or `direction` (a candidate), `num_directions`,
-    `sampler`, `mode`, `has_aux`, `derivative`, `finite_difference_step`.
+    `sampler`, `mode`, `has_aux`, `derivative`, `finite_difference_step`,
+    `chunk_size`.
 
     **Returns:**
 

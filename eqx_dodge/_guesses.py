@@ -62,6 +62,18 @@ def _mlp_stages(model: eqx.nn.MLP) -> tuple[Callable, list[_Stage]]:
             "`eqx.nn.MLP(..., scan=True)` is not supported by the gradient guesses; "
             "build the MLP with `scan=False` (the default)."
         )
+    for name in ("activation", "final_activation"):
+        if jax.tree.leaves(eqx.filter(getattr(model, name), eqx.is_inexact_array)):
+            # Its parameters would get no direction (only the Linear layers do).
+            raise ValueError(
+                f"`model.{name}` is a {type(getattr(model, name)).__name__} with "
+                "parameters of its own (a learnt activation), which the guess would "
+                "leave without a direction. The gradient guesses take an "
+                "`eqx.nn.MLP` with parameter-free activations (`jax.nn.relu`). For "
+                "this model, record the Linear layers' inputs and use "
+                "`eqx_dodge.layer_activation_guess`, mixed with a random direction "
+                "for the other parameters."
+            )
     apply_per_neuron = eqx.filter_vmap(lambda a, b: a(b))
 
     def hidden_activation(i: int) -> Callable[[Array], Array]:

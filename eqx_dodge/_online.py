@@ -32,7 +32,7 @@ from ._checks import (
     REDUCTIONS,
     ScalarLike,
 )
-from ._derivatives import central_differences, jvp
+from ._derivatives import central_differences, jvp, vmap_with_aux
 from ._directions import check_direction, partition_direction, trainable
 from ._live import LiveSplit, split_live
 from ._tangents import draw_tangents
@@ -371,9 +371,9 @@ class OnlineDodge(eqx.Module):
         def along(direction, tangent):
             return jvp(window, primals, (direction, tangent), has_aux=True)
 
-        out, (derivatives, final_tangent), aux = jax.vmap(
-            along, out_axes=(None, 0, None)
-        )(*tangents)
+        out, (derivatives, final_tangent), aux = vmap_with_aux(
+            along, (None, 0, None), *tangents
+        )
         return out, derivatives, final_tangent, aux
 
     def __call__(

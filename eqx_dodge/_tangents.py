@@ -290,6 +290,10 @@ def explored_tangents(
     `E[r̃ r̃ᵀ] = I − ĉĉᵀ` completes `ĉĉᵀ` to the identity, and its dot product with
     `g` is a sum of squares: a descent direction.
     """
+    if num_directions > 1 and not jax.tree.leaves(primal):
+        # No live leaf (the loss uses none of them): nothing to draw; the estimate
+        # is the empty tree, as with one direction and as `eqx.filter_grad` gives.
+        return fixed_tangents(primal, jnp.ones((num_directions,), widest_float()))
     lead = unit(candidate)
     if num_directions == 1:
         stacked = jax.tree.map(lambda u: u[None], lead)

@@ -215,7 +215,11 @@ def dodge(
         (the default) lets the backend decide: chunks of at least 4 on CPU, where
         they measured faster, and all the directions at once elsewhere, where one
         `vmap` measured faster but its memory grows with `num_directions`: set it
-        on a GPU to bound the memory of many directions.
+        on a GPU to bound the memory of many directions (as in
+        [`eqx_dodge.filter_value_and_dodge`][]). With a candidate (`"updates"`,
+        `"ema"`) the `num_directions − 1` exploration directions, projected
+        orthogonally to it, are stored whole (`num_directions` times the
+        parameters' memory); the chunks bound the tangents of the activations.
 
     **Returns:**
 

@@ -564,3 +564,23 @@ def test_separate_passes_cost_the_network_downstream_of_their_layer():
 
     # Measured: 1.72 with passes per group, 3.19 with the vmapped one-hot passes.
     assert flops(True) / flops(False) < 2.4
+
+
+def test_partitioned_model_gets_the_stop_gradient_hint():
+    """A model split with `eqx.partition` and combined inside the loss cannot be
+    rebuilt from the estimator's wrapped layers: the error says to freeze with
+    `stop_gradient` instead, not that the loss takes one example."""
+    model = eqx.nn.MLP(3, 1, 8, 2, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (8, 3))
+    y = jnp.sum(x, -1, keepdims=True)
+    spec = jax.tree.map(eqx.is_inexact_array, model)
+    spec = eqx.tree_at(lambda m: m.layers[0].weight, spec, False)
+    trainable, static = eqx.partition(model, spec)
+
+    def example_loss(trainable, x, y, static):
+        return jnp.mean((eqx.combine(trainable, static)(x) - y) ** 2)
+
+    with pytest.raises(Exception) as raised:
+        eqx_dodge.activity_dodge(example_loss, key=0)(trainable, x, y, static=static)
+    notes = "\n".join(getattr(raised.value, "__notes__", []))
+    assert "jax.lax.stop_gradient" in notes and "ONE example" not in notes

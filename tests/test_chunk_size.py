@@ -182,3 +182,28 @@ def test_bad_chunk_size(value, error):
         for make in makers:
             with pytest.raises(error, match="`chunk_size`"):
                 make()
+
+
+def test_large_finite_derivatives_do_not_shift_the_chunks():
+    """float64 derivatives beyond float32's range (finite): every chunk size gives
+    the one-chunk estimate. Catches a NaN check that summed in float32, where
+    `inf − inf` raised it for finite values and the chunks after it drew other
+    directions (an error of several times the gradient)."""
+    with jax.enable_x64(True):
+        w = {"a": jnp.ones(20), "b": jnp.ones(20)}
+
+        def loss(w, scale):
+            return scale * (jnp.sum(w["a"]) - jnp.sum(w["b"]))
+
+        def estimate(size):
+            return eqx_dodge.filter_dodge(
+                loss, key=0, num_directions=8, chunk_size=size
+            )(w, 1e40)
+
+        whole = estimate(8)
+        for size in (4, 2):
+            chunked = estimate(size)
+            for name in whole:
+                np.testing.assert_allclose(
+                    chunked[name] / 1e40, whole[name] / 1e40, rtol=1e-12, atol=1e-12
+                )

@@ -368,3 +368,41 @@ def test_float64_losses_keep_float64_exactness():
         expected = np_flat(eqx.filter_grad(batch_loss)(linear, x))
         estimate = np_flat(eqx_dodge.activity_dodge(example_loss, key=0)(linear, x))
         np.testing.assert_allclose(estimate, expected, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("num_directions", [1, 2, 8])
+def test_aux_with_non_array_leaves(num_directions):
+    """An aux holding a string and the model itself (its activation functions are
+    not arrays), as `eqx.filter_grad(has_aux=True)` allows: returned as it was, for
+    one direction, one chunk of several and several chunks, and by the activity
+    estimator. Catches the aux put through `vmap` whole ("is not a valid JAX
+    type") and the primitive scan that traced the loss with `jax.make_jaxpr`."""
+    model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+    x = jnp.ones((3, 2))
+
+    def loss(model, x):
+        out = jax.vmap(model)(x)
+        return jnp.mean(out**2), {"out": out, "tag": "train", "model": model}
+
+    (value, aux), estimate = eqx_dodge.filter_value_and_dodge(
+        loss, has_aux=True, key=0, num_directions=num_directions
+    )(model, x)
+    (expected_value, expected), _ = eqx.filter_value_and_grad(loss, has_aux=True)(
+        model, x
+    )
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    assert aux["tag"] == "train" and aux["model"].activation is jax.nn.relu
+    np.testing.assert_allclose(aux["out"], expected["out"], rtol=1e-6)
+    assert jax.tree.structure(estimate) == jax.tree.structure(
+        eqx.filter(model, eqx.is_inexact_array)
+    )
+
+    def example_loss(model, x):
+        out = model(x)
+        return jnp.sum(out**2), {"out": out, "tag": "train"}
+
+    _, activity_aux = eqx_dodge.activity_dodge(
+        example_loss, has_aux=True, key=0, num_directions=num_directions
+    )(model, x)
+    assert activity_aux["tag"] == "train"
+    np.testing.assert_allclose(activity_aux["out"], expected["out"], rtol=1e-6)

@@ -387,6 +387,33 @@ def test_one_array_the_loss_does_not_use(options):
     np.testing.assert_array_equal(estimate, zeros)
 
 
+@pytest.mark.parametrize("source", ["updates", "ema"])
+def test_exploration_with_every_leaf_dead(problem, source):
+    """A candidate with random exploration directions, when the loss uses none of
+    the parameters (an `optax.partition` group idle this phase): zeros, as with one
+    direction and as `eqx.filter_grad`. Catches the exploration directions drawn
+    over an empty tree (JAX's bare "vmap wrapped function must be passed at least
+    one argument" error)."""
+    model, x = problem
+    params = eqx.filter(model, eqx.is_inexact_array)
+
+    def frozen_loss(params, x):
+        return loss(jax.lax.stop_gradient(params), x)
+
+    transform = eqx_dodge.dodge(source=source, key=0, num_directions=3)
+    candidate = jax.tree.map(jnp.ones_like, params)
+    incoming = candidate if source == "updates" else None
+    estimate, _ = transform.update(
+        incoming,  # pyright: ignore[reportArgumentType]
+        transform.init(params),
+        params,
+        value_fn=frozen_loss,
+        x=x,
+    )
+    zeros = eqx.filter_grad(frozen_loss)(params, x)
+    assert_tree_allclose(estimate, zeros, atol=0)
+
+
 def test_online_partition_over_live_coordinates_is_rtrl(problem):
     """`OnlineDodge` draws its directions at `init`, before it sees the loss; its
     parts are formed again over the live coordinates, so k = p_live is RTRL."""

@@ -172,6 +172,17 @@ def test_errors(getkey):
         for guess in GUESSES:
             with pytest.raises(ValueError, match=rf"layers\[{index}\]` is a LayerNorm"):
                 guess(getkey(), eqx.nn.Sequential(normed), x)
+    # The same for an MLP's learnt activation (it would get a zero direction).
+    learnt_models = {
+        "activation": eqx.nn.MLP(40, 4, 32, 2, activation=eqx.nn.PReLU(), key=getkey()),
+        "final_activation": eqx.nn.MLP(
+            40, 4, 32, 2, final_activation=eqx.nn.PReLU(), key=getkey()
+        ),
+    }
+    for name, learnt in learnt_models.items():
+        for guess in GUESSES:
+            with pytest.raises(ValueError, match=rf"`model.{name}` is a PReLU"):
+                guess(getkey(), learnt, x)
 
 
 def test_dodge_along_guesses_descends_and_beats_random(getkey):
