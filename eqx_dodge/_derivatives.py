@@ -22,6 +22,7 @@ import equinox as eqx
 import jax
 import jax.extend
 import jax.numpy as jnp
+from jax.interpreters.partial_eval import dce_jaxpr
 from jaxtyping import Array, PyTree, Scalar
 
 from ._checks import ScalarLike
@@ -37,9 +38,12 @@ eqx_dodge differentiates the loss in forward mode (`jax.jvp`), and forward mode 
 cannot differentiate a function with a `jax.custom_vjp` (a hand-written reverse-mode \
 rule). Something inside the loss defines one{where}. Depending on where it comes from:
 
-- diffrax: its default adjoint `RecursiveCheckpointAdjoint` is a custom_vjp; pass \
-`adjoint=diffrax.ForwardMode()` (or `adjoint=diffrax.DirectAdjoint()`) to \
-`diffrax.diffeqsolve`.
+- diffrax: its default adjoint `RecursiveCheckpointAdjoint` (and \
+`BacksolveAdjoint`) is a custom_vjp; pass `adjoint=diffrax.ForwardMode()` to \
+`diffrax.diffeqsolve` (`DirectAdjoint()` works too, except with stochastic \
+Runge-Kutta solvers such as ShARK unless they are built with `scan_kind="lax"`).
+- optimistix: `adjoint=optx.RecursiveCheckpointAdjoint()` is a custom_vjp; the \
+default `optx.ImplicitAdjoint()` works in forward mode.
 - `eqx.internal.while_loop(..., kind="checkpointed")`: use `kind="lax"` or \
 `kind="bounded"`.
 - your own `jax.custom_vjp` or `eqx.filter_custom_vjp`: write the rule as a \
@@ -81,10 +85,25 @@ def jvp(fun: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = False
     def pushforward(primals, tangents):
         return jax.jvp(fun, primals, tangents, has_aux=has_aux)
 
-    closed, out_dynamic, out_static = eqx.filter_make_jaxpr(pushforward)(
-        primals, tangents
-    )
-    eqn = _custom_lin(closed.jaxpr)
+    try:
+        closed, out_dynamic, out_static = eqx.filter_make_jaxpr(pushforward)(
+            primals, tangents
+        )
+    except ValueError as error:
+        if "callbacks do not support JVP" in str(error):
+            error.add_note(
+                "eqx_dodge differentiates the loss in forward mode, which JAX does "
+                "not define for `jax.pure_callback`. Estimate the directional "
+                'derivatives by central finite differences, `derivative="central"` '
+                "(with more than one direction the callback must accept a batch: "
+                "give `jax.pure_callback` a `vmap_method`)."
+            )
+        raise
+    # Dead code first: a custom_vjp whose derivative no output uses (a diagnostic in
+    # the aux, a normaliser under `stop_gradient`) leaves a `custom_lin` that
+    # lowering drops, as it does for `jax.jit(jax.jvp(...))`.
+    jaxpr, used = dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    eqn = _custom_lin(jaxpr)
     if eqn is not None:
         source = getattr(eqn.params["bwd"], "debug_info", None)
         source = getattr(source, "func_src_info", None)
@@ -93,6 +112,8 @@ def jvp(fun: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = False
             _JAX_CUSTOM_VJP_ERROR
         )
     inputs = jax.tree.leaves(eqx.filter((primals, tangents), eqx.is_array))
+    inputs = [x for x, needed in zip(inputs, used, strict=True) if needed]
+    closed = jax.extend.core.ClosedJaxpr(jaxpr, closed.consts)
     # An output that is a constant of the jaxpr (an aux leaf that does not depend on
     # the inputs, e.g. `eqx.nn.BatchNorm`'s first-time flag) comes back as a Python
     # scalar; as an array, with the dtype and weak type it was traced with, it

@@ -497,3 +497,41 @@ def test_online_central_differences_carry_the_tangent():
 
     ratio = error(0.2) / error(0.1)
     assert 3.0 < ratio < 5.3, ratio
+
+
+@pytest.mark.parametrize("num_directions", [1, 3])
+def test_custom_vjp_whose_derivative_no_output_uses(num_directions):
+    """A custom_vjp only in the aux (a diagnostic) or under `stop_gradient` (a
+    normaliser) needs no derivative, as `jax.jit(jax.jvp(...))` finds: the estimate
+    is exact (partition, k = p), not the custom_vjp `TypeError`. Catches the check
+    run before dead-code elimination."""
+    w = jnp.array([0.5, -1.0, 2.0])
+
+    def with_aux(w):
+        return jnp.sum(w**2), jnp.sum(softplus(w))
+
+    def normalised(w):
+        return jnp.sum(w**2) / jax.lax.stop_gradient(jnp.sum(softplus(w)))
+
+    estimate, aux = eqx_dodge.filter_dodge(
+        with_aux, has_aux=True, key=0, num_directions=num_directions, mode="partition"
+    )(w)
+    np.testing.assert_allclose(aux, jnp.sum(softplus(w)), rtol=1e-6)
+    other = eqx_dodge.filter_dodge(
+        normalised, key=0, num_directions=num_directions, mode="partition"
+    )(w)
+    if num_directions == 3:
+        np.testing.assert_allclose(estimate, 2 * w, rtol=1e-6)
+        np.testing.assert_allclose(other, jax.grad(normalised)(w), rtol=1e-6)
+
+
+def test_pure_callback_points_to_central_differences():
+    def loss(w):
+        shape = jax.ShapeDtypeStruct(w.shape, w.dtype)
+        return jnp.sum(jax.pure_callback(np.tanh, shape, w))
+
+    with pytest.raises(ValueError) as raised:
+        eqx_dodge.filter_dodge(loss, key=0)(X0)
+    assert 'derivative="central"' in "\n".join(raised.value.__notes__)
+    estimate = eqx_dodge.filter_dodge(loss, key=0, derivative="central")(X0)
+    assert jnp.all(jnp.isfinite(estimate))
