@@ -32,8 +32,9 @@ def cosine_similarity(estimate: PyTree, gradient: PyTree) -> Scalar:
     `eqx.filter_grad`) are skipped. If either argument is zero the result is `0`, not
     NaN.
 
-    For a DODGE estimate $(g \cdot u)\,u$ this is $|g \cdot u| / (\|g\|\,\|u\|)$ up to
-    its sign, which is that of $g \cdot u$; for a random Rademacher or Gaussian
+    For a DODGE estimate $(g \cdot u)\,u$ this is $|g \cdot u| / (\|g\|\,\|u\|) \ge 0$
+    (the estimate is a descent direction whatever the sign of $g \cdot u$); for a
+    random Rademacher or Gaussian
     direction its square has expectation $1/p$, with $p$ the number of coordinates.
     The oracle direction $u = g$ gives 1.
 

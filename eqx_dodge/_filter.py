@@ -280,8 +280,9 @@ def filter_value_and_dodge(
         vectorised forward pass (a few at a time on CPU).
     - `sampler`: the entries of random directions: `"rademacher"` (the default; ±1
         with equal probability), `"gaussian"`, or `"orthogonal"`: with
-        `mode="average"` and `k > 1`, the `k` directions are ±1 vectors exactly
-        orthogonal to each other (stochastic subspace descent, Kozak et al. 2019),
+        `mode="average"` and `k > 1`, the `k` directions are exactly orthogonal to
+        each other, ±1 vectors (±√k or 0 on the last `p mod K` coordinates, `K`
+        the power of two ≥ `k`; stochastic subspace descent, Kozak et al. 2019),
         so the estimate is about $\frac pk$ times the projection of the gradient on
         a random `k`-dimensional subspace, with less variance than `k` independent
         directions (see the docs' "Several directions" page). With one direction it

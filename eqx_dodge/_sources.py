@@ -87,7 +87,8 @@ class DodgeRandomState(NamedTuple):
 
 def baseline_contraction(p: int, num_directions: int, sampler: str, mode: str) -> float:
     """`q` such that `E‖Σ_j w_j (e·u_j)u_j‖² ≤ q‖e‖²` for the random directions
-    (with equality for Rademacher and Gaussian ones)."""
+    (with equality for averaged Rademacher and Gaussian ones, and for equal
+    partition blocks; an upper bound, the largest coefficient, otherwise)."""
     extra = 2 if sampler == "gaussian" else 0
     if sampler == "orthogonal" and num_directions > 1:
         # `(B + k⌈t/k⌉)/k` with `t = p mod K` tail coordinates and `B = p − t`: the

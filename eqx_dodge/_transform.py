@@ -189,9 +189,12 @@ def dodge(
         entries), $p$ the number of parameters. The baseline converges to the
         gradient (and the variance to zero) iff $\beta < 2/q$, fastest at
         $\beta = 1/q$; larger rates make it diverge, so `init` raises an error
-        for them. Small rates also let $b$ follow a drifting gradient only
-        slowly: the baseline pays off when the gradient changes little over about
-        $q$ steps.
+        for them. For `"partition"` with blocks of unequal size, and for
+        `sampler="orthogonal"` when the power of two $K \ge k$ does not divide
+        $p$, $q$ is an upper bound (the largest coefficient): the factor is then
+        at most $1 - 2\beta + \beta^2 q$, and the refusal is conservative.
+        Small rates also let $b$ follow a drifting gradient only slowly: the
+        baseline pays off when the gradient changes little over about $q$ steps.
 
     - `has_aux`: whether `value_fn` returns `(loss, aux)`; the state then keeps
         the latest `aux`.
