@@ -39,6 +39,7 @@ NOT_BENCHMARKS = ("report.py", "run_all.py")
 TIMED = (
     "activity",
     "activity_models",
+    "chunk_memory",
     "cpu_flags",
     "guess_quality",
     "k_formulations",
