@@ -34,8 +34,8 @@ def cosine_similarity(estimate: PyTree, gradient: PyTree) -> Scalar:
 
     For a DODGE estimate $(g \cdot u)\,u$ this is $|g \cdot u| / (\|g\|\,\|u\|) \ge 0$
     (the estimate is a descent direction whatever the sign of $g \cdot u$); for a
-    random Rademacher or Gaussian
-    direction its square has expectation $1/p$, with $p$ the number of coordinates.
+    random Rademacher or Gaussian direction its square has expectation $1/p$, with
+    $p$ the number of coordinates.
     The oracle direction $u = g$ gives 1.
 
     **Arguments:**
