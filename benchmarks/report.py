@@ -886,17 +886,23 @@ def copy_task_full_section(record: dict[str, Any], results_path: str) -> list[st
     grid, seeds = config["learning_rates"], len(config["seeds"])
     rates = sorted({*grid, *config["edge_learning_rates"]}, reverse=True)
     chance = COPY_TASK_BITS * (config["max_length"] + 1) / 4
+    finished = progress["runs_finished"] == progress["runs_planned"]
+    status = (
+        f"**All {progress['runs_planned']} planned runs are finished.**"
+        if finished
+        else f"**{progress['runs_finished']} of the {progress['runs_planned']} runs "
+        "planned so far are finished**; the study resumes where it stopped."
+    )
     lines = [
-        "### Copy task at the paper's scale (`benchmarks/copy_task.py --full`, "
-        "in progress)",
+        "### Copy task at the paper's scale (`benchmarks/copy_task.py --full`"
+        + ("" if finished else ", in progress")
+        + ")",
         "",
         f"Machine: {_machine(record)}. LSTM-{config['hidden']}, lengths 1.."
         f"{config['max_length']}, batch {config['batch']}, Adam, "
         f"{config['steps']} steps; a reduced grid of learning rates "
         f"{', '.join(f'{r:g}' for r in grid)} and {seeds} seeds (the paper: "
-        f"{PAPER_COPY_GRID}).{_edge_rates_sentence(record)} "
-        f"**{progress['runs_finished']} of the {progress['runs_planned']} runs "
-        "planned so far are finished**; the study resumes where it stopped. Median "
+        f"{PAPER_COPY_GRID}).{_edge_rates_sentence(record)} {status} Median "
         f"final bit errors per sequence over the finished seeds (chance is about "
         f"{chance:g}; bold: the best learning rate of a finished method):",
         "",

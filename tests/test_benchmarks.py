@@ -1448,3 +1448,20 @@ def test_report_gpu_chunks():
     faster = {4: record(4, [64], 0.8)}
     text = "\n".join(report.gpu_chunks_lines(faster, "gpu"))
     assert "some chunkings are not slower" in text and "keeps one" not in text
+
+
+def test_report_copy_task_full_status():
+    """The paper-scale copy task's heading and status follow the progress record:
+    "in progress" with the count while runs remain, "All N planned runs are
+    finished" once none does."""
+    record = json.loads((BENCHMARKS / "results" / "copy_task_full.json").read_text())
+    progress = record["progress"]
+    for finished in (progress["runs_planned"], progress["runs_planned"] - 3):
+        record["progress"] = {**progress, "runs_finished": finished}
+        heading, _, text, *_ = report.copy_task_full_section(record, "results")
+        done = finished == progress["runs_planned"]
+        assert ("in progress" in heading) != done
+        assert (
+            f"**All {progress['runs_planned']} planned runs are finished.**" in text
+        ) == done
+        assert (f"**{finished} of the {progress['runs_planned']} runs" in text) != done
