@@ -84,6 +84,11 @@ def load_script(relative_path: str) -> types.ModuleType:
     return module
 
 
+def parameter_bytes(model: PyTree) -> int:
+    """The bytes of the array leaves of `model`: one parameter-sized buffer."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
 def tree_allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
     """Whether `a` and `b` have the same tree structure and every pair of leaves is
     `jnp.allclose` (shapes must match; `None` leaves are skipped on both sides)."""

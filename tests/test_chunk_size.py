@@ -10,7 +10,7 @@ import pytest
 
 import eqx_dodge
 
-from .helpers import without_runtime_type_checks
+from .helpers import assert_tree_allclose, parameter_bytes, without_runtime_type_checks
 
 
 def make_problem():
@@ -21,11 +21,6 @@ def make_problem():
         return jnp.mean(jnp.tanh(jax.vmap(model)(x)) ** 2)
 
     return model, x, loss
-
-
-def assert_trees_close(a, b):
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["average", "partition"])
@@ -50,7 +45,7 @@ def test_every_chunk_size_gives_the_same_estimate(mode):
     assert float(jnp.abs(jax.tree.leaves(reference)[0]).max()) > 0
     for other_value, other in others:
         np.testing.assert_allclose(other_value, value, rtol=1e-6)
-        assert_trees_close(other, reference)
+        assert_tree_allclose(other, reference, atol=1e-7)
 
 
 def _temporary_bytes(kind, loss, model, x, num_directions, chunk_size):
@@ -97,8 +92,7 @@ def test_chunk_size_bounds_the_memory_of_many_directions(kind):
     def loss(model, x):
         return jnp.mean(jax.vmap(model)(x) ** 2)
 
-    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_array))
-    parameters = sum(leaf.nbytes for leaf in leaves)
+    parameters = parameter_bytes(model)
     two = _temporary_bytes(kind, loss, model, x, 2, 2)
     chunked = _temporary_bytes(kind, loss, model, x, 32, 2)
     whole = _temporary_bytes(kind, loss, model, x, 32, 32)
@@ -143,7 +137,7 @@ def test_transforms_take_the_chunk_size():
 
     out = updates(params, x)
     for name in builders:
-        assert_trees_close(out[f"{name} 2"], out[f"{name} None"])
+        assert_tree_allclose(out[f"{name} 2"], out[f"{name} None"], atol=1e-7)
 
 
 def test_sharded_takes_the_chunk_size():
@@ -157,7 +151,7 @@ def test_sharded_takes_the_chunk_size():
 
     (value, reference), (chunked_value, chunked) = estimate(None), estimate(2)
     np.testing.assert_allclose(chunked_value, value, rtol=1e-6)
-    assert_trees_close(chunked, reference)
+    assert_tree_allclose(chunked, reference, atol=1e-7)
 
 
 @pytest.mark.parametrize(

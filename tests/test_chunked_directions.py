@@ -12,6 +12,8 @@ from eqx_dodge._directions import num_coordinates, partition_direction, random_d
 from eqx_dodge._estimator import _primitives
 from eqx_dodge._tangents import SINGLE_DEVICE
 
+from .helpers import parameter_bytes
+
 
 def _chunk_size(num_directions):
     return SINGLE_DEVICE.chunk_size(num_directions)
@@ -223,10 +225,6 @@ def _temporary_bytes(loss, model, x, num_directions, key):
     return compiled.compiled.memory_analysis().temp_size_in_bytes
 
 
-def _parameter_bytes(model):
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-
-
 @pytest.mark.parametrize("name", ["mlp", "conv", "scan"])
 def test_peak_memory_is_flat_in_k(name):
     """XLA's compiled temporary memory for k = 5, 8, 12 and 32 directions is at
@@ -263,7 +261,7 @@ def test_peak_memory_is_flat_in_k(name):
 
     # The conv net's unrolled chunks each evaluate at their own copy of the
     # parameters (`_estimator._moved`): one more parameter-sized buffer.
-    bound = temporary_bytes(4) + (2 if name == "conv" else 1) * _parameter_bytes(model)
+    bound = temporary_bytes(4) + (2 if name == "conv" else 1) * parameter_bytes(model)
     for k in (5, 8, 12) if name == "conv" else (5, 8, 12, 32):
         assert temporary_bytes(k) <= bound, k
 
@@ -327,4 +325,4 @@ def test_chunk_holds_its_tangents_once(num_directions):
         return jnp.mean(jax.vmap(model)(x) ** 2)
 
     temporary = _temporary_bytes(loss, model, x, num_directions, jax.random.key(1))
-    assert temporary <= (min(num_directions, 4) + 1) * _parameter_bytes(model)
+    assert temporary <= (min(num_directions, 4) + 1) * parameter_bytes(model)
