@@ -72,14 +72,43 @@ def _custom_lin(jaxpr: jax.extend.core.Jaxpr) -> jax.extend.core.JaxprEqn | None
     return None
 
 
-def jvp(fun: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = False):
+def _depending_on(consts: list, flag: Array | None) -> list:
+    """The floating-point arrays a jaxpr closes over (the data of the loss, e.g. its
+    batch), scaled by `1 + flag`: themselves, exactly, where `flag` is 0, and values
+    that depend on it. An unrolled chunk of directions (`_estimator.py`, losses with
+    a convolution on CPU) passes the flag of the chunks before it, so that XLA does
+    not make one copy of the data in the layout a convolution wants for all chunks
+    and keep it alive from the first to the last (a batch of 128 images of 28 × 28:
+    0.4 MiB, 6 times the parameters of `step_cost`'s conv net); each chunk's copy
+    takes the scaling in. Integer arrays (labels) stay shared: they feed gathers,
+    which need no copy. Losses with a loop keep their data shared too: a matmul
+    reads it in place, and a scaled copy would be held through all the chunks."""
+    if flag is None:
+        return consts
+    return [
+        c * (1 + flag).astype(c.dtype)
+        if isinstance(c, jax.Array) and jnp.issubdtype(c.dtype, jnp.inexact)
+        else c
+        for c in consts
+    ]
+
+
+def jvp(
+    fun: Callable,
+    primals: tuple,
+    tangents: tuple,
+    *,
+    has_aux: bool = False,
+    after: Array | None = None,
+):
     """`jax.jvp`, with JAX's bare error about a `custom_vjp` explained.
 
     Under `jit` JAX raises that error only when the whole computation is lowered,
     outside eqx_dodge (and for a single tangent, without `vmap`, nowhere nearer). So
     the jvp is traced to a jaxpr here, checked, and evaluated into the surrounding
     trace: one trace of `fun`, as before. Every forward-mode pass of the package goes
-    through here, so that each estimator raises the same `TypeError`.
+    through here, so that each estimator raises the same `TypeError`. The arrays
+    `fun` closes over are made to depend on `after`, if given (`_depending_on`).
     """
 
     def pushforward(primals, tangents):
@@ -113,7 +142,8 @@ def jvp(fun: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = False
         )
     inputs = jax.tree.leaves(eqx.filter((primals, tangents), eqx.is_array))
     inputs = [x for x, needed in zip(inputs, used, strict=True) if needed]
-    closed = jax.extend.core.ClosedJaxpr(jaxpr, closed.consts)
+    consts = _depending_on(list(closed.consts), after)
+    closed = jax.extend.core.ClosedJaxpr(jaxpr, consts)
     # An output that is a constant of the jaxpr (an aux leaf that does not depend on
     # the inputs, e.g. `eqx.nn.BatchNorm`'s first-time flag) comes back as a Python
     # scalar; as an array, with the dtype and weak type it was traced with, it
@@ -148,12 +178,13 @@ def _jvp_derivatives(
     value_and_aux: Callable[[PyTree], tuple[Array, Any]],
     primal: PyTree,
     tangents: PyTree,
+    after: Array | None,
 ) -> tuple[Scalar, Array, Any]:
     """One forward pass returning `(value, d, aux)`. The primal is not batched, so
     under `vmap` it is computed only once; a single tangent runs without `vmap`."""
 
     def along(tangent):
-        return jvp(value_and_aux, (primal,), (tangent,), has_aux=True)
+        return jvp(value_and_aux, (primal,), (tangent,), has_aux=True, after=after)
 
     if jax.tree.leaves(tangents)[0].shape[0] == 1:
         value, derivative, aux = along(jax.tree.map(lambda t: t[0], tangents))
@@ -200,13 +231,15 @@ def directional_derivatives(
     tangents: PyTree,
     derivative: str,
     finite_difference_step: ScalarLike,
+    after: Array | None = None,
 ) -> tuple[Scalar | None, Array, Any]:
     """`(value, d, aux)` for the tangents stacked along a leading axis, with `d_j`
     the derivative along `t_j`. Central differences do not evaluate the loss at
-    `primal`: their value and aux are `None` (the caller evaluates them once)."""
+    `primal`: their value and aux are `None` (the caller evaluates them once). In
+    forward mode the arrays the loss closes over depend on `after`, if given."""
     if derivative == "central":
         derivatives = central_differences(
             value_and_aux, primal, tangents, finite_difference_step
         )
         return None, derivatives, None
-    return _jvp_derivatives(value_and_aux, primal, tangents)
+    return _jvp_derivatives(value_and_aux, primal, tangents, after)

@@ -109,12 +109,15 @@ def _first_primal(primal: PyTree, seeds: PyTree) -> PyTree:
     return _moved(primal, _nan_flag([d.astype(jnp.float32) for d in data]))
 
 
-def _after(seeds: PyTree, primal: PyTree, previous: PyTree) -> tuple[PyTree, PyTree]:
+def _after(
+    seeds: PyTree, primal: PyTree, previous: PyTree
+) -> tuple[PyTree, PyTree, Array]:
     """`seeds` and `primal`, made to depend on what the chunks before computed
     (`previous`: their derivatives and sum), so that XLA runs unrolled chunks one
     after the other and never holds two chunks' tangents at once
-    (`optimization_barrier` does not keep them apart). Both change only if something
-    before is NaN, and then the estimate is NaN anyway.
+    (`optimization_barrier` does not keep them apart), and the flag they depend
+    on, for the arrays the loss closes over (`_derivatives.jvp`). All change only
+    if something before is NaN, and then the estimate is NaN anyway.
 
     The primal depends on it too so that XLA does not merge the chunks' forward
     passes into one: a merged forward pass keeps every layer's activations alive
@@ -122,7 +125,7 @@ def _after(seeds: PyTree, primal: PyTree, previous: PyTree) -> tuple[PyTree, PyT
     139 MiB against 93 for k = 4). Each chunk recomputes its forward pass, as the
     chunks of a loop do: 13 % more time at k = 64 on a 2-layer conv net."""
     flag = _nan_flag(previous)
-    return _shifted(seeds, flag), _moved(primal, flag)
+    return _shifted(seeds, flag), _moved(primal, flag), flag
 
 
 def _loop_over_chunks(
@@ -194,10 +197,10 @@ def run_tangents(
     )
     accumulate = tangents.accumulates
 
-    def run(seeds, at=primal):
+    def run(seeds, at=primal, after=None):
         chunk_tangents = tangents.draw(seeds)
         value, derivatives, aux = directional_derivatives(
-            value_and_aux, at, chunk_tangents, derivative, finite_difference_step
+            value_and_aux, at, chunk_tangents, derivative, finite_difference_step, after
         )
         # In at least float32, and in float64 for float64 losses (`jax_enable_x64`).
         wide = accumulation_dtype(derivatives)
@@ -220,17 +223,17 @@ def run_tangents(
     value, derivatives, aux, total = run(head, first)
     if num > chunk:
 
-        def body(total, seeds, at=primal):
-            _, derivatives, _, part = run(seeds, at)
+        def body(total, seeds, at=primal, after=None):
+            _, derivatives, _, part = run(seeds, at, after)
             return jax.tree.map(jnp.add, total, part), derivatives
 
         if unrolled:
             more = [derivatives]
             for i in range(jax.tree.leaves(tail)[0].shape[0]):
-                seeds, at = _after(
+                seeds, at, flag = _after(
                     jax.tree.map(lambda s: s[i], tail), primal, (more[-1], total)
                 )
-                total, chunk_derivatives = body(total, seeds, at)
+                total, chunk_derivatives = body(total, seeds, at, flag)
                 more.append(chunk_derivatives)
             rest = jnp.stack(more[1:])
         else:

@@ -228,16 +228,15 @@ def _temporary_bytes(loss, model, x, num_directions, key):
 @pytest.mark.parametrize("name", ["mlp", "conv", "scan"])
 def test_peak_memory_is_flat_in_k(name):
     """XLA's compiled temporary memory for k = 5, 8, 12 and 32 directions is at
-    most k = 4's (one chunk) plus one parameter-sized buffer (two for the conv net,
-    of which it needs 1.4): the chunks run one after the other and each draws its
-    tangents where it uses them. Catches chunks that XLA overlaps: a loop it knows
-    runs once is inlined (k = 5 to 8: 1.9x k = 4's on the MLP), a chunk's tangents
-    hoisted out of the loop, unrolled chunks that run side by side (the conv net's
-    chunks are unrolled, as a convolution in a loop is slow on XLA:CPU; 1.9x at
-    k = 12 before `_after`) or that share one forward pass (its activations then
-    stay alive across the chunks: 1.05x here, and the whole of backpropagation's
-    activations on a deep net), and a looped loss with all k directions in one
-    `vmap` (7x at k = 32)."""
+    most k = 4's (one chunk) plus one parameter-sized buffer: the chunks run one
+    after the other and each draws its tangents where it uses them. Catches chunks
+    that XLA overlaps: a loop it knows runs once is inlined (k = 5 to 8: 1.9x
+    k = 4's on the MLP), a chunk's tangents hoisted out of the loop, unrolled
+    chunks that run side by side (the conv net's chunks are unrolled, as a
+    convolution in a loop is slow on XLA:CPU; 1.9x at k = 12 before `_after`) or
+    that share one forward pass (its activations then stay alive across the
+    chunks: 1.05x here, and the whole of backpropagation's activations on a deep
+    net), and a looped loss with all k directions in one `vmap` (7x at k = 32)."""
     if jax.default_backend() != "cpu":
         pytest.skip("chunks of CPU_CHUNK directions are the CPU backend's rule")
     key = jax.random.key(0)
@@ -259,10 +258,40 @@ def test_peak_memory_is_flat_in_k(name):
     def temporary_bytes(k):
         return _temporary_bytes(loss, model, x, k, key)
 
-    # The conv net's unrolled chunks each evaluate at their own copy of the
-    # parameters (`_estimator._moved`): one more parameter-sized buffer.
-    bound = temporary_bytes(4) + (2 if name == "conv" else 1) * parameter_bytes(model)
+    bound = temporary_bytes(4) + parameter_bytes(model)
     for k in (5, 8, 12) if name == "conv" else (5, 8, 12, 32):
+        assert temporary_bytes(k) <= bound, k
+
+
+def test_unrolled_chunks_do_not_hold_the_data():
+    """On a conv net whose batch outweighs its parameters, XLA's compiled temporary
+    memory for 8, 12 and 32 directions is at most k = 4's plus the estimate (one
+    parameter-sized buffer) and a quarter of the batch. Catches the batch the loss
+    closes over shared by the unrolled chunks: XLA then makes one copy of it in the
+    layout the convolution wants and keeps it alive from the first chunk to the
+    last (here the whole batch, 4 parameter buffers, more: 65 536 bytes over k =
+    4's estimate; `_derivatives._depending_on`)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("convolutions take the unrolled path on the CPU backend only")
+    keys = jax.random.split(jax.random.key(0), 2)
+    model = eqx.nn.Sequential(
+        [
+            eqx.nn.Conv2d(1, 8, 3, stride=2, key=keys[0]),
+            eqx.nn.Lambda(jnp.tanh),
+            eqx.nn.Lambda(jnp.ravel),
+            eqx.nn.Linear(8 * 7 * 7, 10, key=keys[1]),
+        ]
+    )
+    x = jnp.ones((64, 1, 16, 16))
+
+    def loss(model, x):
+        return jnp.mean(jax.vmap(model)(x) ** 2)
+
+    def temporary_bytes(k):
+        return _temporary_bytes(loss, model, x, k, keys[1])
+
+    bound = temporary_bytes(4) + parameter_bytes(model) + x.nbytes // 4
+    for k in (8, 12, 32):
         assert temporary_bytes(k) <= bound, k
 
 
