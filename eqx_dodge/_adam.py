@@ -1,6 +1,6 @@
 """`adam_dodge`: Adam driven by DODGE estimates, with steps bounded like Adam's."""
 
-from typing import Any, NamedTuple
+from typing import Any, cast, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -323,7 +323,7 @@ def adam_dodge(
 
     An `optax.GradientTransformationExtraArgs`.
     """
-    return optax.chain(
+    chain = optax.chain(
         scale_by_adam_dodge(
             b1,
             b2,
@@ -343,3 +343,23 @@ def adam_dodge(
         ),
         optax.scale_by_learning_rate(learning_rate),
     )
+    if not (callable(learning_rate) and skip_nonfinite):
+        return chain
+    return _schedule_holds_when_skipped(chain)
+
+
+def _schedule_holds_when_skipped(
+    chain: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
+    """`chain`, whose learning-rate schedule (its second state) keeps its count on a
+    step that `scale_by_adam_dodge` skipped (a non-finite one), as Adam's count
+    does: otherwise skipped steps would use up the schedule's warm-up or decay, as
+    they do not in `optax.apply_if_finite(optax.adam(schedule))`."""
+
+    def update_fn(updates, state, params=None, **extra_args):
+        updates, new_state = chain.update(updates, state, params, **extra_args)
+        adam, schedule = cast(tuple, new_state)
+        schedule = optax.tree.where(adam.notfinite_count > 0, state[1], schedule)
+        return updates, (adam, schedule)
+
+    return optax.GradientTransformationExtraArgs(chain.init, update_fn)

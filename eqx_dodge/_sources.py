@@ -103,9 +103,18 @@ def baseline_contraction(p: int, num_directions: int, sampler: str, mode: str) -
 
 
 def _check_baseline(decay: Any, primal: PyTree, k: int, sampler: str, mode: str):
+    """Refuses a decay that makes the baseline diverge, also one that comes as a
+    concrete array (`optax.inject_hyperparams` passes its hyperparameters so to
+    `init`); a traced one (`init` under `jit`) cannot be checked."""
     p = num_coordinates(primal)
+    if p == 0:
+        return  # no parameter (an empty `optax.masked` group): no baseline to fit
+    try:
+        decay = float(decay)
+    except jax.errors.ConcretizationTypeError:
+        return
     q = baseline_contraction(p, k, sampler, mode)
-    if isinstance(decay, int | float) and 1 - decay >= 2 / q:
+    if 1 - decay >= 2 / q:
         raise ValueError(
             f"`baseline_decay={decay}` makes the baseline diverge for these {p} "
             f"parameters: with rate β = 1 − baseline_decay its error is multiplied "

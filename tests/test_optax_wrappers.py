@@ -5,6 +5,7 @@
 # optax types `updates`, `params` and states as array trees; these tests pass
 # Equinox models and read NamedTuple states, as users of the transforms do.
 # pyright: reportArgumentType=false, reportAttributeAccessIssue=false
+# pyright: reportIndexIssue=false
 
 import functools as ft
 from typing import Any
@@ -134,6 +135,36 @@ def test_apply_if_finite_around_adam_dodge_skips_nan_loss(problem):
     assert after.total_notfinite == 1
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(after.mu))
     assert np.isclose(after.value, eqx.filter_jit(squared_loss)(model, x))
+
+
+def test_adam_dodge_skipped_steps_hold_the_schedule(problem):
+    """A skipped step leaves the learning-rate schedule's count where it was, with
+    Adam's: otherwise skipped steps would use up a warm-up or decay (here the whole
+    of a 3-step linear decay, so that the next finite step would be exactly zero),
+    which `optax.apply_if_finite(optax.adam(schedule))` does not do."""
+    model, params, x = problem
+    schedule = optax.linear_schedule(1.0, 0.0, transition_steps=3)
+    optim = eqx_dodge.adam_dodge(schedule, key=0)
+    step = eqx.filter_jit(
+        lambda state, scale: optim.update(
+            None,
+            state,
+            params,
+            value_fn=lambda p: scale * squared_loss(eqx.combine(p, model), x),
+        )
+    )
+    state = optim.init(params)
+    for _ in range(3):
+        _, state = step(state, jnp.float32(jnp.nan))
+    assert state[0].total_notfinite == 3 and state[0].count == 0
+    assert state[1].count == 0
+    output, state = step(state, jnp.float32(1.0))
+    assert state[1].count == 1
+    # The first Adam step at the schedule's first rate: every coordinate ±1.
+    leaves = jax.tree.leaves(output)
+    np.testing.assert_allclose(
+        np.abs(np.concatenate([np.ravel(o) for o in leaves])), 1.0, rtol=1e-4
+    )
 
 
 def test_skip_nonfinite_off_passes_nan_to_apply_if_finite(problem):

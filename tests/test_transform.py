@@ -3,6 +3,7 @@
 # optax types `updates`, `params` and states as array trees; these tests pass `None`
 # updates, Equinox models and NamedTuple states, as users of the transforms do.
 # pyright: reportArgumentType=false, reportAttributeAccessIssue=false
+# pyright: reportIndexIssue=false
 
 import functools
 import math
@@ -344,6 +345,33 @@ def test_baseline_decay_too_small_raises():
     with pytest.raises(ValueError, match="baseline_decay"):
         eqx_dodge.dodge(key=0, baseline_decay=0.8).init(w0)
     eqx_dodge.dodge(key=0, baseline_decay=0.84).init(w0)
+
+
+def test_baseline_decay_checked_under_inject_hyperparams():
+    """`optax.inject_hyperparams` passes the decay to `init` as a concrete array:
+    it is refused there as the float is (it made the baseline's norm 1e18 after 60
+    steps at fixed parameters when it was let through)."""
+    _, w0, _ = quadratic()
+    injected = optax.inject_hyperparams(eqx_dodge.dodge, static_args="num_directions")
+    with pytest.raises(ValueError, match="baseline_decay"):
+        injected(key=0, baseline_decay=0.8).init(w0)
+    injected(key=0, baseline_decay=0.84).init(w0)
+
+
+def test_baseline_with_no_parameter():
+    """A group that owns no floating-point parameter (`optax.masked` with nothing
+    selected, integer leaves only) has no baseline to fit: `init` and `update` run,
+    as they do without a baseline, and the update is empty."""
+    params = {"w": jnp.ones(3), "n": jnp.arange(2)}
+    optim = optax.masked(
+        eqx_dodge.dodge(key=0, baseline_decay=0.99), {"w": False, "n": False}
+    )
+    state = optim.init(params)
+    updates, _ = optim.update(
+        optax.tree.zeros_like(params), state, params, value_fn=lambda p: 0.0
+    )
+    assert np.all(np.asarray(updates["w"]) == 0)
+    eqx_dodge.dodge(key=0, baseline_decay=0.99).init({"n": jnp.arange(2)})
 
 
 # -- descent ----------------------------------------------------------------------
