@@ -27,6 +27,7 @@ _ROUNDS = 20
 _PARITY = 0x1BD11BDA
 _BITS_PER_WORD = 32
 _MAX_COUNTERS = 2**32
+_FEW_WORDS = 16
 
 
 def threefry_2x32(
@@ -104,7 +105,12 @@ def _words(
     # the same words, and a twentieth of the program XLA compiles per leaf.
     counters = jnp.arange(total, dtype=jnp.uint32)
     words = jnp.stack(threefry_2x32(jax.random.key_data(key), counters), axis=1)
-    words = _kept_apart(words) if kept_apart else words
+    # A few words are kept apart always: XLA:CPU's LLVM backend never finishes
+    # compiling the hash fused into the unpacking of one word pair's 16 to 32 signs
+    # when a second draw's seed depends on a value (jaxlib 0.10: any model of that
+    # many parameters, with two or more directions), and a buffer of a few words
+    # costs nothing.
+    words = _kept_apart(words) if kept_apart or total <= _FEW_WORDS else words
     offsets = itertools.accumulate(num_pairs, initial=0)
     return [words[o : o + n] for o, n in zip(offsets, num_pairs)]
 

@@ -7,7 +7,10 @@ with a CHANGELOG line saying that directions for a given key changed.
 """
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import equinox as eqx
 import jax
@@ -159,3 +162,53 @@ def test_key_words_are_distinct_pairs_of_every_key_implementation(impl):
         lambda model, x: jnp.sum(model(x)), key=key, num_directions=2
     )(model, jnp.ones((5, 3)))
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(estimate))
+
+
+_SMALL_MODELS_SCRIPT = """
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import eqx_dodge
+
+
+def loss(w):
+    return jnp.sum(jnp.tanh(w) ** 2)
+
+
+for size in (16, 20, 32):
+    estimate = eqx_dodge.filter_dodge(loss, key=0, num_directions=2)
+    eqx.filter_jit(estimate)(jnp.ones(size))
+
+
+def after_one_step(w):
+    return loss(w - 0.1 * eqx_dodge.filter_dodge(loss, key=0, num_directions=2)(w))
+
+
+jax.jit(jax.grad(after_one_step))(jnp.ones(16))
+"""
+
+
+def test_small_models_compile_with_xlas_default_flags():
+    """A model of 16 to 32 parameters (one hash word pair) with two directions
+    compiles with XLA's default optimisations, which this suite turns off
+    (`conftest.py`), so it runs in a fresh interpreter without them. Catches the
+    hash fused into the unpacking of the signs of a second draw, which XLA:CPU's
+    LLVM backend never finished compiling (16–23 and 26–32 parameters, jaxlib 0.10;
+    `_threefry._FEW_WORDS`)."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("JAX_DISABLE_MOST_OPTIMIZATIONS", "XLA_FLAGS")
+    }
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _SMALL_MODELS_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("compiling the estimate of a 16-parameter model did not finish")
+    assert result.returncode == 0, result.stderr[-3000:]
