@@ -98,10 +98,20 @@ def _unmasked(tree: PyTree) -> PyTree:
     )
 
 
-def rebuild_hint(params: PyTree, activity: bool = False) -> str | None:
-    """What to tell a user whose `value_fn` failed on a partial `params`; with
-    `activity`, for the activity estimators, whose `value_fn` gets the layers
-    wrapped and cannot rebuild the model with `eqx.combine`."""
+def _is_nnx_state(tree: Any) -> bool:
+    """Whether `tree` is a Flax NNX `State` (without importing Flax)."""
+    kind = type(tree)
+    return kind.__name__ == "State" and kind.__module__.startswith("flax.nnx")
+
+
+def rebuild_hint(
+    params: PyTree, activity: bool = False, error: Exception | None = None
+) -> str | None:
+    """What to tell a user whose `value_fn` failed (with `error`) on a partial
+    `params`, or on an `nnx.State` used as the module (a `TypeError` or
+    `AttributeError`); with `activity`, for the activity estimators, whose
+    `value_fn` gets the layers wrapped and cannot rebuild the model with
+    `eqx.combine`."""
     nodes = jax.tree.leaves(params, is_leaf=lambda x: x is None or _is_masked(x))
     rebuild = (
         "combine it with the whole model your training loop holds, e.g. "
@@ -115,6 +125,15 @@ def rebuild_hint(params: PyTree, activity: bool = False) -> str | None:
             "cannot rebuild the model from it. Pass the model itself as `params` "
             "to `update` (the state may still be initialised from "
             "`eqx.filter(model, eqx.is_inexact_array)`)."
+        )
+    if _is_nnx_state(params) and isinstance(error, TypeError | AttributeError):
+        return (
+            "`nnx.Optimizer.update` hands the transform the `nnx.State` of the "
+            "parameters its `wrt` selects, and `value_fn` receives that state, not "
+            "the module: rebuild the module inside it, e.g. with "
+            "`graphdef, _, rest = nnx.split(model, nnx.Param, ...)` before the "
+            "update and `value_fn=lambda state: loss(nnx.merge(graphdef, state, "
+            "rest), x, y)` (the Flax page of the eqx_dodge docs)."
         )
     if any(_is_masked(node) for node in nodes):
         return (
@@ -169,7 +188,7 @@ def loss_of_trainable(
         try:
             out = call_loss(value_fn, _unmasked(eqx.combine(_primal, rest)), (), kwargs)
         except Exception as error:
-            hint = rebuild_hint(params)
+            hint = rebuild_hint(params, error=error)
             if hint is not None:
                 error.add_note(hint)
             raise

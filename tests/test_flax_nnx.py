@@ -173,6 +173,18 @@ def test_nnx_optimizer_without_updates(name):
         candidate.update(model, None, value_fn=value_fn, x=x, y=y)
 
 
+def test_nnx_optimizer_value_fn_written_for_the_module_gets_a_note():
+    """A `value_fn` written for the module, as for `nnx.grad`, fails on the
+    `nnx.State` the transform hands it; the error says so and how to rebuild the
+    module (it was a bare "'State' object is not callable")."""
+    x, y = _regression_data()
+    model = _NormedMLP(rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, eqx_dodge.adam_dodge(1e-2, key=0), wrt=nnx.Param)
+    with pytest.raises(TypeError, match="not callable") as caught:
+        optimizer.update(model, None, value_fn=_nnx_loss, x=x, y=y)
+    assert any("nnx.merge(graphdef, state" in note for note in caught.value.__notes__)
+
+
 @pytest.mark.parametrize("num_directions", [1, 8])
 def test_nnx_batchnorm_in_training_mode_with_split_states(num_directions):
     """BatchNorm in training mode updates its statistics inside the loss. With the
