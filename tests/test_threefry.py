@@ -168,6 +168,7 @@ _SMALL_MODELS_SCRIPT = """
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optax
 
 import eqx_dodge
 
@@ -186,15 +187,44 @@ def after_one_step(w):
 
 
 jax.jit(jax.grad(after_one_step))(jnp.ones(16))
+
+# Every family of estimator on a model of one word pair (20 parameters).
+w = jnp.ones(20)
+for options in (
+    dict(sampler="orthogonal"),
+    dict(mode="partition"),
+    dict(derivative="central"),
+    dict(chunk_size=1),
+):
+    estimate = eqx_dodge.filter_dodge(loss, key=0, num_directions=2, **options)
+    eqx.filter_jit(estimate)(w)
+for optim in (
+    eqx_dodge.dodge(key=0, num_directions=2, baseline_decay=0.99),
+    eqx_dodge.dodge(source="ema", key=0, num_directions=2),
+    eqx_dodge.adam_dodge(1e-2, key=0, num_directions=2),
+    eqx_dodge.curvature_aware_dodge(1e-2, key=0),
+):
+    step = eqx.filter_jit(lambda s: optim.update(w, s, w, value_fn=loss))
+    step(optim.init(w))
+mlp = eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(0))
+
+
+def example_loss(model, x, y):
+    return optax.l2_loss(model(x), y).sum()
+
+
+estimate = eqx_dodge.activity_dodge(example_loss, key=0, num_directions=2)
+eqx.filter_jit(estimate)(mlp, jnp.ones((3, 2)), jnp.ones((3, 2)))
 """
 
 
 def test_small_models_compile_with_xlas_default_flags():
     """A model of 16 to 32 parameters (one hash word pair) with two directions
     compiles with XLA's default optimisations, which this suite turns off
-    (`conftest.py`), so it runs in a fresh interpreter without them. Catches the
-    hash fused into the unpacking of the signs of a second draw, which XLA:CPU's
-    LLVM backend never finished compiling (16–23 and 26–32 parameters, jaxlib 0.10;
+    (`conftest.py`), so it runs in a fresh interpreter without them: each family
+    of estimator, and `jax.grad` through an estimate. Catches the hash fused into
+    the unpacking of the signs of a second draw, which XLA:CPU's LLVM backend never
+    finished compiling (16–23 and 26–32 parameters, jaxlib 0.10;
     `_threefry._FEW_WORDS`)."""
     env = {
         name: value
