@@ -16,7 +16,7 @@ $\varepsilon$; see the docs' troubleshooting page.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -72,25 +72,46 @@ def _custom_lin(jaxpr: jax.extend.core.Jaxpr) -> jax.extend.core.JaxprEqn | None
     return None
 
 
-def _depending_on(consts: list, flag: Array | None) -> list:
-    """The floating-point arrays a jaxpr closes over (the data of the loss, e.g. its
-    batch), scaled by `1 + flag`: themselves, exactly, where `flag` is 0, and values
-    that depend on it. An unrolled chunk of directions (`_estimator.py`, losses with
-    a convolution on CPU) passes the flag of the chunks before it, so that XLA does
-    not make one copy of the data in the layout a convolution wants for all chunks
-    and keep it alive from the first to the last (a batch of 128 images of 28 × 28:
-    0.4 MiB, 6 times the parameters of `step_cost`'s conv net); each chunk's copy
-    takes the scaling in. Integer arrays (labels) stay shared: they feed gathers,
-    which need no copy. Losses with a loop keep their data shared too: a matmul
-    reads it in place, and a scaled copy would be held through all the chunks."""
-    if flag is None:
+class After(NamedTuple):
+    """What the arrays a jvp's function closes over (the loss's batch, its labels)
+    are made to depend on (`_depending_on`): `flag`, an integer that is 0 unless
+    something computed before is NaN (and the estimate is NaN then anyway), and
+    whether the floating-point arrays take it in too, or only the integer ones."""
+
+    flag: Array
+    floats: bool = True
+
+
+def _depending_on(consts: list, after: After | None) -> list:
+    """The arrays a jaxpr closes over, made to depend on `after.flag`: integer ones
+    shifted by it, floating-point ones (if `after.floats`) scaled by `1 + flag`;
+    themselves, exactly, where the flag is 0. Otherwise XLA computes what the
+    chunks of directions derive from them alike once, ahead of the first chunk, and
+    holds it until the last:
+
+    - the gather indices built from the labels (an LSTM's 100 × 32 labels: 38 KiB,
+        0.13 of `step_cost`'s parameters, hoisted out of the loop over chunks);
+    - for unrolled chunks (`_estimator.py`, losses with a convolution on CPU), the
+        copy of the batch in the layout a convolution wants (128 images of 28 × 28:
+        0.4 MiB, 6 times the parameters of `step_cost`'s conv net).
+
+    A loss with a loop keeps its floating-point data shared: a matmul reads it in
+    place, and a scaled copy would be held through all the chunks. An integer
+    array's shift is fused into what reads it (a 12.8 MB token array, sliced or
+    gathered per step, gains no copy)."""
+    if after is None:
         return consts
-    return [
-        c * (1 + flag).astype(c.dtype)
-        if isinstance(c, jax.Array) and jnp.issubdtype(c.dtype, jnp.inexact)
-        else c
-        for c in consts
-    ]
+
+    def depending(c):
+        if not isinstance(c, jax.Array):
+            return c
+        if jnp.issubdtype(c.dtype, jnp.integer):
+            return c + after.flag.astype(c.dtype)
+        if after.floats and jnp.issubdtype(c.dtype, jnp.inexact):
+            return c * (1 + after.flag).astype(c.dtype)
+        return c
+
+    return [depending(c) for c in consts]
 
 
 def jvp(
@@ -99,7 +120,7 @@ def jvp(
     tangents: tuple,
     *,
     has_aux: bool = False,
-    after: Array | None = None,
+    after: After | None = None,
 ):
     """`jax.jvp`, with JAX's bare error about a `custom_vjp` explained.
 
@@ -178,7 +199,7 @@ def _jvp_derivatives(
     value_and_aux: Callable[[PyTree], tuple[Array, Any]],
     primal: PyTree,
     tangents: PyTree,
-    after: Array | None,
+    after: After | None,
 ) -> tuple[Scalar, Array, Any]:
     """One forward pass returning `(value, d, aux)`. The primal is not batched, so
     under `vmap` it is computed only once; a single tangent runs without `vmap`."""
@@ -231,7 +252,7 @@ def directional_derivatives(
     tangents: PyTree,
     derivative: str,
     finite_difference_step: ScalarLike,
-    after: Array | None = None,
+    after: After | None = None,
 ) -> tuple[Scalar | None, Array, Any]:
     """`(value, d, aux)` for the tangents stacked along a leading axis, with `d_j`
     the derivative along `t_j`. Central differences do not evaluate the loss at

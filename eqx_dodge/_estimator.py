@@ -18,7 +18,7 @@ from ._checks import (
     loss_and_aux,
     ScalarLike,
 )
-from ._derivatives import directional_derivatives
+from ._derivatives import After, directional_derivatives
 from ._directions import accumulation_dtype
 from ._live import LiveSplit
 from ._tangents import Layout, SINGLE_DEVICE, Tangents, weighted_sum
@@ -111,12 +111,12 @@ def _first_primal(primal: PyTree, seeds: PyTree) -> PyTree:
 
 def _after(
     seeds: PyTree, primal: PyTree, previous: PyTree
-) -> tuple[PyTree, PyTree, Array]:
+) -> tuple[PyTree, PyTree, After]:
     """`seeds` and `primal`, made to depend on what the chunks before computed
     (`previous`: their derivatives and sum), so that XLA runs unrolled chunks one
     after the other and never holds two chunks' tangents at once
     (`optimization_barrier` does not keep them apart), and the flag they depend
-    on, for the arrays the loss closes over (`_derivatives.jvp`). All change only
+    on, for the arrays the loss closes over (`_derivatives.After`). All change only
     if something before is NaN, and then the estimate is NaN anyway.
 
     The primal depends on it too so that XLA does not merge the chunks' forward
@@ -125,7 +125,7 @@ def _after(
     139 MiB against 93 for k = 4). Each chunk recomputes its forward pass, as the
     chunks of a loop do: 13 % more time at k = 64 on a 2-layer conv net."""
     flag = _nan_flag(previous)
-    return _shifted(seeds, flag), _moved(primal, flag), flag
+    return _shifted(seeds, flag), _moved(primal, flag), After(flag)
 
 
 def _loop_over_chunks(
@@ -152,7 +152,10 @@ def _loop_over_chunks(
 
     def step(state):
         i, total, derivatives = state
-        total, chunk_derivatives = body(total, seeds_at(i))
+        # The loss's integer data (its labels) depend on the counter too, for the
+        # same reason (`_derivatives.After`).
+        after = After((i >= rest).astype(jnp.uint32), floats=False)
+        total, chunk_derivatives = body(total, seeds_at(i), after=after)
         index = jnp.minimum(i, rest - 1)
         return i + 1, total, derivatives.at[index].set(chunk_derivatives)
 
@@ -230,10 +233,10 @@ def run_tangents(
         if unrolled:
             more = [derivatives]
             for i in range(jax.tree.leaves(tail)[0].shape[0]):
-                seeds, at, flag = _after(
+                seeds, at, after = _after(
                     jax.tree.map(lambda s: s[i], tail), primal, (more[-1], total)
                 )
-                total, chunk_derivatives = body(total, seeds, at, flag)
+                total, chunk_derivatives = body(total, seeds, at, after)
                 more.append(chunk_derivatives)
             rest = jnp.stack(more[1:])
         else:
