@@ -273,6 +273,39 @@ def candidate_tangents(direction: PyTree, layout: Layout = SINGLE_DEVICE) -> Tan
     return fixed_tangents(stacked, jnp.ones((1,), widest_float()))
 
 
+class ExploredTangents(Tangents):
+    """The unit candidate `ĉ` (index 0) and random directions projected orthogonally
+    to it (index `j ≥ 1`: `r̃_j = r_j − (r_j·ĉ)ĉ` for the random tangent `r_j` of
+    index `j − 1`). Each chunk draws and projects its own, so that the exploration
+    directions are never stored all at once (k parameter-sized buffers)."""
+
+    seeds: Int[Array, " k"]
+    lead: PyTree
+    random: Tangents
+
+    def _random_seeds(self, seeds: Int[Array, " c"]) -> PyTree:
+        # Index 0 (the candidate) draws random tangent 0 as well, and drops it.
+        index = jnp.maximum(seeds - 1, 0)
+        return jax.tree.map(lambda s: s[index], self.random.seeds)
+
+    def draw(self, seeds: Int[Array, " c"]) -> PyTree:
+        directions = self.random.draw(self._random_seeds(seeds))
+        overlaps = jax.vmap(lambda r: jnp.asarray(optax.tree.vdot(r, self.lead)))(
+            directions
+        )
+
+        def project(u, r):
+            shape = (-1,) + (1,) * u.ndim
+            projected = r - overlaps.astype(r.dtype).reshape(shape) * u[None]
+            return jnp.where((seeds == 0).reshape(shape), u[None], projected)
+
+        return jax.tree.map(project, self.lead, directions)
+
+    def weights(self, seeds: Int[Array, " c"]) -> Float[Array, " c"]:
+        random = self.random.weights(self._random_seeds(seeds))
+        return jnp.where(seeds == 0, 1, random).astype(widest_float())
+
+
 def explored_tangents(
     primal: PyTree,
     candidate: PyTree,
@@ -281,9 +314,9 @@ def explored_tangents(
     num_directions: int,
     sampler: str,
     mode: str,
-) -> FixedTangents:
+) -> Tangents:
     """The unit candidate `ĉ` and `num_directions − 1` random directions projected
-    orthogonally to it, `r̃_j = r_j − (r_j·ĉ)ĉ`.
+    orthogonally to it, `r̃_j = r_j − (r_j·ĉ)ĉ` (`ExploredTangents`).
 
     The estimate `(g·ĉ)ĉ + w Σ_j (g·r̃_j)r̃_j` (`w = 1/(k−1)` averaged, 1 for the
     parts of one direction) has mean `g` for any candidate, because
@@ -300,18 +333,7 @@ def explored_tangents(
         return fixed_tangents(stacked, jnp.ones((1,), widest_float()))
     assert key is not None
     random = random_tangents(key, primal, num_directions - 1, sampler, mode)
-    directions = random.draw(random.seeds)
-    overlaps = jax.vmap(lambda r: jnp.asarray(optax.tree.vdot(r, lead)))(directions)
-
-    def stack(u, r):
-        overlap = overlaps.astype(r.dtype).reshape((-1,) + (1,) * u.ndim)
-        return jnp.concatenate([u[None], r - overlap * u[None]])
-
-    stacked = jax.tree.map(stack, lead, directions)
-    weights = jnp.concatenate(
-        [jnp.ones((1,), widest_float()), random.weights(random.seeds)]
-    )
-    return fixed_tangents(stacked, weights)
+    return ExploredTangents(jnp.arange(num_directions, dtype=jnp.int32), lead, random)
 
 
 def weighted_sum(tangents: PyTree, coefficients: Float[Array, " c"]) -> PyTree:

@@ -220,9 +220,9 @@ def dodge(
         `vmap` measured faster but its memory grows with `num_directions`: set it
         on a GPU to bound the memory of many directions (as in
         [`eqx_dodge.filter_value_and_dodge`][]). With a candidate (`"updates"`,
-        `"ema"`) the `num_directions − 1` exploration directions, projected
-        orthogonally to it, are stored whole (`num_directions` times the
-        parameters' memory); the chunks bound the tangents of the activations.
+        `"ema"`) each chunk draws its exploration directions and projects them
+        orthogonally to the candidate, so they are never stored all at once:
+        besides the chunk, the unit candidate is one more parameter-sized buffer.
 
     **Returns:**
 

@@ -59,15 +59,21 @@ def _temporary_bytes(kind, loss, model, x, num_directions, chunk_size):
         optimiser = {
             "dodge": lambda: eqx_dodge.dodge(key=0, **options),
             "adam_dodge": lambda: eqx_dodge.adam_dodge(1e-3, key=0, **options),
+            "dodge updates": lambda: eqx_dodge.dodge(
+                source="updates", key=0, **options
+            ),
+            "dodge ema": lambda: eqx_dodge.dodge(source="ema", key=0, **options),
         }[kind]()
         params, static = eqx.partition(model, eqx.is_inexact_array)
         state = optimiser.init(params)
+        # The candidate sources explore around the incoming updates; the random
+        # source takes None (optax annotates `updates` as a tree).
+        candidate = jax.tree.map(jnp.ones_like, params) if " " in kind else None
 
         def update(params, state, x):
             value_fn = lambda p: loss(eqx.combine(p, static), x)  # noqa: E731
-            # optax annotates `updates` as a tree; DODGE's random source takes None.
             return optimiser.update(
-                None,  # pyright: ignore[reportArgumentType]
+                candidate,  # pyright: ignore[reportArgumentType]
                 state,
                 params,
                 value_fn=value_fn,
@@ -79,13 +85,17 @@ def _temporary_bytes(kind, loss, model, x, num_directions, chunk_size):
     return analysis.temp_size_in_bytes
 
 
-@pytest.mark.parametrize("kind", ["filter_dodge", "dodge", "adam_dodge"])
+@pytest.mark.parametrize(
+    "kind", ["filter_dodge", "dodge", "adam_dodge", "dodge updates", "dodge ema"]
+)
 def test_chunk_size_bounds_the_memory_of_many_directions(kind):
     """On any backend: 32 directions in chunks of 2 need no more temporary memory
     than 2 directions plus one parameter-sized buffer (the running sum), while all
     32 in one `vmap` need several times that. Catches a `chunk_size` that is
     ignored or not passed on (the CPU default, chunks of 4, fails the bound; a
-    GPU's one `vmap`, both)."""
+    GPU's one `vmap`, both), and a candidate's exploration directions drawn all at
+    once (31 parameter buffers more). A candidate source may hold one buffer more:
+    the unit candidate, which every chunk reads."""
     model = eqx.nn.MLP(64, 10, 64, 2, use_bias=False, key=jax.random.key(0))
     x = jnp.ones((32, 64))
 
@@ -96,7 +106,8 @@ def test_chunk_size_bounds_the_memory_of_many_directions(kind):
     two = _temporary_bytes(kind, loss, model, x, 2, 2)
     chunked = _temporary_bytes(kind, loss, model, x, 32, 2)
     whole = _temporary_bytes(kind, loss, model, x, 32, 32)
-    assert chunked <= two + parameters
+    held = 2 if " " in kind else 1
+    assert chunked <= two + held * parameters
     assert whole > 3 * chunked
 
 
