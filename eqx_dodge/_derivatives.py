@@ -74,18 +74,20 @@ def _custom_lin(jaxpr: jax.extend.core.Jaxpr) -> jax.extend.core.JaxprEqn | None
 
 class After(NamedTuple):
     """What the arrays a jvp's function closes over (the loss's batch, its labels)
-    are made to depend on (`_depending_on`): `flag`, an integer that is 0 unless
-    something computed before is NaN (and the estimate is NaN then anyway), and
-    whether the floating-point arrays take it in too, or only the integer ones."""
+    are made to depend on (`_depending_on`): `zero`, a boolean that is always
+    false but that XLA cannot fold (it depends on what the chunks before computed,
+    or on the loop's counter), and whether the floating-point arrays take it in
+    too, or only the integer ones. The loss therefore always sees its data as given
+    (a check inside it, `eqx.error_if` on the labels, sees the real labels)."""
 
-    flag: Array
+    zero: Array
     floats: bool = True
 
 
 def _depending_on(consts: list, after: After | None) -> list:
-    """The arrays a jaxpr closes over, made to depend on `after.flag`: integer ones
-    shifted by it, floating-point ones (if `after.floats`) scaled by `1 + flag`;
-    themselves, exactly, where the flag is 0. Otherwise XLA computes what the
+    """The arrays a jaxpr closes over, made to depend on `after.zero`: integer ones
+    shifted by it, floating-point ones (if `after.floats`) scaled by `1 + zero`;
+    themselves, exactly, as `zero` is false. Otherwise XLA computes what the
     chunks of directions derive from them alike once, ahead of the first chunk, and
     holds it until the last:
 
@@ -106,9 +108,9 @@ def _depending_on(consts: list, after: After | None) -> list:
         if not isinstance(c, jax.Array):
             return c
         if jnp.issubdtype(c.dtype, jnp.integer):
-            return c + after.flag.astype(c.dtype)
+            return c + after.zero.astype(c.dtype)
         if after.floats and jnp.issubdtype(c.dtype, jnp.inexact):
-            return c * (1 + after.flag).astype(c.dtype)
+            return c * (1 + after.zero.astype(c.dtype))
         return c
 
     return [depending(c) for c in consts]

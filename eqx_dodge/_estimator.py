@@ -89,7 +89,7 @@ def _shifted(seeds: PyTree, flag: Array) -> PyTree:
 def _moved(primal: PyTree, flag: Array) -> PyTree:
     """`primal` scaled by `1 + flag`: itself, exactly, where `flag` is 0, and a
     value XLA cannot take for a constant."""
-    scale = (1 + flag).astype(jnp.float32)
+    scale = 1 + flag.astype(jnp.float32)
     return jax.tree.map(lambda p: p * scale.astype(p.dtype), primal)
 
 
@@ -115,9 +115,10 @@ def _after(
     """`seeds` and `primal`, made to depend on what the chunks before computed
     (`previous`: their derivatives and sum), so that XLA runs unrolled chunks one
     after the other and never holds two chunks' tangents at once
-    (`optimization_barrier` does not keep them apart), and the flag they depend
-    on, for the arrays the loss closes over (`_derivatives.After`). All change only
-    if something before is NaN, and then the estimate is NaN anyway.
+    (`optimization_barrier` does not keep them apart), and a false that depends
+    on it too, for the arrays the loss closes over (`_derivatives.After`). The
+    seeds change only if something before is NaN, and then the estimate is NaN
+    anyway; the primal and the data never do, so the loss sees them as given.
 
     The primal depends on it too so that XLA does not merge the chunks' forward
     passes into one: a merged forward pass keeps every layer's activations alive
@@ -125,7 +126,8 @@ def _after(
     139 MiB against 93 for k = 4). Each chunk recomputes its forward pass, as the
     chunks of a loop do: 13 % more time at k = 64 on a 2-layer conv net."""
     flag = _nan_flag(previous)
-    return _shifted(seeds, flag), _moved(primal, flag), After(flag)
+    zero = flag > 1  # the flag is 0 or 1: a false that depends on it
+    return _shifted(seeds, flag), _moved(primal, zero), After(zero)
 
 
 def _loop_over_chunks(
@@ -153,8 +155,9 @@ def _loop_over_chunks(
     def step(state):
         i, total, derivatives = state
         # The loss's integer data (its labels) depend on the counter too, for the
-        # same reason (`_derivatives.After`).
-        after = After((i >= rest).astype(jnp.uint32), floats=False)
+        # same reason (`_derivatives.After`); `i ≤ rest` in the loop, so `i > rest`
+        # is false.
+        after = After(i > rest, floats=False)
         total, chunk_derivatives = body(total, seeds_at(i), after=after)
         index = jnp.minimum(i, rest - 1)
         return i + 1, total, derivatives.at[index].set(chunk_derivatives)

@@ -340,6 +340,35 @@ def test_looped_chunks_do_not_hold_what_the_labels_give():
         assert temporary_bytes(k) <= bound, (k, temporary_bytes(k) - bound)
 
 
+@pytest.mark.parametrize("path", ["loop", "unrolled"])
+def test_checks_in_the_loss_see_the_data_as_given(path):
+    """With a NaN loss and 8 directions (two chunks), checks inside the loss on its
+    batch and labels pass, and the estimate is NaN. Catches the chunks after a NaN
+    reading the data changed (labels + 1, the batch doubled, as the chunks' order
+    once made them): the checks then raised an error about the data instead."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    layers = [eqx.nn.Lambda(jnp.ravel), eqx.nn.Linear(16, 3, key=keys[1])]
+    if path == "unrolled":
+        layers.insert(0, eqx.nn.Conv2d(1, 1, 3, padding=1, key=keys[0]))
+    model = eqx.nn.Sequential(layers)
+    x = jnp.ones((6, 1, 4, 4))
+    y = jnp.arange(6) % 3
+
+    def loss(model, x, y):
+        x = eqx.error_if(x, jnp.abs(x) > 1, "batch changed")
+        y = eqx.error_if(y, y > 2, "labels changed")
+        logits = jax.vmap(model)(x)
+        picked = jnp.take_along_axis(logits, y[:, None], axis=1)
+        return jnp.mean(picked) * jnp.nan
+
+    estimate = eqx.filter_jit(eqx_dodge.filter_dodge(loss, key=0, num_directions=8))
+    params, static = eqx.partition(model, eqx.is_array)
+    primitives = _primitives(lambda p: loss(eqx.combine(p, static), x, y), params)
+    assert (path == "unrolled") == ("conv_general_dilated" in primitives)
+    leaves = jax.tree.leaves(eqx.filter(estimate(model, x, y), eqx.is_array))
+    assert all(bool(jnp.all(jnp.isnan(leaf))) for leaf in leaves)
+
+
 class _DeepConv(eqx.Module):
     """`depth` 3×3 convolutions of 8 channels at 16×16."""
 
