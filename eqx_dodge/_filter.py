@@ -2,6 +2,7 @@
 
 import abc
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, overload, TypedDict, Unpack
 
@@ -106,7 +107,12 @@ def estimator_options(
     typed key array (an int seed would be a static value under `jit` and recompile
     for every seed)."""
     check_keywords(function, options, EstimatorKeywords)
-    checked = EstimatorOptions(has_aux=has_aux, **options)
+    with warnings.catch_warnings():
+        # `__check_init__` refuses an array in a static field (`chunk_size=
+        # jnp.array(4)`) with a TypeError naming it; equinox's warning about
+        # such a field would come first (and, under `-W error`, instead).
+        warnings.filterwarnings("ignore", "A JAX array is being set as static")
+        checked = EstimatorOptions(has_aux=has_aux, **options)
     if checked.key is None:
         return checked
     return eqx.tree_at(lambda o: o.key, checked, as_key(checked.key))

@@ -167,7 +167,13 @@ def test_sharded_takes_the_chunk_size():
 
 @pytest.mark.parametrize(
     ("value", "error"),
-    [(0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError)],
+    [
+        (0, ValueError),
+        (-2, ValueError),
+        (2.0, TypeError),
+        (True, TypeError),
+        (jnp.array(2), TypeError),
+    ],
 )
 def test_bad_chunk_size(value, error):
     _, _, loss = make_problem()
