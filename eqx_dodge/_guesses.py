@@ -107,6 +107,13 @@ def _sequential_stages(model: eqx.nn.Sequential) -> tuple[Callable, list[_Stage]
         if isinstance(layer, eqx.nn.Linear):
             stages.append(_Stage((lambda m, i=i: m.layers[i]), layer, _identity))
             continue
+        if isinstance(layer, eqx.nn.Dropout) and not layer.inference:
+            raise ValueError(
+                f"`model.layers[{i}]` is an `eqx.nn.Dropout`, which needs a key, and "
+                "the gradient guesses run the model's layers without one. Pass "
+                "`eqx.nn.inference_mode(model)` to the guess: it then guesses from "
+                "the activations without dropout (the loss keeps its own dropout)."
+            )
         if jax.tree.leaves(eqx.filter(layer, eqx.is_inexact_array)):
             # Its parameters would get no direction, and the layers between
             # Linear layers are taken as elementwise activations.

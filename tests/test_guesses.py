@@ -124,6 +124,28 @@ def test_sequential_matches_mlp(getkey):
             assert jnp.allclose(a.bias, b.bias, atol=1e-5)
 
 
+def test_sequential_with_dropout(getkey):
+    """A Dropout in training mode needs a key the guesses do not have: a ValueError
+    names the layer and `eqx.nn.inference_mode`, and in inference mode the guess is
+    the one without the Dropout. Catches equinox's bare "Dropout requires a key"."""
+    mlp = _mlp(getkey())
+    layers = [mlp.layers[0], eqx.nn.Lambda(jax.nn.relu), eqx.nn.Dropout(0.5)]
+    sequential = eqx.nn.Sequential([*layers, mlp.layers[1], mlp.layers[2]])
+    plain = eqx.nn.Sequential([*layers[:2], mlp.layers[1], mlp.layers[2]])
+    x, _ = _batch(getkey())
+    key = getkey()
+    for guess in GUESSES:
+        with pytest.raises(ValueError, match=r"layers\[2\]` is an `eqx.nn.Dropout`"):
+            guess(key, sequential, x)
+        from_inference = guess(key, eqx.nn.inference_mode(sequential), x)
+        from_plain = guess(key, plain, x)
+        inference_linears = [from_inference.layers[i] for i in (0, 3, 4)]
+        plain_linears = [from_plain.layers[i] for i in (0, 2, 3)]
+        for a, b in zip(inference_linears, plain_linears, strict=True):
+            assert jnp.array_equal(a.weight, b.weight)
+            assert jnp.array_equal(a.bias, b.bias)
+
+
 def test_layer_activation_guess_matches(getkey):
     model = _mlp(getkey())
     x, _ = _batch(getkey())
