@@ -274,7 +274,7 @@ def scale_by_adam_dodge(
         )
     stored_key(key, False, "with source 'updates'")
     check_random_options(num_directions, sampler, mode)
-    check_candidate_options(num_directions, mode)
+    check_candidate_options(num_directions, mode, sampler)
     return _scale_by_adam_dodge_updates(b1, b2, eps, eps_root, record, derivatives)
 
 

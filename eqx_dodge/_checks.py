@@ -251,15 +251,18 @@ def check_one_source(key: Any, direction: Any) -> None:
         )
 
 
-def check_candidate_options(num_directions: int, mode: str) -> None:
-    """A candidate `direction` is one direction: `num_directions` and `mode` (which
-    shape random directions) must stay at their defaults."""
-    if num_directions != 1 or mode != "average":
+def check_candidate_options(
+    num_directions: int, mode: str, sampler: str = "rademacher"
+) -> None:
+    """A candidate `direction` is one direction: `num_directions`, `mode` and
+    `sampler` (which shape random directions) must stay at their defaults."""
+    if num_directions != 1 or mode != "average" or sampler != "rademacher":
         raise ValueError(
-            "`num_directions` and `mode` apply to random directions only; a candidate "
-            "`direction` is one direction: leave them at their defaults (1 and "
-            "'average'). To add random exploration directions to a candidate, use "
-            "`eqx_dodge.dodge(source='updates', num_directions=...)`."
+            "`num_directions`, `mode` and `sampler` apply to random directions only; "
+            "a candidate `direction` is one direction: leave them at their defaults "
+            "(1, 'average' and 'rademacher'). To add random exploration directions "
+            "to a candidate, use `eqx_dodge.dodge(source='updates', "
+            "num_directions=...)`."
         )
 
 

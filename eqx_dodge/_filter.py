@@ -79,7 +79,7 @@ class EstimatorOptions(eqx.Module):
         if self.key is not None:
             as_key(self.key)
         else:
-            check_candidate_options(self.num_directions, self.mode)
+            check_candidate_options(self.num_directions, self.mode, self.sampler)
 
     def tangents(self, split: LiveSplit, layout: Layout = SINGLE_DEVICE) -> Tangents:
         """The tangents of the live leaves of `split` (a candidate is checked

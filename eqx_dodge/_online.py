@@ -286,6 +286,7 @@ class OnlineDodge(eqx.Module):
     ) -> PyTree:
         check_one_source(key, direction)
         if direction is not None:
+            # Not the sampler: it stays in use for the windows started with a key.
             check_candidate_options(self.num_directions, self.mode)
         primal = trainable(model)
         tangents = draw_tangents(

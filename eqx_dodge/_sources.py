@@ -48,12 +48,15 @@ def _step_keys(data: Array | None, impl: Any) -> tuple[Array | None, Any]:
     return (None, None) if data is None else split_stored_key(data, impl)
 
 
-def _exploration_key(key: Any, num_directions: int, mode: str, source: str):
-    if num_directions == 1 and mode != "average":
+def _exploration_key(
+    key: Any, num_directions: int, mode: str, sampler: str, source: str
+):
+    if num_directions == 1 and (mode != "average" or sampler != "rademacher"):
         raise ValueError(
-            f"`mode` shapes the random exploration directions of source {source!r}; "
-            "with `num_directions=1` there are none: leave `mode` at its default, or "
-            "add exploration directions with `num_directions > 1`."
+            f"`mode` and `sampler` shape the random exploration directions of source "
+            f"{source!r}; with `num_directions=1` there are none: leave them at their "
+            "defaults ('average' and 'rademacher'), or add exploration directions "
+            "with `num_directions > 1`."
         )
     why = (
         f"for the {num_directions - 1} random exploration direction(s) of source "
@@ -247,7 +250,7 @@ def dodge_updates(
     """
     check_random_options(num_directions, sampler, mode)
     record = record_options(has_aux, aux_init, skip_nonfinite)
-    data, impl = _exploration_key(key, num_directions, mode, "updates")
+    data, impl = _exploration_key(key, num_directions, mode, sampler, "updates")
     derivatives = derivative_options(derivative, finite_difference_step, chunk_size)
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 
@@ -326,7 +329,7 @@ def dodge_ema(
     check_random_options(num_directions, sampler, mode)
     check_decay("ema_decay", ema_decay)
     record = record_options(has_aux, aux_init, skip_nonfinite)
-    data, impl = _exploration_key(key, num_directions, mode, "ema")
+    data, impl = _exploration_key(key, num_directions, mode, sampler, "ema")
     derivatives = derivative_options(derivative, finite_difference_step, chunk_size)
     options = dict(num_directions=num_directions, sampler=sampler, mode=mode)
 

@@ -57,6 +57,28 @@ def test_too_many_parts():
         too_many(MODEL, X)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(num_directions=2), dict(mode="partition"), dict(sampler="gaussian")],
+    ids=["num_directions", "mode", "sampler"],
+)
+def test_candidate_refuses_the_options_of_random_directions(options):
+    """Options that shape random directions, given with a candidate (which is one
+    direction, drawn by no sampler), are refused by name rather than ignored:
+    `filter_dodge(direction=...)`, `scale_by_adam_dodge(source="updates")` and a
+    candidate source without exploration directions. Catches `sampler` taken
+    silently (it was, before; `num_directions` and `mode` were refused)."""
+    direction = _direction()
+    with pytest.raises(ValueError, match="apply to random directions only"):
+        eqx_dodge.filter_dodge(squared_loss, direction=direction, **options)
+    with pytest.raises(ValueError, match="apply to random directions only|must be 1"):
+        eqx_dodge.scale_by_adam_dodge(source="updates", **options)
+    if "num_directions" not in options:
+        for source in ("updates", "ema"):
+            with pytest.raises(ValueError, match="shape the random exploration"):
+                eqx_dodge.dodge(source=source, **options)
+
+
 def test_direction_with_other_structure():
     direction = _direction()
     wrong = {"layers": direction.layers}
