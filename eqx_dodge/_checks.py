@@ -251,12 +251,18 @@ def check_one_source(key: Any, direction: Any) -> None:
         )
 
 
+def shapes_random_directions(mode: str, sampler: str) -> bool:
+    """Whether `mode` or `sampler`, options only random directions use, is set to
+    something other than its default."""
+    return mode != "average" or sampler != "rademacher"
+
+
 def check_candidate_options(
     num_directions: int, mode: str, sampler: str = "rademacher"
 ) -> None:
     """A candidate `direction` is one direction: `num_directions`, `mode` and
     `sampler` (which shape random directions) must stay at their defaults."""
-    if num_directions != 1 or mode != "average" or sampler != "rademacher":
+    if num_directions != 1 or shapes_random_directions(mode, sampler):
         raise ValueError(
             "`num_directions`, `mode` and `sampler` apply to random directions only; "
             "a candidate `direction` is one direction: leave them at their defaults "

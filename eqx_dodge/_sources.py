@@ -16,6 +16,7 @@ from ._checks import (
     FINITE_DIFFERENCE_STEP,
     KeyLike,
     ScalarLike,
+    shapes_random_directions,
     split_stored_key,
     stored_key,
 )
@@ -51,7 +52,7 @@ def _step_keys(data: Array | None, impl: Any) -> tuple[Array | None, Any]:
 def _exploration_key(
     key: Any, num_directions: int, mode: str, sampler: str, source: str
 ):
-    if num_directions == 1 and (mode != "average" or sampler != "rademacher"):
+    if num_directions == 1 and shapes_random_directions(mode, sampler):
         raise ValueError(
             f"`mode` and `sampler` shape the random exploration directions of source "
             f"{source!r}; with `num_directions=1` there are none: leave them at their "
